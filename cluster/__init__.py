@@ -1,0 +1,1 @@
+"""Where things run: the Ray connection and the sizing of worker groups against cluster resources."""

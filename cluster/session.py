@@ -1,0 +1,55 @@
+"""Start or join Ray for one run, quietly unless asked not to be."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+# Loggers that print progress chatter on the driver during normal operation.
+_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch.distributed")
+
+
+def quiet_driver_logs(verbose: bool) -> None:
+    """Keep Ray's, DeepSpeed's and torchao's internal logs off the console unless `verbose`."""
+    level = logging.INFO if verbose else logging.ERROR
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(ray|deepspeed|torchao|torch)\b")
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[dict]:
+    """Join the Ray cluster at `address` (or the one `ray job submit` runs us in), or start an
+    embedded local one. Yields the cluster's total resources. Shuts Ray down only if this call
+    started the connection; a caller's existing `ray.init()` (tests, notebooks) is left alone."""
+    quiet_driver_logs(verbose)
+    started_here = not ray.is_initialized()
+    if started_here:
+        joining = address is not None or "RAY_ADDRESS" in os.environ
+        ray.init(
+            address=address,
+            num_cpus=None if joining else num_cpus,
+            include_dashboard=False if not joining else None,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+        )
+    _quiet_ray_data(verbose)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    quiet_driver_logs(verbose)  # ray.init reconfigures the "ray" logger; set the levels again

@@ -1,0 +1,1 @@
+"""The front door: CLI, config, pipeline order and report."""

@@ -1,0 +1,91 @@
+"""The `raylaunch` command line: `run`, `config show`, `config reference`.
+
+Exit codes: 0 success, 1 the run failed, 2 bad config or input (one `path: problem` line each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from launcher import config as configuration
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylaunch", description="Distributed training pipelines on Ray from one YAML file.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipeline a config describes")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                     help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
+    run.add_argument("--stages", help=f"comma-separated stages to run, in order ({', '.join(configuration.STAGES)}); "
+                                      "default: every enabled stage")
+    run.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the workers' own logs")
+
+    config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved config")
+    show.add_argument("config")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    config.add_parser("reference", help="print the config reference (markdown)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console, errors = Console(), Console(stderr=True)
+    try:
+        if args.command == "config":
+            if args.action == "reference":
+                from launcher.reference import reference_markdown
+
+                print(reference_markdown())
+            else:
+                print(configuration.dump_yaml(configuration.load(args.config, args.overrides)), end="")
+            return 0
+        return _run(args, console, errors)
+    except configuration.ConfigError as exc:
+        _print_problems(errors, exc.problems)
+        return 2
+
+
+def _run(args, console: Console, errors: Console) -> int:
+    from dataprep import DataError
+
+    cfg = configuration.load(args.config, args.overrides)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else cfg.default_stages()
+    configuration.check_inputs(cfg, stages)
+    console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]")
+
+    from launcher.pipeline import run_pipeline
+    from launcher.report import print_table
+
+    try:
+        summary = run_pipeline(cfg, stages, console, verbose=args.verbose)
+    except (configuration.ConfigError, DataError) as exc:
+        _print_problems(errors, exc.problems)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("raylaunch: interrupted")
+        return 130
+    except Exception as exc:  # the run failed: one line here, the whole story with --verbose
+        if args.verbose:
+            errors.print_exception()
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        errors.print(f"error: {type(exc).__name__}: {lines[-1] if lines else ''}", markup=False, highlight=False)
+        errors.print(f"see {cfg.output.dir}/summary.json; rerun with --verbose for the full trace", markup=False)
+        return 1
+    print_table(console, summary)
+    console.print(f"summary: {cfg.output.dir}/summary.json, report: {cfg.output.dir}/report.md")
+    return 0
+
+
+def _print_problems(errors: Console, problems: list[str]) -> None:
+    for problem in problems:
+        errors.print(problem, markup=False, highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The run configuration: one YAML file, validated by these models before Ray starts.
+
+The pydantic models are the single source of truth: the README's config reference is
+generated from them (`raylaunch config reference`), and every check a config needs happens
+here, raising `ConfigError` with one `dotted.path: problem` line per mistake.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
+STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
+TUNABLE_SECTIONS = ("model", "train", "distill", "quantize")
+
+
+class ConfigError(Exception):
+    """A config, override or input problem; each entry of `problems` is one `path: message` line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray address to join (`auto`, `ray://host:10001`); null starts an embedded local Ray, or joins the cluster a `ray job submit` runs in."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs the embedded local Ray may use; null means all of this machine's."""
+
+
+class DataConfig(Section):
+    source: str = "sklearn:digits"
+    """`sklearn:digits`, `sklearn:breast_cancer`, `sklearn:wine`, `sklearn:iris`, or a Parquet/CSV file, folder or glob."""
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    """File format of `source`; `auto` goes by the file extension."""
+    label_column: str = "label"
+    """Column holding the class label (any type; classes are encoded in sorted order)."""
+    feature_columns: list[str] | None = None
+    """Numeric feature columns; null means every column except the label."""
+    image_shape: list[int] | None = None
+    """Channels, height, width to reshape the features into for a CNN; digits sets [1, 8, 8] itself."""
+    normalize: Literal["standard", "minmax", "none"] = "standard"
+    """Per-feature scaling, fitted on the train split only."""
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """Share of rows held out for validation."""
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    """Share of rows held out for the final test."""
+    seed: int = 0
+    """Seed of the split: a row's split is a hash of its content and this seed."""
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("test_fraction: val_fraction + test_fraction must be below 0.9 to leave rows to train on")
+        if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
+            raise ValueError("image_shape: must be three positive integers [channels, height, width]")
+        return self
+
+
+class ModelConfig(Section):
+    type: Literal["cnn", "mlp"] = "cnn"
+    """Model family: `cnn` for images, `mlp` for tabular rows."""
+    width: int = Field(32, ge=1, le=4096)
+    """Channels of the first conv block (doubling per block), or units per MLP hidden layer."""
+    depth: int = Field(2, ge=1, le=8)
+    """Conv blocks (cnn) or hidden layers (mlp)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout before the classifier head."""
+
+
+class ZeroConfig(Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+
+
+class TrainConfig(Section):
+    workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; otherwise CPU workers over gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each worker."""
+    epochs: int = Field(10, ge=1)
+    """Passes over the train split."""
+    micro_batch_size: int = Field(32, ge=1)
+    """Rows per worker per forward/backward pass."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro batches accumulated before each optimizer step."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Rows per optimizer step over all workers; null derives micro_batch_size x grad_accum_steps x workers, and a given value must equal that."""
+    lr: float = Field(2e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16 and fp16 need GPUs (CPU workers train in fp32)."""
+    zero: ZeroConfig = ZeroConfig()
+    """DeepSpeed ZeRO settings."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept, best first by validation accuracy."""
+    seed: int = 0
+    """Seed for model initialisation and shuffling."""
+
+    @model_validator(mode="after")
+    def _batch_triple_is_consistent(self) -> TrainConfig:
+        derived = self.micro_batch_size * self.grad_accum_steps * self.workers
+        if self.global_batch_size is not None and self.global_batch_size != derived:
+            raise ValueError(
+                f"global_batch_size: {self.global_batch_size} must equal micro_batch_size x grad_accum_steps x workers "
+                f"= {self.micro_batch_size} x {self.grad_accum_steps} x {self.workers} = {derived}"
+            )
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision: {self.precision} needs use_gpu: true (CPU workers train in fp32)")
+        return self
+
+    def batch_triple(self) -> tuple[int, int, int]:
+        """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)."""
+        return self.micro_batch_size * self.grad_accum_steps * self.workers, self.micro_batch_size, self.grad_accum_steps
+
+
+class SearchDomain(Section):
+    choice: list[Any] | None = None
+    """Pick one of these values."""
+    uniform: tuple[float, float] | None = None
+    """A float drawn uniformly from [low, high]."""
+    loguniform: tuple[float, float] | None = None
+    """A float drawn log-uniformly from [low, high]."""
+    randint: tuple[int, int] | None = None
+    """An integer drawn from [low, high)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SearchDomain:
+        kinds = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, randint")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for kind in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind} needs low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def edge_values(self) -> list[Any]:
+        """Values that must all pass the schema for every sample to pass it."""
+        if self.choice is not None:
+            return list(self.choice)
+        low, high = self.uniform or self.loguniform or self.randint
+        return [low, high - 1] if self.randint is not None else [low, high]
+
+
+class TuneConfig(Section):
+    enabled: bool = False
+    """Run a hyperparameter sweep; its best trial becomes the teacher instead of a single train run."""
+    num_samples: int = Field(4, ge=1)
+    """Trials to sample from the space."""
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """Validation metric the scheduler and the final pick go by."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """`asha` stops weak trials early at rungs of epochs; `fifo` runs every trial to the end."""
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial gets before ASHA may stop it."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA keeps the top 1/reduction_factor of trials at each rung."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once; null fits as many whole worker groups as the cluster's CPUs (or GPUs) hold."""
+    space: dict[str, SearchDomain] = {}
+    """Search space: a dotted config path (`train.lr`, `model.width`) mapped to a domain."""
+
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.metric == "val_accuracy" else "min"
+
+
+class DistillConfig(Section):
+    enabled: bool = True
+    """Distill the teacher into `student`."""
+    student: ModelConfig = ModelConfig(width=8)
+    """The smaller model; same fields as `model`."""
+    temperature: float = Field(4.0, gt=0)
+    """Softmax temperature T of the soft targets."""
+    alpha: float = Field(0.7, ge=0, le=1)
+    """Weight of the soft-target loss: alpha * T^2 * KL + (1 - alpha) * CE."""
+    epochs: int | None = Field(None, ge=1)
+    """Student epochs; null uses train.epochs."""
+    lr: float | None = Field(None, gt=0)
+    """Student learning rate; null uses train.lr."""
+
+
+class QuantizeConfig(Section):
+    enabled: bool = True
+    """Quantize the final model (the student, or the teacher when there is none) after training."""
+    method: Literal["int8_dynamic", "int8_weight_only"] = "int8_dynamic"
+    """torchao method: int8 activations and weights, or int8 weights only."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs/run"
+    """Run directory; it must not exist yet or be empty."""
+
+
+class RunConfig(Section):
+    cluster: ClusterConfig = ClusterConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    distill: DistillConfig = DistillConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    output: OutputConfig = OutputConfig()
+
+    def default_stages(self) -> list[str]:
+        """The stages a plain `raylaunch run` performs: a sweep replaces the single train run."""
+        stages = ["preprocess", "tune" if self.tune.enabled else "train"]
+        stages += [s for s in ("distill", "quantize") if getattr(self, s).enabled]
+        return stages + ["evaluate"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _format_error(error: dict) -> str:
+    path = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-after"))
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "value_error":
+        # Cross-field validators name the field they blame as "field: message".
+        message = message.removeprefix("Value error, ")
+        field, sep, rest = message.partition(": ")
+        if sep and field.isidentifier():
+            path, message = f"{path}.{field}" if path else field, rest
+    elif message.startswith("Input should be"):
+        message = "must be" + message.removeprefix("Input should be")
+    if kind not in ("extra_forbidden", "missing", "value_error") and not isinstance(error["input"], dict):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}" if path else message
+
+
+def _unknown_key_hint(path: str) -> str:
+    """Name the keys that are allowed where an unknown one was found."""
+    model: type[BaseModel] = RunConfig
+    parts = path.split(".")
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    return f" (allowed: {', '.join(model.model_fields)})"
+
+
+def validate(raw: dict) -> RunConfig:
+    """Validate a raw config mapping; raise ConfigError with every problem found."""
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            line = _format_error(error)
+            if error["type"] == "extra_forbidden":
+                line += _unknown_key_hint(".".join(str(p) for p in error["loc"]))
+            problems.append(line)
+        raise ConfigError(problems) from None
+    _check_search_space(cfg, raw)
+    return cfg
+
+
+def _check_search_space(cfg: RunConfig, raw: dict) -> None:
+    problems = []
+    for path, domain in cfg.tune.space.items():
+        where = f"tune.space.{path}"
+        if path.split(".")[0] not in TUNABLE_SECTIONS:
+            problems.append(f"{where}: only paths under {', '.join(TUNABLE_SECTIONS)} can be searched")
+            continue
+        for value in domain.edge_values():
+            try:
+                validate(set_path(copy.deepcopy(raw), path, value) | {"tune": {}})
+            except ConfigError as exc:
+                problems += [f"{where}: value {value!r} is rejected: {p}" for p in exc.problems]
+                break
+    if cfg.tune.enabled and not cfg.tune.space:
+        problems.append("tune.space: empty; add at least one path to search, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def set_path(raw: dict, path: str, value: Any) -> dict:
+    """Set a dotted path in a raw config mapping, following the schema (the rest of a path
+    below a mapping-valued field such as `tune.space` is that mapping's key). Returns `raw`."""
+    parts = path.split(".")
+    model: type[BaseModel] | None = RunConfig
+    node = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        field = model.model_fields.get(part) if model else None
+        if model is not None and field is None:
+            raise ConfigError([f"{'.'.join(parts[: i + 1])}: unknown key{_unknown_key_hint('.'.join(parts[: i + 1]))}"])
+        annotation = field.annotation if field else None
+        if last:
+            node[part] = value
+            return raw
+        if node.get(part) is None:
+            node[part] = {}
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError([f"{'.'.join(parts[: i + 1])}: must be a mapping"])
+            model = annotation
+        elif str(annotation).startswith("dict["):
+            node[part][".".join(parts[i + 1 :])] = value
+            return raw
+        else:
+            raise ConfigError([f"{'.'.join(parts[: i + 2])}: unknown key ({'.'.join(parts[: i + 1])} is not a section)"])
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `dotted.path=value`; the value is read as YAML so `3`, `1e-3`, `true`, `[1, 8, 8]` get their types."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError([f"--set {text}: expected dotted.path=value"])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return path.strip(), parsed
+
+
+def load_raw(config_path: str | os.PathLike) -> dict:
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (cluster, data, model, ...)"])
+    return raw
+
+
+def load(config_path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate."""
+    raw = load_raw(config_path)
+    for text in overrides:
+        path, value = parse_override(text)
+        set_path(raw, path, value)
+    return validate(raw)
+
+
+def check_inputs(cfg: RunConfig, stages: list[str]) -> None:
+    """Checks against the world outside the config (files, run directory), still before Ray starts."""
+    problems = []
+    source = cfg.data.source
+    if source.startswith("sklearn:"):
+        if source not in SKLEARN_DATASETS:
+            problems.append(f"data.source: unknown bundled dataset {source!r} (known: {', '.join(SKLEARN_DATASETS)})")
+    elif "://" not in source and not glob.glob(source):
+        problems.append(f"data.source: no file or folder matches {source!r}")
+    if cfg.model.type == "cnn" and not source == "sklearn:digits" and cfg.data.image_shape is None:
+        problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width] or use model.type: mlp")
+    for name in stages:
+        if name not in STAGES:
+            problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    problems += _stage_order_problems([s for s in stages if s in STAGES])
+    run_dir = Path(cfg.output.dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        problems.append(
+            f"output.dir: {run_dir} already exists and is not empty; a run never overwrites another "
+            f"(choose a new one with --set output.dir=...)"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _stage_order_problems(stages: list[str]) -> list[str]:
+    needs = {
+        "train": ("preprocess",),
+        "tune": ("preprocess",),
+        "distill": ("train", "tune"),
+        "quantize": ("distill", "train", "tune"),
+        "evaluate": ("train", "tune"),
+    }
+    problems = []
+    if stages and stages[0] != "preprocess":
+        problems.append("--stages: must start with preprocess (continuing an existing run directory is not supported yet)")
+    for i, stage in enumerate(stages):
+        if stage in stages[:i]:
+            problems.append(f"--stages: {stage} is listed twice")
+        earlier = stages[:i]
+        if stage in needs and not any(n in earlier for n in needs[stage]):
+            problems.append(f"--stages: {stage} needs {' or '.join(needs[stage])} before it")
+    if [s for s in STAGES if s in stages] != stages:
+        problems.append(f"--stages: stages run in the order {', '.join(STAGES)}")
+    return problems
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,217 @@
+"""The pipeline, in the order it runs: preprocess -> train or tune -> distill -> quantize -> evaluate -> report.
+
+Each stage is a short function that calls the package owning the work and returns the numbers
+the summary keeps. The run directory holds everything a run produces:
+
+    config.yaml          the resolved config
+    data/                preprocessed splits (Parquet) and meta.json
+    ray/                 Ray Train / Tune storage: every run's checkpoints
+    models/teacher/      model.safetensors + model.json
+    models/student/      model.safetensors + model.json
+    models/quantized/    model.pt (torchao state dict) + model.json
+    summary.json         status, per-stage results, per-model numbers
+    report.md            the same as tables
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from cluster.resources import describe, groups_that_fit, missing_resources, worker_group_demand
+from cluster.session import ray_session
+from launcher.config import ConfigError, RunConfig, dump_yaml
+from launcher.report import write_report, write_summary
+
+
+@dataclass
+class Run:
+    """What the stages share: the config, where the run lives, and what earlier stages produced."""
+
+    cfg: RunConfig
+    run_dir: Path
+    console: Console
+    resources: dict = field(default_factory=dict)
+    data_meta: dict | None = None
+    models: dict[str, Path] = field(default_factory=dict)
+    summary: dict = field(default_factory=lambda: {"status": "running", "stages": {}, "models": {}})
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def storage(self) -> Path:
+        return self.run_dir / "ray"
+
+    def dump(self) -> dict:
+        return self.cfg.model_dump(mode="json")
+
+
+def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: bool = False) -> dict:
+    """Run `stages` for a validated config; returns the summary also written to summary.json."""
+    run = Run(cfg=cfg, run_dir=Path(cfg.output.dir).resolve(), console=console)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
+                       "quantize": _quantize, "evaluate": _evaluate}
+    current = None
+    try:
+        with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
+            run.resources = resources
+            _check_worker_group_fits(cfg, resources)
+            for current in stages:
+                with _stage(run, current):
+                    run.summary["stages"][current] = stage_functions[current](run)
+        run.summary["status"] = "succeeded"
+    except BaseException as exc:
+        run.summary.update(status="failed", failed_stage=current, error=_last_line(exc))
+        raise
+    finally:
+        write_summary(run.run_dir, run.summary)
+        write_report(run.run_dir, run.summary)
+    return run.summary
+
+
+def _check_worker_group_fits(cfg: RunConfig, resources: dict) -> None:
+    """Refuse a worker group the cluster can never hold, instead of waiting for it forever."""
+    demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
+    missing = missing_resources(resources, demand)
+    if missing:
+        raise ConfigError([
+            f"train.workers: {cfg.train.workers} workers need {describe(demand)} but the Ray cluster has "
+            f"{describe({k: resources.get(k, 0.0) for k in demand})} (short by {describe(missing)}); "
+            f"lower train.workers or train.cpus_per_worker, or add nodes"
+        ])
+
+
+@contextmanager
+def _stage(run: Run, name: str):
+    started = time.perf_counter()
+    with run.console.status(f"[bold]{name}[/] running..."):
+        try:
+            yield
+        except BaseException:
+            run.console.print(f"[red]✗ {name:<10}[/] failed after {time.perf_counter() - started:.0f} s")
+            raise
+    result = run.summary["stages"][name]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    run.console.print(f"[green]✓ {name:<10}[/] {result.pop('line')}  [dim]({result['seconds']:.0f} s)[/]")
+
+
+def _last_line(exc: BaseException) -> str:
+    if isinstance(exc, ConfigError | KeyboardInterrupt):
+        return str(exc) or type(exc).__name__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages. Each returns the dict kept under summary["stages"][name]; its "line" is printed.
+
+
+def _preprocess(run: Run) -> dict:
+    from dataprep.preprocess import preprocess
+
+    run.data_meta = preprocess(run.dump()["data"], run.data_dir)
+    rows = run.data_meta["rows"]
+    return {"rows": rows, "num_classes": run.data_meta["num_classes"], "input_shape": run.data_meta["input_shape"],
+            "line": f"{sum(rows.values()):,} rows, {run.data_meta['num_classes']} classes -> "
+                    f"train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"}
+
+
+def _train(run: Run) -> dict:
+    from trainers.fit import best_checkpoint, build_trainer
+    from trainers.loop import loop_config
+
+    config = loop_config(run.dump(), run.data_meta)
+    result = build_trainer(config, run.data_dir, run.storage, name="train").fit()
+    checkpoint, metrics = best_checkpoint(result, config["metric"])
+    run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher")
+    return _training_summary("teacher", metrics, run.cfg)
+
+
+def _tune(run: Run) -> dict:
+    from tuning.sweep import run_sweep
+
+    cfg = run.cfg
+    demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
+    concurrent = cfg.tune.max_concurrent_trials or groups_that_fit(run.resources, demand)
+    sweep = run_sweep(run.dump(), run.data_meta, run.data_dir, run.storage, concurrent)
+    run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
+    stopped = sum(t["status"] == "stopped early" for t in sweep.trials)
+    failed = sum(t["status"] == "error" for t in sweep.trials)
+    metric = cfg.tune.metric
+    values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
+    return {"trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
+            "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent,
+            "line": f"{len(sweep.trials)} trials ({stopped} stopped early by {cfg.tune.scheduler}, {failed} failed); "
+                    f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
+
+
+def _distill(run: Run) -> dict:
+    from trainers.fit import best_checkpoint, build_trainer
+    from trainers.loop import loop_config
+
+    config = loop_config(run.dump(), run.data_meta, teacher_dir=str(run.models["teacher"]))
+    result = build_trainer(config, run.data_dir, run.storage, name="distill").fit()
+    checkpoint, metrics = best_checkpoint(result, config["metric"])
+    run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student")
+    return _training_summary("student", metrics, run.cfg)
+
+
+def _quantize(run: Run) -> dict:
+    from trainers.quantize import quantize_model_dir
+
+    source = "student" if "student" in run.models else "teacher"
+    target = run.run_dir / "models" / "quantized"
+    quantize_model_dir(run.models[source], target, run.cfg.quantize.method)
+    run.models["quantized"] = target
+    return {"source": source, "method": run.cfg.quantize.method,
+            "line": f"{source} -> {run.cfg.quantize.method} with torchao"}
+
+
+def _evaluate(run: Run) -> dict:
+    import ray.data
+
+    from trainers.checkpoint import WEIGHTS, load_model_dir
+    from trainers.evaluate import measure
+    from trainers.quantize import QUANTIZED_WEIGHTS, load_quantized_dir
+
+    test_dir = run.data_dir / "test"
+    example = next(ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=1, device="cpu"))["features"]
+    for name, directory in run.models.items():
+        if name == "quantized":
+            model, _ = load_quantized_dir(directory)
+            weights = directory / QUANTIZED_WEIGHTS
+        else:
+            model, _ = load_model_dir(directory)
+            weights = directory / WEIGHTS
+        run.summary["models"][name] = {**measure(model, weights, test_dir, example), "path": str(directory)}
+    models = run.summary["models"]
+    return {"line": "test accuracy " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in models.items())}
+
+
+def _keep_model(checkpoint: Path, target: Path) -> Path:
+    """Copy a checkpoint's model out of Ray's storage into the run's models/ folder."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    tmp.rename(target)
+    return target
+
+
+def _training_summary(role: str, metrics: dict, cfg: RunConfig) -> dict:
+    kept = {k: metrics[k] for k in ("epoch", "val_accuracy", "val_loss", "train_loss", "samples_per_s")}
+    return {**kept, "zero_stage": cfg.train.zero.stage, "workers": cfg.train.workers,
+            "line": f"{role}: val accuracy {kept['val_accuracy']:.4f} (best epoch {kept['epoch']}), "
+                    f"ZeRO-{cfg.train.zero.stage} on {cfg.train.workers} workers, {kept['samples_per_s']:.0f} samples/s"}
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

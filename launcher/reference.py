@@ -1,0 +1,45 @@
+"""The config reference in README.md, generated from the pydantic models (a test keeps them equal)."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+from pydantic import BaseModel
+
+from launcher.config import RunConfig
+
+BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+
+
+def _type_name(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return " \\| ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) and name != "student":
+            rows += _rows(field.annotation, f"{path}.")
+            continue
+        default = field.default.model_dump(mode="json") if isinstance(field.default, BaseModel) else field.default
+        rows.append(f"| `{path}` | {_type_name(field.annotation)} | `{json.dumps(default)}` | {field.description or ''} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """One table per section of the config."""
+    out = [BEGIN]
+    for section, field in RunConfig.model_fields.items():
+        out += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += _rows(field.annotation, f"{section}.")
+    out += ["", END]
+    return "\n".join(out)

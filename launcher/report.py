@@ -1,0 +1,71 @@
+"""What a finished (or failed) run leaves for people: summary.json, report.md and the console table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = (("accuracy", "test accuracy", "{:.4f}"), ("params", "params", "{:,}"),
+           ("size_bytes", "size (bytes)", "{:,}"), ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"))
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, run_dir / "summary.json")
+
+
+def write_report(run_dir: Path, summary: dict) -> None:
+    lines = [f"# raylaunch run: {summary['status']}", ""]
+    if summary.get("error"):
+        lines += [f"Failed in stage `{summary.get('failed_stage')}`: {summary['error']}", ""]
+    stages = summary["stages"]
+    if stages:
+        lines += ["## Stages", "", "| stage | seconds | result |", "|---|---:|---|"]
+        lines += [f"| {name} | {s.get('seconds', '')} | {_stage_result(name, s)} |" for name, s in stages.items()]
+        lines.append("")
+    if summary["models"]:
+        lines += ["## Models on the test split", "", "| model | " + " | ".join(c[1] for c in COLUMNS) + " |",
+                  "|---|" + "---:|" * len(COLUMNS)]
+        for name, m in summary["models"].items():
+            lines.append(f"| {name} | " + " | ".join(fmt.format(m[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append("")
+    if "tune" in stages:
+        trials = stages["tune"]["trials"]
+        keys = [k for k in trials[0] if k != "error"]
+        lines += ["## Sweep trials", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(t[k]) for k in keys) + " |" for t in trials]
+        lines.append("")
+    (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def _stage_result(name: str, stage: dict) -> str:
+    if name in ("train", "distill"):
+        return f"val accuracy {stage['val_accuracy']:.4f}, ZeRO-{stage['zero_stage']}, {stage['workers']} workers"
+    if name == "tune":
+        return f"{len(stage['trials'])} trials, best {stage['best_trial']} {stage['best_values']}"
+    if name == "preprocess":
+        return ", ".join(f"{k} {v:,}" for k, v in stage["rows"].items())
+    if name == "quantize":
+        return f"{stage['source']} -> {stage['method']}"
+    return ""
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_table(console: Console, summary: dict) -> None:
+    if not summary["models"]:
+        return
+    table = Table(title="Models on the held-out test split")
+    table.add_column("model")
+    for _, title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for name, m in summary["models"].items():
+        table.add_row(name, *(fmt.format(m[key]) for key, _, fmt in COLUMNS))
+    console.print(table)

@@ -1,0 +1,1 @@
+"""Models, the per-worker DeepSpeed train loop, distillation, quantization and evaluation."""

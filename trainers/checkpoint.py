@@ -1,0 +1,44 @@
+"""A model directory: `model.safetensors` (fp32 weights) beside `model.json` (how to rebuild it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainers.models import build_model
+
+WEIGHTS, SPEC = "model.safetensors", "model.json"
+
+
+def model_spec(model: dict, data_meta: dict) -> dict:
+    """What `load_model_dir` needs to rebuild a model: its config section and the data's shape."""
+    return {"model": model, "input_shape": data_meta["input_shape"], "num_classes": data_meta["num_classes"],
+            "classes": data_meta["classes"]}
+
+
+def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: dict) -> None:
+    """Write weights and spec; each file goes to a temporary name first and is renamed into place,
+    so a reader never sees half a file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _atomic(directory / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
+
+
+def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
+    directory = Path(directory)
+    spec = json.loads((directory / SPEC).read_text())
+    model = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    return model.eval(), spec
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)

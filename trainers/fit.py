@@ -1,0 +1,47 @@
+"""Driver side of one training run: the TorchTrainer that runs `train_loop_per_worker`, and the
+pick of its best checkpoint. Used by the train and distill stages and by every sweep trial."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray.data
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from trainers.loop import train_loop_per_worker
+
+
+def build_trainer(config: dict, data_dir: Path | str, storage_path: Path | str, name: str,
+                  callbacks: Sequence = ()) -> TorchTrainer:
+    """A TorchTrainer for a `loop_config`, reading the preprocessed train and val splits."""
+    train = config["train"]
+    # Materialized here, before the worker group reserves its CPUs: a lazy read would need a free
+    # CPU for its read tasks while training runs, and a worker group that takes every CPU of a
+    # small cluster starves them forever (ReadFiles stays "backpressured: ResourceBudget").
+    datasets = {split: ray.data.read_parquet(str(Path(data_dir) / split)).materialize() for split in ("train", "val")}
+    mode = "max" if config["metric"] == "val_accuracy" else "min"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
+                                     resources_per_worker={"CPU": train["cpus_per_worker"]}),
+        torch_config=TorchConfig(backend="nccl" if train["use_gpu"] else "gloo"),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"],
+                                               checkpoint_score_attribute=config["metric"],
+                                               checkpoint_score_order=mode),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def best_checkpoint(result, metric: str) -> tuple[Path, dict]:
+    """The kept checkpoint with the best `metric`, and the metrics reported with it."""
+    pick = max if metric == "val_accuracy" else min
+    checkpoint, metrics = pick(result.best_checkpoints, key=lambda pair: pair[1][metric])
+    return Path(checkpoint.path), metrics

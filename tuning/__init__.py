@@ -1,0 +1,1 @@
+"""Ray Tune sweeps whose trials are whole multi-worker training runs."""

@@ -1,0 +1,41 @@
+"""Search spaces declared in YAML, as Ray Tune domains, and their application to a config."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ray import tune
+
+
+def tune_domain(domain: dict):
+    """A Ray Tune sampler for one validated `tune.space` entry."""
+    if domain.get("choice") is not None:
+        return tune.choice(domain["choice"])
+    if domain.get("uniform") is not None:
+        return tune.uniform(*domain["uniform"])
+    if domain.get("loguniform") is not None:
+        return tune.loguniform(*domain["loguniform"])
+    return tune.randint(*domain["randint"])
+
+
+def apply_overrides(run: dict, sampled: dict[str, Any]) -> dict:
+    """A copy of a resolved config dump with each `dotted.path: value` of a trial set."""
+    run = copy.deepcopy(run)
+    for path, value in sampled.items():
+        *parents, leaf = path.split(".")
+        node = run
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return run
+
+
+def max_epochs(run: dict, space: dict) -> int:
+    """The most epochs any trial can run: ASHA's max_t."""
+    domain = space.get("train.epochs")
+    if domain is None:
+        return run["train"]["epochs"]
+    if domain.get("choice") is not None:
+        return max(domain["choice"])
+    return int(max(v for v in domain.values() if v is not None)[1])

@@ -1,0 +1,103 @@
+"""The tune stage: a Ray Tune sweep in which every trial is a whole TorchTrainer run.
+
+Each trial function builds and fits a TorchTrainer; `TuneReportCallback` forwards the workers'
+per-epoch reports to Tune, so ASHA sees intermediate validation metrics and stops weak trials
+mid-run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from trainers.fit import build_trainer
+from trainers.loop import loop_config
+from tuning.space import apply_overrides, max_epochs, tune_domain
+
+# The trial function itself only waits on its TorchTrainer; the workers hold the real resources.
+# (Ray refuses a trial with no resources at all: "an empty head and zero worker bundles".)
+TRIAL_DRIVER_CPUS = 0.01
+
+
+class SweepFailed(Exception):
+    """Every trial failed; the message lists why."""
+
+
+@dataclass
+class SweepResult:
+    trials: list[dict]
+    """One row per trial: id, status, epochs run, best metric, sampled values, error."""
+    best_trial: str
+    best_checkpoint: Path
+    best_metrics: dict
+    best_values: dict
+
+
+def _trial(sampled: dict, run: dict, data_meta: dict, data_dir: str, storage_path: str) -> None:
+    config = loop_config(apply_overrides(run, sampled), data_meta)
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(config, data_dir, storage_path, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+
+
+def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int) -> SweepResult:
+    """Sample `tune.num_samples` configs from `tune.space` and train each; returns every trial's
+    outcome and the best checkpoint by `tune.metric` over all epochs of all trials."""
+    settings = run["tune"]
+    metric, mode = settings["metric"], "max" if settings["metric"] == "val_accuracy" else "min"
+    if settings["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(run, settings["space"]),
+                                  grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"])
+    else:
+        scheduler = FIFOScheduler()
+    trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, data_dir=str(data_dir),
+                                     storage_path=str(Path(storage_path).resolve()))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS}),
+        param_space={path: tune_domain(domain) for path, domain in settings["space"].items()},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=settings["num_samples"],
+                                    max_concurrent_trials=max_concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=run["train"]["seed"])),
+        run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0),
+    )
+    grid = tuner.fit()
+    return _summarize(grid, run, metric, mode)
+
+
+def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
+    trials, best = [], None
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    for result in grid:
+        values = dict(result.config)
+        epochs_planned = values.get("train.epochs", run["train"]["epochs"])
+        history = result.metrics_dataframe
+        row = {"trial": Path(result.path).name, **values, "epochs_run": 0, metric: math.nan,
+               "status": "error" if result.error else "completed", "error": _one_line(result.error)}
+        if history is not None and len(history) and metric in history:
+            scored = history.dropna(subset=[metric])
+            top = scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
+            row.update({"epochs_run": int(history["epoch"].max()), metric: float(top[metric])})
+            if not result.error and row["epochs_run"] < epochs_planned:
+                row["status"] = "stopped early"
+            if CHECKPOINT_PATH_KEY in top and (best is None or better(top[metric], best[1][metric])):
+                best = (row["trial"], top.to_dict(), values)
+        trials.append(row)
+    if best is None:
+        reasons = "; ".join(f"{t['trial']}: {t['error'] or 'reported no metrics'}" for t in trials)
+        raise SweepFailed(f"all {len(trials)} trials failed: {reasons}")
+    name, metrics, values = best
+    return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH_KEY]),
+                       best_metrics={k: v for k, v in metrics.items() if k in (metric, "epoch", "val_loss", "val_accuracy")},
+                       best_values=values)
+
+
+def _one_line(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
