@@ -13,14 +13,20 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from trainers.loop import train_loop_per_worker
 
 
-def build_trainer(config: dict, data_dir: Path | str, storage_path: Path | str, name: str,
+def load_splits(data_dir: Path | str) -> dict[str, ray.data.Dataset]:
+    """The preprocessed train and val splits, read on the driver and materialized in the object store.
+
+    Read here, before any worker group reserves CPUs: a lazy read would need a free CPU for its read
+    tasks while training runs, and a worker group that takes every CPU of a small cluster starves
+    them forever (ReadFiles stays "backpressured: ResourceBudget"). Inside a Tune trial it would be
+    worse: Ray Data limits itself to the trial's own resources, which hold no CPU."""
+    return {split: ray.data.read_parquet(str(Path(data_dir) / split)).materialize() for split in ("train", "val")}
+
+
+def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
                   callbacks: Sequence = ()) -> TorchTrainer:
-    """A TorchTrainer for a `loop_config`, reading the preprocessed train and val splits."""
+    """A TorchTrainer for a `loop_config` over the splits from `load_splits`."""
     train = config["train"]
-    # Materialized here, before the worker group reserves its CPUs: a lazy read would need a free
-    # CPU for its read tasks while training runs, and a worker group that takes every CPU of a
-    # small cluster starves them forever (ReadFiles stays "backpressured: ResourceBudget").
-    datasets = {split: ray.data.read_parquet(str(Path(data_dir) / split)).materialize() for split in ("train", "val")}
     mode = "max" if config["metric"] == "val_accuracy" else "min"
     return TorchTrainer(
         train_loop_per_worker,

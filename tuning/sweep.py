@@ -16,13 +16,14 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from trainers.fit import build_trainer
+from trainers.fit import build_trainer, load_splits
 from trainers.loop import loop_config
 from tuning.space import apply_overrides, max_epochs, tune_domain
 
-# The trial function itself only waits on its TorchTrainer; the workers hold the real resources.
+# The trial function only waits on its TorchTrainer; the workers hold the real resources. It asks
+# for memory, not CPU: even 0.01 CPU would leave 1.99 of 2 CPUs, too few for a 2 x 1-CPU group.
 # (Ray refuses a trial with no resources at all: "an empty head and zero worker bundles".)
-TRIAL_DRIVER_CPUS = 0.01
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 
 
 class SweepFailed(Exception):
@@ -39,10 +40,10 @@ class SweepResult:
     best_values: dict
 
 
-def _trial(sampled: dict, run: dict, data_meta: dict, data_dir: str, storage_path: str) -> None:
+def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str) -> None:
     config = loop_config(apply_overrides(run, sampled), data_meta)
     trial_id = tune.get_context().get_trial_id()
-    build_trainer(config, data_dir, storage_path, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+    build_trainer(config, datasets, storage_path, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
 
 
 def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int) -> SweepResult:
@@ -55,14 +56,15 @@ def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, ma
                                   grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"])
     else:
         scheduler = FIFOScheduler()
-    trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, data_dir=str(data_dir),
+    trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=load_splits(data_dir),
                                      storage_path=str(Path(storage_path).resolve()))
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS}),
+        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
         param_space={path: tune_domain(domain) for path, domain in settings["space"].items()},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=settings["num_samples"],
-                                    max_concurrent_trials=max_concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=run["train"]["seed"])),
+                                    # Tune ignores max_concurrent_trials when given a search_alg instance.
+                                    search_alg=BasicVariantGenerator(random_state=run["train"]["seed"],
+                                                                     max_concurrent=max_concurrent)),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0),
     )
     grid = tuner.fit()
