@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import ray
 
 # Loggers that print progress chatter on the driver during normal operation.
-_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch.distributed")
+_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch")
 
 
 def quiet_driver_logs(verbose: bool) -> None:
@@ -37,7 +37,9 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
         ray.init(
             address=address,
             num_cpus=None if joining else num_cpus,
-            include_dashboard=False if not joining else None,
+            # Keep the dashboard: Ray Train v2's placement-group cleaner queries the state API it
+            # serves; without it, a Tune trial's worker group is never released and the next
+            # trial waits forever for its CPUs.
             log_to_driver=verbose,
             logging_level=logging.INFO if verbose else logging.ERROR,
         )

@@ -184,7 +184,7 @@ def _evaluate(run: Run) -> dict:
     from trainers.quantize import QUANTIZED_WEIGHTS, load_quantized_dir
 
     test_dir = run.data_dir / "test"
-    example = next(ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=1, device="cpu"))["features"]
+    example = next(iter(ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=1, device="cpu")))["features"]
     for name, directory in run.models.items():
         if name == "quantized":
             model, _ = load_quantized_dir(directory)

@@ -1,0 +1,120 @@
+"""The config front door: every bad input is one `path: problem` line and exit code 2, before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import config as configuration
+from launcher.cli import main
+
+QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    "doc, expected",
+    [
+        ({"train": {"workers": 0}}, "train.workers: must be greater than or equal to 1 (got 0)"),
+        ({"train": {"zero": {"stage": 4}}}, "train.zero.stage: must be 0, 1, 2 or 3 (got 4)"),
+        ({"train": {"lr": -0.1}}, "train.lr: must be greater than 0 (got -0.1)"),
+        ({"train": {"epochs": "many"}}, "train.epochs: must be a valid integer, unable to parse string as an integer (got 'many')"),
+        ({"train": {"workers": 2, "micro_batch_size": 32, "global_batch_size": 100}},
+         "train.global_batch_size: 100 must equal micro_batch_size x grad_accum_steps x workers = 32 x 1 x 2 = 64"),
+        ({"train": {"precision": "bf16"}}, "train.precision: bf16 needs use_gpu: true (CPU workers train in fp32)"),
+        ({"trian": {}}, "trian: unknown key"),
+        ({"train": {"zero": {"stgae": 2}}}, "train.zero.stgae: unknown key (allowed: stage)"),
+        ({"tune": {"enabled": True}}, "tune.space: empty; add at least one path to search"),
+        ({"tune": {"space": {"train.lrr": {"choice": [1]}}}}, "tune.space.train.lrr: value 1 is rejected: train.lrr: unknown key"),
+        ({"tune": {"space": {"train.zero.stage": {"choice": [2, 5]}}}},
+         "tune.space.train.zero.stage: value 5 is rejected: train.zero.stage: must be 0, 1, 2 or 3 (got 5)"),
+        ({"tune": {"space": {"train.lr": {"uniform": [0.1, 0.01]}}}}, "tune.space.train.lr: uniform needs low < high"),
+    ],
+)
+def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path, capsys, doc, expected):
+    code = main(["run", str(_write(tmp_path, doc)), "--set", f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys):
+    doc = {"train": {"workers": 0, "zero": {"stage": 7}}, "model": {"type": "rnn"}}
+    assert main(["run", str(_write(tmp_path, doc))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    assert {line.split(":")[0] for line in lines} == {"train.workers", "train.zero.stage", "model.type"}
+
+
+def test_cli_exit_code_2_without_traceback_in_a_real_process(tmp_path):
+    bad = _write(tmp_path, {"train": {"zero": {"stage": 4}}})
+    proc = subprocess.run([sys.executable, "-m", "launcher", "run", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "train.zero.stage: must be 0, 1, 2 or 3 (got 4)"
+
+
+def test_set_overrides_are_typed_by_the_schema():
+    cfg = configuration.load(QUICKSTART, ["train.lr=1e-3", "train.zero.stage=3", "data.image_shape=[1, 8, 8]",
+                                          "tune.space.train.weight_decay={choice: [0.0, 0.01]}"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.zero.stage == 3
+    assert cfg.data.image_shape == [1, 8, 8]
+    assert cfg.tune.space["train.weight_decay"].choice == [0.0, 0.01]
+
+
+def test_set_unknown_path_names_allowed_keys(capsys):
+    assert main(["config", "show", str(QUICKSTART), "--set", "train.zero.stagee=1"]) == 2
+    assert "train.zero.stagee: unknown key (allowed: stage)" in capsys.readouterr().err
+
+
+def test_config_show_prints_resolved_config(capsys):
+    assert main(["config", "show", str(QUICKSTART), "--set", "train.epochs=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["epochs"] == 3
+    assert shown["train"]["zero"]["stage"] == 2
+    assert configuration.validate(shown).train.epochs == 3
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    assert main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}"]) == 2
+    assert f"output.dir: {run_dir} already exists and is not empty" in capsys.readouterr().err
+    assert (run_dir / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ("preprocess,distill", "--stages: distill needs train or tune before it"),
+    ("train", "--stages: must start with preprocess"),
+    ("preprocess,trian", "--stages: unknown stage 'trian'"),
+])
+def test_stage_lists_must_be_runnable(tmp_path, capsys, stages, expected):
+    assert main(["run", str(QUICKSTART), "--stages", stages, "--set", f"output.dir={tmp_path / 'o'}"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_missing_data_file_and_config_file(tmp_path, capsys):
+    assert main(["run", str(QUICKSTART), "--set", "data.source=nowhere/*.parquet", "--set", "model.type=mlp",
+                 "--set", f"output.dir={tmp_path / 'o'}"]) == 2
+    assert "data.source: no file or folder matches 'nowhere/*.parquet'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_default_stages_replace_train_with_tune_when_sweeping():
+    cfg = configuration.load(QUICKSTART)
+    assert cfg.default_stages() == ["preprocess", "tune", "distill", "quantize", "evaluate"]
+    cfg = configuration.load(QUICKSTART, ["tune.enabled=false", "distill.enabled=false"])
+    assert cfg.default_stages() == ["preprocess", "train", "quantize", "evaluate"]

@@ -1,0 +1,38 @@
+"""The quickstart end to end at a tiny scale: every artifact, and numbers that are real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from launcher.cli import main
+
+QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}", "--set", "tune.enabled=false",
+                 "--set", "train.epochs=3", "--set", "distill.epochs=4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for stage in ("preprocess", "train", "distill", "quantize", "evaluate"):
+        assert f"✓ {stage}" in out
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert set(summary["models"]) == {"teacher", "student", "quantized"}
+    files = {"teacher": "models/teacher/model.safetensors", "student": "models/student/model.safetensors",
+             "quantized": "models/quantized/model.pt"}
+    for name, model in summary["models"].items():
+        assert model["accuracy"] > 0.3, name  # chance is 0.1
+        assert model["size_bytes"] == (run_dir / files[name]).stat().st_size
+        assert model["latency_ms_b1"] > 0
+    models = summary["models"]
+    assert models["student"]["params"] < models["teacher"]["params"] / 4
+    assert models["quantized"]["size_bytes"] < models["teacher"]["size_bytes"] / 3
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
+    assert json.loads((run_dir / "data" / "meta.json").read_text())["rows"]["test"] > 200
+    assert "| quantized |" in (run_dir / "report.md").read_text()
