@@ -19,7 +19,12 @@ def quiet_driver_logs(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.ERROR
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    # torch's logging configures this child logger itself; the parent's level does not reach it.
+    logging.getLogger("torch.utils._pytree").setLevel(level)
     if not verbose:
+        # Tune's default console reporter prints an experiment banner even at verbose=0; the
+        # legacy reporter honours verbose=0. The pipeline prints its own line per stage.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(ray|deepspeed|torchao|torch)\b")

@@ -14,7 +14,8 @@ def test_zero_stage_trains_on_two_gloo_workers(stage, digits_data, tmp_path):
     data_dir, meta = digits_data
     run = RunConfig.model_validate({
         "model": {"type": "mlp", "width": 32, "depth": 1},
-        "train": {"workers": 2, "epochs": 3, "micro_batch_size": 32, "lr": 3e-3, "zero": {"stage": stage}},
+        "train": {"workers": 2, "epochs": 3, "micro_batch_size": 32, "lr": 3e-3, "zero": {"stage": stage},
+                  "keep_checkpoints": 3},  # Result.metrics_dataframe has one row per kept checkpoint
     }).model_dump(mode="json")
     result = build_trainer(loop_config(run, meta), load_splits(data_dir), tmp_path, name=f"zero{stage}").fit()
     history = result.metrics_dataframe
