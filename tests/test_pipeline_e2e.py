@@ -14,11 +14,11 @@ QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
 def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}", "--set", "tune.enabled=false",
-                 "--set", "train.epochs=3", "--set", "distill.epochs=4"])
+    code = main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}", "--set", "tune.num_samples=2",
+                 "--set", "tune.grace_period=1", "--set", "train.epochs=3", "--set", "distill.epochs=4"])
     out = capsys.readouterr().out
     assert code == 0, out
-    for stage in ("preprocess", "train", "distill", "quantize", "evaluate"):
+    for stage in ("preprocess", "tune", "distill", "quantize", "evaluate"):
         assert f"✓ {stage}" in out
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -36,3 +36,7 @@ def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, caps
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
     assert json.loads((run_dir / "data" / "meta.json").read_text())["rows"]["test"] > 200
     assert "| quantized |" in (run_dir / "report.md").read_text()
+    trials = summary["stages"]["tune"]["trials"]
+    assert len(trials) == 2 and all(t["status"] != "error" for t in trials)
+    best = max(t["val_accuracy"] for t in trials)
+    assert summary["stages"]["tune"]["best_metrics"]["val_accuracy"] == best
