@@ -181,9 +181,6 @@ class TuneConfig(Section):
     space: dict[str, SearchDomain] = {}
     """Search space: a dotted config path (`train.lr`, `model.width`) mapped to a domain."""
 
-    def mode(self) -> Literal["max", "min"]:
-        return "max" if self.metric == "val_accuracy" else "min"
-
 
 class DistillConfig(Section):
     enabled: bool = True

@@ -13,6 +13,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from trainers.loop import train_loop_per_worker
 
 
+def metric_mode(metric: str) -> str:
+    """Whether a larger value of a validation metric is better ("max") or worse ("min")."""
+    return "max" if metric == "val_accuracy" else "min"
+
+
 def load_splits(data_dir: Path | str) -> dict[str, ray.data.Dataset]:
     """The preprocessed train and val splits, read on the driver and materialized in the object store.
 
@@ -27,7 +32,6 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
                   callbacks: Sequence = ()) -> TorchTrainer:
     """A TorchTrainer for a `loop_config` over the splits from `load_splits`."""
     train = config["train"]
-    mode = "max" if config["metric"] == "val_accuracy" else "min"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -40,7 +44,7 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"],
                                                checkpoint_score_attribute=config["metric"],
-                                               checkpoint_score_order=mode),
+                                               checkpoint_score_order=metric_mode(config["metric"])),
             callbacks=list(callbacks),
         ),
     )
@@ -48,6 +52,6 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
 
 def best_checkpoint(result, metric: str) -> tuple[Path, dict]:
     """The kept checkpoint with the best `metric`, and the metrics reported with it."""
-    pick = max if metric == "val_accuracy" else min
+    pick = max if metric_mode(metric) == "max" else min
     checkpoint, metrics = pick(result.best_checkpoints, key=lambda pair: pair[1][metric])
     return Path(checkpoint.path), metrics

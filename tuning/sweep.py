@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from trainers.fit import build_trainer, load_splits
+from trainers.fit import build_trainer, load_splits, metric_mode
 from trainers.loop import loop_config
 from tuning.space import apply_overrides, max_epochs, tune_domain
 
@@ -50,7 +50,7 @@ def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, ma
     """Sample `tune.num_samples` configs from `tune.space` and train each; returns every trial's
     outcome and the best checkpoint by `tune.metric` over all epochs of all trials."""
     settings = run["tune"]
-    metric, mode = settings["metric"], "max" if settings["metric"] == "val_accuracy" else "min"
+    metric, mode = settings["metric"], metric_mode(settings["metric"])
     if settings["scheduler"] == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(run, settings["space"]),
                                   grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"])
