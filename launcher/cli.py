@@ -59,7 +59,7 @@ def _run(args, console: Console, errors: Console) -> int:
     configuration.check_inputs(cfg, stages)
     console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]")
 
-    from launcher.pipeline import run_pipeline
+    from launcher.pipeline import failure_line, run_pipeline
     from launcher.report import print_table
 
     try:
@@ -73,9 +73,9 @@ def _run(args, console: Console, errors: Console) -> int:
     except Exception as exc:  # the run failed: one line here, the whole story with --verbose
         if args.verbose:
             errors.print_exception()
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        errors.print(f"error: {type(exc).__name__}: {lines[-1] if lines else ''}", markup=False, highlight=False)
-        errors.print(f"see {cfg.output.dir}/summary.json; rerun with --verbose for the full trace", markup=False)
+        errors.print(f"error: {failure_line(exc)}", markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"see {cfg.output.dir}/summary.json; rerun with --verbose for the full trace",
+                     markup=False, highlight=False, soft_wrap=True)
         return 1
     print_table(console, summary)
     console.print(f"summary: {cfg.output.dir}/summary.json, report: {cfg.output.dir}/report.md")

@@ -15,6 +15,7 @@ the summary keeps. The run directory holds everything a run produces:
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -70,7 +71,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
                     run.summary["stages"][current] = stage_functions[current](run)
         run.summary["status"] = "succeeded"
     except BaseException as exc:
-        run.summary.update(status="failed", failed_stage=current, error=_last_line(exc))
+        run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
         raise
     finally:
         write_summary(run.run_dir, run.summary)
@@ -104,11 +105,15 @@ def _stage(run: Run, name: str):
     run.console.print(f"[green]✓ {name:<10}[/] {result.pop('line')}  [dim]({result['seconds']:.0f} s)[/]")
 
 
-def _last_line(exc: BaseException) -> str:
+def failure_line(exc: BaseException) -> str:
+    """One line saying why a run failed: the innermost error of a worker's traceback, which Ray
+    wraps (WorkerGroupError, TrainingFailedError) with the whole remote traceback above it."""
     if isinstance(exc, ConfigError | KeyboardInterrupt):
         return str(exc) or type(exc).__name__
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", lines[-1]) else f"{type(exc).__name__}: {lines[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ frozen teacher loaded on each worker).
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from functools import partial
@@ -29,15 +30,16 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
     possibly with a sweep's overrides applied). With `teacher_dir` it trains `distill.student`."""
     train = dict(run["train"])
     model = run["model"]
-    distill = None
+    distill, lr_path = None, "train.lr"
     if teacher_dir is not None:
         model = run["distill"]["student"]
         train["epochs"] = run["distill"]["epochs"] or train["epochs"]
         train["lr"] = run["distill"]["lr"] or train["lr"]
+        lr_path = "distill.lr" if run["distill"]["lr"] else lr_path
         distill = {"teacher_dir": teacher_dir, "temperature": run["distill"]["temperature"],
                    "alpha": run["distill"]["alpha"]}
     return {"model": model, "train": train, "data_meta": data_meta, "distill": distill,
-            "metric": run["tune"]["metric"]}
+            "metric": run["tune"]["metric"], "lr_path": lr_path}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -73,6 +75,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = _validate(engine, val_shard, dtype, train["micro_batch_size"])
         totals = _all_reduce_sum(torch.tensor([loss_sum, batches, rows], dtype=torch.float64), engine.device)
         metrics.update(epoch=epoch + 1, train_loss=totals[0] / max(totals[1], 1), samples_per_s=totals[2] / elapsed)
+        if not math.isfinite(metrics["train_loss"]):
+            # Checked on the all-reduced value, so every rank stops at the same epoch (a rank
+            # raising alone would leave the others waiting in a collective).
+            raise FloatingPointError(f"training diverged: train loss is {metrics['train_loss']} in epoch {epoch + 1}; "
+                                     f"lower {config['lr_path']} (now {train['lr']:g})")
         _report(metrics, _full_state_dict(engine), model_spec(config["model"], meta), rank)
 
 
