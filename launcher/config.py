@@ -38,6 +38,10 @@ class ClusterConfig(Section):
     """Ray address to join (`auto`, `ray://host:10001`); null starts an embedded local Ray, or joins the cluster a `ray job submit` runs in."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs the embedded local Ray may use; null means all of this machine's."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one GPU, for the preflight plan and `train.zero.stage: auto`; null detects it (GPU workers only)."""
+    worker_memory_gb: float | None = Field(None, gt=0)
+    """Memory one CPU worker may use, for the plan and `zero.stage: auto` on CPU; null divides the cluster's memory among the workers."""
 
 
 class DataConfig(Section):
@@ -70,19 +74,45 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    type: Literal["cnn", "mlp"] = "cnn"
-    """Model family: `cnn` for images, `mlp` for tabular rows."""
+    type: Literal["cnn", "mlp", "gpt"] = "cnn"
+    """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text."""
     width: int = Field(32, ge=1, le=4096)
-    """Channels of the first conv block (doubling per block), or units per MLP hidden layer."""
+    """cnn/mlp: channels of the first conv block (doubling per block), or units per MLP hidden layer."""
     depth: int = Field(2, ge=1, le=8)
-    """Conv blocks (cnn) or hidden layers (mlp)."""
+    """cnn/mlp: conv blocks or hidden layers."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout before the classifier head."""
+    """Dropout (before the classifier head; in every gpt block)."""
+    n_layer: int = Field(2, ge=1, le=256)
+    """gpt: transformer blocks."""
+    n_head: int = Field(2, ge=1, le=256)
+    """gpt: attention heads; must divide d_model."""
+    d_model: int = Field(64, ge=8, le=65536)
+    """gpt: embedding width."""
+    seq_len: int = Field(128, ge=2, le=1 << 20)
+    """gpt: tokens per training sequence (the text is packed into blocks of this length)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.type == "gpt" and self.d_model % self.n_head:
+            raise ValueError(f"n_head: {self.n_head} must divide d_model {self.d_model}")
+        return self
 
 
 class ZeroConfig(Section):
-    stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    stage: Literal[0, 1, 2, 3, "auto"] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also gradients, 3 also parameters; `auto` picks the lowest that fits the worker's memory (see `raylaunch plan`)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the optimizer step) in CPU memory: ZeRO-Offload. Stages 1-3."""
+    offload_param: bool = False
+    """Keep parameters in CPU memory between uses: ZeRO-Infinity's CPU tier. Stage 3 only."""
+
+    @model_validator(mode="after")
+    def _offload_fits_stage(self) -> ZeroConfig:
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer: needs stage 1, 2 or 3 (stage 0 keeps no partitioned optimizer to offload)")
+        if self.offload_param and self.stage not in (3, "auto"):
+            raise ValueError(f"offload_param: needs stage 3, got stage {self.stage}")
+        return self
 
 
 class TrainConfig(Section):
@@ -95,21 +125,41 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     """Passes over the train split."""
     micro_batch_size: int = Field(32, ge=1)
-    """Rows per worker per forward/backward pass."""
+    """Rows (sequences for gpt) per worker per forward/backward pass."""
     grad_accum_steps: int = Field(1, ge=1)
     """Micro batches accumulated before each optimizer step."""
     global_batch_size: int | None = Field(None, ge=1)
     """Rows per optimizer step over all workers; null derives micro_batch_size x grad_accum_steps x workers, and a given value must equal that."""
     lr: float = Field(2e-3, gt=0)
-    """AdamW learning rate."""
+    """AdamW peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """`cosine`: linear warmup for warmup_steps, then cosine decay to lr x min_lr_ratio at the last step; `constant`: lr throughout."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup (cosine schedule)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of lr (cosine schedule)."""
+    grad_clip: float = Field(0.0, ge=0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16 and fp16 need GPUs (CPU workers train in fp32)."""
+    """Training precision; bf16 and fp16 (with dynamic loss scaling) need GPUs, CPU workers train in fp32."""
+    activation_checkpointing: bool = False
+    """gpt: recompute each block's activations in the backward pass instead of storing them."""
     zero: ZeroConfig = ZeroConfig()
     """DeepSpeed ZeRO settings."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file to start from (Hugging Face / DeepSpeed example shape); its `"auto"` values are filled from this config, and a value both set differently is an error."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Also checkpoint (and validate) every this many optimizer steps; null: at the end of each epoch only."""
     keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints kept, best first by validation accuracy."""
+    """Checkpoints kept, best first by the validation metric (the latest is always kept too, for resuming)."""
+    max_failures: int = Field(0, ge=-1)
+    """Times Ray Train restarts the worker group from the latest checkpoint after a worker or node dies; -1 without limit."""
+    on_nan: Literal["fail", "skip"] = "fail"
+    """A non-finite loss: `fail` stops the run naming the step (the last good checkpoint stays), `skip` drops that step's update."""
     seed: int = 0
     """Seed for model initialisation and shuffling."""
 
@@ -273,7 +323,33 @@ def validate(raw: dict) -> RunConfig:
             problems.append(line)
         raise ConfigError(problems) from None
     _check_search_space(cfg, raw)
-    return cfg
+    return _apply_deepspeed_json(cfg, raw)
+
+
+def _apply_deepspeed_json(cfg: RunConfig, raw: dict) -> RunConfig:
+    """Bring a user's DeepSpeed JSON and the `train` section into agreement: the file's concrete
+    values decide the fields the YAML left at their defaults; a field both set differently is an
+    error naming both."""
+    from trainers.deepspeed_config import DeepSpeedConfigError, read_user_config, reconcile
+
+    path = cfg.train.deepspeed_config
+    if path is None:
+        return cfg
+    try:
+        user = read_user_config(path)
+    except DeepSpeedConfigError as exc:
+        raise ConfigError(exc.problems) from None
+    train_raw = raw.get("train") or {}
+    explicit = {f"train.{k}" for k in train_raw} | {f"train.zero.{k}" for k in (train_raw.get("zero") or {})}
+    updates, problems = reconcile(user, cfg.train.model_dump(mode="json"), explicit, source=path)
+    if problems:
+        raise ConfigError(problems)
+    if not updates:
+        return cfg
+    resolved = copy.deepcopy(raw)
+    for field, value in updates.items():
+        set_path(resolved, field, list(value) if isinstance(value, tuple) else value)
+    return validate(resolved)  # the updated fields now agree with the file: no further updates
 
 
 def _check_search_space(cfg: RunConfig, raw: dict) -> None:

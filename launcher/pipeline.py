@@ -15,6 +15,7 @@ the summary keeps. The run directory holds everything a run produces:
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -51,7 +52,14 @@ class Run:
         return self.run_dir / "ray"
 
     def dump(self) -> dict:
-        return self.cfg.model_dump(mode="json")
+        """The resolved config as plain data for Ray tasks and workers, with the user's DeepSpeed
+        JSON (if any) read here, once: trials and workers may run where the file is not."""
+        dump = self.cfg.model_dump(mode="json")
+        if self.cfg.train.deepspeed_config:
+            from trainers.deepspeed_config import read_user_config
+
+            dump["deepspeed_user"] = read_user_config(self.cfg.train.deepspeed_config)
+        return dump
 
 
 def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: bool = False) -> dict:
@@ -135,6 +143,7 @@ def _train(run: Run) -> dict:
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta)
+    (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
     result = build_trainer(config, load_splits(run.data_dir), run.storage, name="train").fit()
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher")
@@ -212,10 +221,17 @@ def _keep_model(checkpoint: Path, target: Path) -> Path:
 
 
 def _training_summary(role: str, metrics: dict, cfg: RunConfig) -> dict:
-    kept = {k: metrics[k] for k in ("epoch", "val_accuracy", "val_loss", "train_loss", "samples_per_s")}
-    return {**kept, "zero_stage": cfg.train.zero.stage, "workers": cfg.train.workers,
-            "line": f"{role}: val accuracy {kept['val_accuracy']:.4f} (best epoch {kept['epoch']}), "
-                    f"ZeRO-{cfg.train.zero.stage} on {cfg.train.workers} workers, {kept['samples_per_s']:.0f} samples/s"}
+    keys = ("epoch", "step", "val_accuracy", "val_loss", "val_perplexity", "train_loss", "samples_per_s", "tokens_per_s")
+    kept = {k: metrics[k] for k in keys if k in metrics}
+    stage = cfg.train.zero.stage
+    where = f"ZeRO-{stage} on {cfg.train.workers} workers"
+    if "tokens_per_s" in kept:
+        line = (f"{role}: val perplexity {kept['val_perplexity']:.2f}, next-token accuracy {kept['val_accuracy']:.4f} "
+                f"(best at step {kept['step']}), {where}, {kept['tokens_per_s']:,.0f} tokens/s")
+    else:
+        line = (f"{role}: val accuracy {kept['val_accuracy']:.4f} (best epoch {kept['epoch']:g}), {where}, "
+                f"{kept['samples_per_s']:.0f} samples/s")
+    return {**kept, "zero_stage": stage, "workers": cfg.train.workers, "line": line}
 
 
 def _short(value) -> str:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ray.data
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainers.loop import train_loop_per_worker
@@ -25,7 +26,12 @@ def load_splits(data_dir: Path | str) -> dict[str, ray.data.Dataset]:
     tasks while training runs, and a worker group that takes every CPU of a small cluster starves
     them forever (ReadFiles stays "backpressured: ResourceBudget"). Inside a Tune trial it would be
     worse: Ray Data limits itself to the trial's own resources, which hold no CPU."""
-    return {split: ray.data.read_parquet(str(Path(data_dir) / split)).materialize() for split in ("train", "val")}
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True  # rows in file order, on every run
+    try:
+        return {split: ray.data.read_parquet(str(Path(data_dir) / split)).materialize() for split in ("train", "val")}
+    finally:
+        options.preserve_order = before
 
 
 def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
@@ -39,9 +45,16 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
                                      resources_per_worker={"CPU": train["cpus_per_worker"]}),
         torch_config=TorchConfig(backend="nccl" if train["use_gpu"] else "gloo"),
         datasets=datasets,
+        # preserve_order: each rank's shard holds the same rows in the same order on every run, so
+        # a resumed run sees exactly the batches the uninterrupted one would have.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()),
+            # A worker group that cannot be placed again (a node left for good) times out after
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; without a limit Ray Train would retry forever.
+            failure_config=FailureConfig(max_failures=train["max_failures"],
+                                         controller_failure_limit=max(train["max_failures"], 0)),
             checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"],
                                                checkpoint_score_attribute=config["metric"],
                                                checkpoint_score_order=metric_mode(config["metric"])),

@@ -1,14 +1,22 @@
 """The per-worker training function Ray Train runs on every rank.
 
-Everything a worker needs arrives in its plain-dict config and through
-`ray.train.get_dataset_shard`; everything it gives back leaves through `ray.train.report`.
-The same loop trains a teacher (cross-entropy) and a student (distillation loss against a
-frozen teacher loaded on each worker).
+Everything a worker needs arrives in its plain-dict config (built once on the driver by
+`loop_config`) and through `ray.train.get_dataset_shard`; everything it gives back leaves through
+`ray.train.report`. The same loop trains a teacher (cross-entropy) and a student (distillation
+loss against a frozen teacher), classifiers and language models alike: a batch is `features`
+and `label`, and for a language model both are token blocks, the label shifted by one.
+
+A checkpoint holds everything an exact resume needs: DeepSpeed's own checkpoint (weights,
+optimizer and scheduler state, one optimizer shard per rank under ZeRO), every rank's RNG
+states, and the position in the data (epoch, micro batch). Beside it, rank 0 writes the
+consolidated fp32 model (`model.safetensors` + `model.json`) that later stages load.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import tempfile
 import time
 from functools import partial
@@ -20,14 +28,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainers.checkpoint import load_model_dir, model_spec, save_model_dir
-from trainers.deepspeed_config import DTYPES, deepspeed_config
+from trainers.deepspeed_config import deepspeed_config
 from trainers.distill import distillation_loss
 from trainers.models import build_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+
+
+def steps_per_epoch(train: dict, train_rows: int) -> int:
+    """Optimizer steps per epoch. Every rank gets the same rows (an equal split drops the
+    remainder), and only whole optimizer steps are taken, so all ranks agree on the count."""
+    rows_per_rank = train_rows // train["workers"]
+    return rows_per_rank // train["micro_batch_size"] // train["grad_accum_steps"]
+
+
+def hidden_size(model: dict) -> int:
+    return model["d_model"] if model["type"] == "gpt" else model["width"]
 
 
 def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> dict:
     """The config one training run's workers receive, from a resolved run config (a plain dump,
-    possibly with a sweep's overrides applied). With `teacher_dir` it trains `distill.student`."""
+    possibly with a sweep's overrides applied, and the user's DeepSpeed JSON under `deepspeed_user`).
+    With `teacher_dir` it trains `distill.student`."""
     train = dict(run["train"])
     model = run["model"]
     distill, lr_path = None, "train.lr"
@@ -38,49 +61,111 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
         lr_path = "distill.lr" if run["distill"]["lr"] else lr_path
         distill = {"teacher_dir": teacher_dir, "temperature": run["distill"]["temperature"],
                    "alpha": run["distill"]["alpha"]}
+    per_epoch = steps_per_epoch(train, data_meta["rows"]["train"])
+    if per_epoch < 1:
+        raise ValueError(f"train.micro_batch_size: {data_meta['rows']['train']} train rows over {train['workers']} workers "
+                         f"make no full optimizer step of {train['micro_batch_size']} x {train['grad_accum_steps']} rows")
     return {"model": model, "train": train, "data_meta": data_meta, "distill": distill,
-            "metric": run["tune"]["metric"], "lr_path": lr_path}
+            "metric": run["tune"]["metric"], "lr_path": lr_path, "steps_per_epoch": per_epoch,
+            "deepspeed": deepspeed_config(train, hidden_size(model), per_epoch * train["epochs"], run.get("deepspeed_user"))}
 
 
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed  # imported on the worker: it probes the accelerator at import time
 
     train, meta = config["train"], config["data_meta"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     torch.manual_seed(train["seed"])  # same seed on every rank: identical initial weights
     model = build_model(config["model"], meta["input_shape"], meta["num_classes"])
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=deepspeed_config(train, train["lr"]))
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = train["activation_checkpointing"]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["deepspeed"])
     dtype = DTYPES[train["precision"]]
     loss_fn, teacher = _loss_and_teacher(config["distill"], engine.device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    spec = model_spec(config["model"], meta)
 
-    for epoch in range(train["epochs"]):
+    position = {"epoch": 0, "micro_batch": 0, "step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restart after a failure, or `--resume`: continue exactly where it stopped
+        with checkpoint.as_directory() as directory:
+            position = _load_state(engine, Path(directory), rank)
+
+    accum = train["grad_accum_steps"]
+    micro_per_epoch = config["steps_per_epoch"] * accum
+    every = train["checkpoint_every"]
+    for epoch in range(position["epoch"], train["epochs"]):
         engine.train()
-        started, loss_sum, batches, rows = time.perf_counter(), 0.0, 0, 0
-        # drop_last: every rank gets the same row count (streaming_split(equal=True)), so the same
-        # number of full batches; a ragged last batch would make ranks disagree under ZeRO-3.
-        for batch in train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
-                                                     local_shuffle_buffer_size=4 * train["micro_batch_size"],
-                                                     local_shuffle_seed=train["seed"] * 1000 + epoch,
-                                                     device=engine.device):
-            x, y = batch["features"].to(dtype), batch["label"]
+        started, since_report = time.perf_counter(), _Window()
+        skip = position["micro_batch"] if epoch == position["epoch"] else 0
+        batches = train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
+                                                 local_shuffle_buffer_size=4 * train["micro_batch_size"],
+                                                 local_shuffle_seed=train["seed"] * 1000 + epoch, device=engine.device)
+        # Every rank walks the whole shard (equal row counts: the same number of batches), trains
+        # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
+        for index, batch in enumerate(batches):
+            if index < skip or index >= micro_per_epoch:
+                continue
+            x, y = batch["features"], batch["label"]
+            x = x.to(dtype) if x.is_floating_point() else x
             logits = engine(x).float()
-            loss = loss_fn(logits, y, teacher(x.float()) if teacher is not None else None)
+            loss = loss_fn(logits.flatten(0, -2), y.flatten(), teacher(x.float() if x.is_floating_point() else x).flatten(0, -2)
+                           if teacher is not None else None)
+            if not _finite_everywhere(loss, engine.device):
+                if train["on_nan"] == "fail":
+                    raise FloatingPointError(
+                        f"training diverged: the loss is {loss.item()} at step {position['step'] + 1} (epoch {epoch + 1}, "
+                        f"micro batch {index + 1}); lower {config['lr_path']} (now {train['lr']:g}) or set train.grad_clip")
+                since_report.skipped += 1
+                continue  # every rank skips the same micro batch: the accumulation stays aligned
             engine.backward(loss)
             engine.step()
-            loss_sum, batches, rows = loss_sum + loss.item(), batches + 1, rows + len(y)
-        elapsed = time.perf_counter() - started
-        metrics = _validate(engine, val_shard, dtype, train["micro_batch_size"])
-        totals = _all_reduce_sum(torch.tensor([loss_sum, batches, rows], dtype=torch.float64), engine.device)
-        metrics.update(epoch=epoch + 1, train_loss=totals[0] / max(totals[1], 1), samples_per_s=totals[2] / elapsed)
-        if not math.isfinite(metrics["train_loss"]):
-            # Checked on the all-reduced value, so every rank stops at the same epoch (a rank
-            # raising alone would leave the others waiting in a collective).
-            raise FloatingPointError(f"training diverged: train loss is {metrics['train_loss']} in epoch {epoch + 1}; "
-                                     f"lower {config['lr_path']} (now {train['lr']:g})")
-        _report(metrics, _full_state_dict(engine), model_spec(config["model"], meta), rank)
+            since_report.add(loss.item(), y.numel())
+            if (index + 1) % accum:
+                continue
+            position["step"] += 1
+            _fault(config, rank, position["step"], "step")
+            last_step_of_epoch = index + 1 == micro_per_epoch
+            if every and position["step"] % every == 0 and not last_step_of_epoch:
+                since_report.seconds = time.perf_counter() - started
+                _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
+                            {"epoch": epoch, "micro_batch": index + 1, "step": position["step"]})
+                started, since_report = time.perf_counter(), _Window()
+                engine.train()
+        since_report.seconds = time.perf_counter() - started
+        _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
+                    {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]})
+
+
+def _fault(config: dict, rank: int, step: int, where: str) -> None:
+    """Fault injection for the failure tests: `config["fault"] = {"rank", "step", "where", "marker"}`
+    kills this worker with SIGKILL once (the marker file records that it happened) after optimizer
+    step `step` ("step") or halfway through saving that step's checkpoint ("save"). The driver
+    never sets it; tests build their loop configs with it."""
+    fault = config.get("fault")
+    if fault and (fault["rank"], fault["step"], fault["where"]) == (rank, step, where) and not os.path.exists(fault["marker"]):
+        Path(fault["marker"]).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Window:
+    """Training numbers since the last report."""
+
+    def __init__(self):
+        self.loss_sum, self.micro_batches, self.items, self.skipped, self.seconds = 0.0, 0, 0, 0, 0.0
+
+    def add(self, loss: float, items: int) -> None:
+        self.loss_sum, self.micro_batches, self.items = self.loss_sum + loss, self.micro_batches + 1, self.items + items
+
+
+def _finite_everywhere(loss: torch.Tensor, device) -> bool:
+    """Whether the loss is finite on every rank: all ranks must agree before skipping a batch or
+    stopping, or the ones that carry on would wait forever in the next collective."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def _loss_and_teacher(distill: dict | None, device):
@@ -92,15 +177,54 @@ def _loss_and_teacher(distill: dict | None, device):
     return (lambda logits, labels, teacher_logits: kd(logits, teacher_logits, labels)), teacher
 
 
+def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict) -> None:
+    """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard)."""
+    metrics = _validate(engine, val_shard, dtype, config["train"]["micro_batch_size"])
+    totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items, window.skipped],
+                                          dtype=torch.float64), engine.device)
+    lm = config["data_meta"].get("task") == "lm"
+    metrics.update(epoch=position["epoch"] if position["micro_batch"] == 0 else position["epoch"] + position["micro_batch"] /
+                   (config["steps_per_epoch"] * config["train"]["grad_accum_steps"]),
+                   step=position["step"], train_loss=totals[0] / max(totals[1], 1), skipped_batches=int(totals[3]),
+                   **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
+    if lm:
+        metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+    state_dict = _full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"position": position})
+        torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+        if rank == 0:
+            save_model_dir(directory, state_dict, spec)
+        _fault(config, rank, position["step"], "save")
+        # Ray Train registers the checkpoint only once every rank has uploaded its part: a worker
+        # that dies while saving leaves the previous checkpoint as the latest.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _load_state(engine, directory: Path, rank: int) -> dict:
+    _, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return dict(client_state["position"])
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
 @torch.no_grad()
 def _validate(engine, shard, dtype, batch_size: int) -> dict:
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
-        logits = engine(batch["features"].to(dtype)).float()
-        sums += torch.tensor([F.cross_entropy(logits, batch["label"], reduction="sum").item(),
-                              (logits.argmax(-1) == batch["label"]).sum().item(), len(batch["label"])],
-                             dtype=torch.float64)
+        x, y = batch["features"], batch["label"]
+        logits = engine(x.to(dtype) if x.is_floating_point() else x).float().flatten(0, -2)
+        y = y.flatten()
+        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(-1) == y).sum().item(),
+                              len(y)], dtype=torch.float64)
     loss, correct, count = _all_reduce_sum(sums, engine.device)
     return {"val_loss": loss / count, "val_accuracy": correct / count, "val_rows": int(count)}
 
@@ -112,8 +236,8 @@ def _all_reduce_sum(values: torch.Tensor, device) -> list[float]:
 
 
 def _full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The whole model's weights. Under ZeRO-3 each rank holds only a slice of every parameter,
-    so they are gathered first: a collective, every rank must call this."""
+    """The whole model's weights in fp32. Under ZeRO-3 each rank holds only a slice of every
+    parameter, so they are gathered first: a collective, every rank must call this."""
     import deepspeed
 
     module = engine.module
@@ -121,13 +245,3 @@ def _full_state_dict(engine) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _report(metrics: dict, state_dict: dict, spec: dict, rank: int) -> None:
-    """Report the epoch's metrics on every rank; rank 0 attaches the checkpoint."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model_dir(Path(tmp), state_dict, spec)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

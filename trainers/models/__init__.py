@@ -5,13 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from trainers.models.cnn import build_cnn
+from trainers.models.gpt import build_gpt
 from trainers.models.mlp import build_mlp
 
-BUILDERS = {"cnn": build_cnn, "mlp": build_mlp}
+BUILDERS = {"cnn": build_cnn, "mlp": build_mlp, "gpt": build_gpt}
 
 
 def build_model(model: dict, input_shape: list[int], num_classes: int) -> nn.Module:
-    """Build the classifier a `model` config section describes for this data."""
+    """Build the model a `model` config section describes for this data (a classifier, or a language
+    model whose `num_classes` is the vocabulary)."""
     return BUILDERS[model["type"]](model, input_shape, num_classes)
 
 

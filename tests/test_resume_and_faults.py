@@ -1,0 +1,91 @@
+"""Checkpoints that resume exactly: an interrupted run, resumed, ends bitwise where an uninterrupted
+one does, whether the interruption is a killed driver (`--resume`), a worker killed mid-epoch
+(Ray Train restarts the group) or a worker killed while saving a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ray.train.v2.api.exceptions import TrainingFailedError
+from safetensors.torch import load_file
+
+from launcher.config import RunConfig
+from trainers.fit import build_trainer, load_splits
+from trainers.loop import loop_config
+
+EPOCHS, MICRO_BATCH = 2, 128  # digits: 1,259 train rows / 2 workers / 128 = 4 steps per epoch
+
+
+def _config(stage: int = 2, **train) -> dict:
+    run = RunConfig.model_validate({
+        "model": {"type": "mlp", "width": 32, "depth": 1, "dropout": 0.1},  # dropout: the RNG state matters
+        "train": {"workers": 2, "epochs": EPOCHS, "micro_batch_size": MICRO_BATCH, "lr": 3e-3, "warmup_steps": 2,
+                  "zero": {"stage": stage}, "checkpoint_every": 1, "keep_checkpoints": 100} | train,
+    }).model_dump(mode="json")
+    return run
+
+
+def _fit(run: dict, meta: dict, data_dir, storage, name: str, fault: dict | None = None):
+    config = loop_config(run, meta)
+    if fault:
+        config["fault"] = fault
+    return build_trainer(config, load_splits(data_dir), storage, name=name).fit()
+
+
+def _history(result) -> list[tuple[int, float]]:
+    """(step, train loss of that step) for every reported step, from the checkpoints kept."""
+    rows = sorted((m["step"], m["train_loss"]) for _, m in result.best_checkpoints)
+    return rows
+
+
+def _final_weights(result) -> dict[str, torch.Tensor]:
+    last = max(result.best_checkpoints, key=lambda pair: pair[1]["step"])[0]
+    return load_file(f"{last.path}/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def straight(digits_data, tmp_path_factory):
+    data_dir, meta = digits_data
+    result = _fit(_config(), meta, data_dir, tmp_path_factory.mktemp("straight"), "straight")
+    return _history(result), _final_weights(result)
+
+
+def _assert_same_run(result, straight) -> None:
+    history, weights = straight
+    assert _history(result) == history  # every step's loss, exactly
+    resumed = _final_weights(result)
+    assert resumed.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(resumed[name], weights[name]), name
+
+
+def test_straight_run_reports_every_step(straight):
+    history, _ = straight
+    assert [step for step, _ in history] == list(range(1, 4 * EPOCHS + 1))
+
+
+def test_resume_after_killed_run_matches_uninterrupted_run(straight, digits_data, tmp_path):
+    data_dir, meta = digits_data
+    fault = {"rank": 1, "step": 5, "where": "step", "marker": str(tmp_path / "killed")}
+    with pytest.raises(TrainingFailedError):  # max_failures 0: the run stops, as if its driver had died
+        _fit(_config(), meta, data_dir, tmp_path / "ray", "run", fault)
+    assert (tmp_path / "killed").exists()
+    # Same name and storage: Ray Train finds the run's checkpoints and the loop continues from the latest.
+    result = _fit(_config(), meta, data_dir, tmp_path / "ray", "run")
+    _assert_same_run(result, straight)
+
+
+def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(straight, digits_data, tmp_path):
+    data_dir, meta = digits_data
+    fault = {"rank": 1, "step": 3, "where": "step", "marker": str(tmp_path / "killed")}
+    result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault)
+    assert (tmp_path / "killed").exists()
+    _assert_same_run(result, straight)
+
+
+def test_worker_killed_while_saving_leaves_the_previous_checkpoint_loadable(straight, digits_data, tmp_path):
+    data_dir, meta = digits_data
+    fault = {"rank": 1, "step": 6, "where": "save", "marker": str(tmp_path / "killed")}
+    result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault)
+    assert (tmp_path / "killed").exists()
+    _assert_same_run(result, straight)
