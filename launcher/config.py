@@ -46,9 +46,11 @@ class ClusterConfig(Section):
 
 class DataConfig(Section):
     source: str = "sklearn:digits"
-    """`sklearn:digits`, `sklearn:breast_cancer`, `sklearn:wine`, `sklearn:iris`, or a Parquet/CSV file, folder or glob."""
-    format: Literal["auto", "parquet", "csv"] = "auto"
-    """File format of `source`; `auto` goes by the file extension."""
+    """`sklearn:digits`, `sklearn:breast_cancer`, `sklearn:wine`, `sklearn:iris`, a Parquet/CSV file, folder or glob, or for `format: text` a folder of text files (`python-stdlib`: this Python's own library sources)."""
+    format: Literal["auto", "parquet", "csv", "text"] = "auto"
+    """File format of `source`; `auto` goes by the file extension; `text` reads files as bytes for the language model (byte-level tokens packed into blocks of model.seq_len + 1)."""
+    text_glob: str = "**/*"
+    """format text: which files under `source` to read (a glob, `**` recursive)."""
     label_column: str = "label"
     """Column holding the class label (any type; classes are encoded in sorted order)."""
     feature_columns: list[str] | None = None
@@ -445,7 +447,19 @@ def check_inputs(cfg: RunConfig, stages: list[str]) -> None:
     """Checks against the world outside the config (files, run directory), still before Ray starts."""
     problems = []
     source = cfg.data.source
-    if source.startswith("sklearn:"):
+    text = cfg.data.format == "text"
+    if (cfg.model.type == "gpt") != text:
+        problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
+                        f"; got model.type {cfg.model.type} with data.format {cfg.data.format}")
+    if text:
+        from dataprep.text import text_files
+
+        root, files = text_files(source, cfg.data.text_glob)
+        if not root.exists():
+            problems.append(f"data.source: no such folder {root}")
+        elif not files:
+            problems.append(f"data.text_glob: no files match {cfg.data.text_glob!r} under {root}")
+    elif source.startswith("sklearn:"):
         if source not in SKLEARN_DATASETS:
             problems.append(f"data.source: unknown bundled dataset {source!r} (known: {', '.join(SKLEARN_DATASETS)})")
     elif "://" not in source and not glob.glob(source):

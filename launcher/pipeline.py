@@ -130,7 +130,14 @@ def failure_line(exc: BaseException) -> str:
 
 def _preprocess(run: Run) -> dict:
     from dataprep.preprocess import preprocess
+    from dataprep.text import preprocess_text
 
+    if run.cfg.data.format == "text":
+        run.data_meta = preprocess_text(run.dump()["data"], run.cfg.model.seq_len, run.data_dir)
+        rows, tokens = run.data_meta["rows"], run.data_meta["tokens"]
+        return {"rows": rows, "tokens": tokens, "files": run.data_meta["files"],
+                "line": f"{run.data_meta['files']:,} files -> {sum(tokens.values()):,} byte tokens in blocks of "
+                        f"{run.cfg.model.seq_len}: train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"}
     run.data_meta = preprocess(run.dump()["data"], run.data_dir)
     rows = run.data_meta["rows"]
     return {"rows": rows, "num_classes": run.data_meta["num_classes"], "input_shape": run.data_meta["input_shape"],

@@ -9,8 +9,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = (("accuracy", "test accuracy", "{:.4f}"), ("params", "params", "{:,}"),
+COLUMNS = (("accuracy", "test accuracy", "{:.4f}"), ("perplexity", "test perplexity", "{:.2f}"), ("params", "params", "{:,}"),
            ("size_bytes", "size (bytes)", "{:,}"), ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"))
+
+
+def _columns(models: dict) -> list[tuple[str, str, str]]:
+    """The columns every model has a number for (perplexity only for language models)."""
+    return [c for c in COLUMNS if all(c[0] in m for m in models.values())]
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -29,10 +34,11 @@ def write_report(run_dir: Path, summary: dict) -> None:
         lines += [f"| {name} | {s.get('seconds', '')} | {_stage_result(name, s)} |" for name, s in stages.items()]
         lines.append("")
     if summary["models"]:
-        lines += ["## Models on the test split", "", "| model | " + " | ".join(c[1] for c in COLUMNS) + " |",
-                  "|---|" + "---:|" * len(COLUMNS)]
+        columns = _columns(summary["models"])
+        lines += ["## Models on the test split", "", "| model | " + " | ".join(c[1] for c in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
         for name, m in summary["models"].items():
-            lines.append(f"| {name} | " + " | ".join(fmt.format(m[key]) for key, _, fmt in COLUMNS) + " |")
+            lines.append(f"| {name} | " + " | ".join(fmt.format(m[key]) for key, _, fmt in columns) + " |")
         lines.append("")
     if "tune" in stages:
         trials = stages["tune"]["trials"]
@@ -45,7 +51,9 @@ def write_report(run_dir: Path, summary: dict) -> None:
 
 def _stage_result(name: str, stage: dict) -> str:
     if name in ("train", "distill"):
-        return f"val accuracy {stage['val_accuracy']:.4f}, ZeRO-{stage['zero_stage']}, {stage['workers']} workers"
+        quality = (f"val perplexity {stage['val_perplexity']:.2f}" if "val_perplexity" in stage
+                   else f"val accuracy {stage['val_accuracy']:.4f}")
+        return f"{quality}, ZeRO-{stage['zero_stage']}, {stage['workers']} workers"
     if name == "tune":
         return f"{len(stage['trials'])} trials, best {stage['best_trial']} {stage['best_values']}"
     if name == "preprocess":
@@ -64,8 +72,9 @@ def print_table(console: Console, summary: dict) -> None:
         return
     table = Table(title="Models on the held-out test split")
     table.add_column("model")
-    for _, title, _ in COLUMNS:
+    columns = _columns(summary["models"])
+    for _, title, _ in columns:
         table.add_column(title, justify="right")
     for name, m in summary["models"].items():
-        table.add_row(name, *(fmt.format(m[key]) for key, _, fmt in COLUMNS))
+        table.add_row(name, *(fmt.format(m[key]) for key, _, fmt in columns))
     console.print(table)

@@ -176,7 +176,8 @@ def deepspeed_config(train: dict, hidden_size: int, total_steps: int, user: dict
             "total_num_steps": max(total_steps, 1), "warmup_num_steps": max(train["warmup_steps"], 1),
             "warmup_min_ratio": 0.0 if train["warmup_steps"] else 1.0, "warmup_type": "linear",
             "cos_min_ratio": train["min_lr_ratio"]}}
-    scheduler = {"warmup_min_lr": 0.0, "warmup_max_lr": train["lr"], "warmup_num_steps": train["warmup_steps"],
+    # DeepSpeed's warmup schedulers insist on at least one warmup step.
+    scheduler = {"warmup_min_lr": 0.0, "warmup_max_lr": train["lr"], "warmup_num_steps": max(train["warmup_steps"], 1),
                  "total_num_steps": max(total_steps, 1)}
     for key, value in scheduler.items():
         fill(f"scheduler.params.{key}", value, only_auto=True)

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
 
 import ray.data
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainers.models import count_params
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, test_dir: Path | str, batch_size: int = 256) -> float:
-    """Top-1 accuracy over a preprocessed split, streamed through Ray Data in batches."""
+def test_metrics(model: nn.Module, test_dir: Path | str, batch_size: int = 256) -> dict:
+    """Top-1 accuracy (next-token accuracy for a language model) and mean cross-entropy over a
+    preprocessed split, streamed through Ray Data in batches; a language model adds perplexity."""
     correct = total = 0
+    loss_sum = 0.0
+    lm = False
     for batch in ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=batch_size, device="cpu"):
-        correct += (model(batch["features"]).argmax(-1) == batch["label"]).sum().item()
-        total += len(batch["label"])
-    return correct / total
+        logits, labels = model(batch["features"]), batch["label"]
+        lm = logits.dim() == 3
+        logits, labels = logits.flatten(0, -2).float(), labels.flatten()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        total += labels.numel()
+    metrics = {"accuracy": correct / total, "loss": loss_sum / total}
+    if lm:
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+    return metrics
 
 
 @torch.inference_mode()
@@ -40,7 +52,7 @@ def latency_ms_b1(model: nn.Module, example: torch.Tensor, repeats: int = 300, w
 def measure(model: nn.Module, weights_file: Path, test_dir: Path | str, example: torch.Tensor) -> dict:
     """The numbers the report shows for one model."""
     return {
-        "accuracy": accuracy(model, test_dir),
+        **test_metrics(model, test_dir),
         "params": count_params(model),
         "size_bytes": weights_file.stat().st_size,
         "latency_ms_b1": latency_ms_b1(model, example),

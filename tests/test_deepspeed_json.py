@@ -1,0 +1,141 @@
+"""Bring your own DeepSpeed JSON: published example configs, their "auto" values filled from the
+YAML, conflicts caught before launch, and the result trains under Ray Train on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.cli import main
+from launcher.config import ConfigError, load
+from trainers.deepspeed_config import deepspeed_config
+from trainers.fit import build_trainer, load_splits
+from trainers.loop import loop_config
+
+# The ZeRO-2 example of Hugging Face Transformers' DeepSpeed integration docs (offload to CPU).
+HF_ZERO2 = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                          "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": True,
+                          "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
+}
+
+# LLaMA-Factory's examples/deepspeed/ds_z3_offload_config.json: ZeRO-3, optimizer and parameters offloaded.
+LLAMA_FACTORY_ZERO3_OFFLOAD = {
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                          "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                          "contiguous_gradients": True, "sub_group_size": 1e9, "reduce_bucket_size": "auto",
+                          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                          "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                          "stage3_gather_16bit_weights_on_model_save": True},
+}
+
+
+def _write(tmp_path, name: str, content: dict | str) -> str:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def _config_file(tmp_path, train: dict) -> str:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"type": "mlp", "width": 32, "depth": 1}, "train": train}))
+    return str(path)
+
+
+def test_file_values_decide_fields_the_yaml_left_at_defaults(tmp_path):
+    ds = _write(tmp_path, "z3.json", LLAMA_FACTORY_ZERO3_OFFLOAD)
+    cfg = load(_config_file(tmp_path, {"deepspeed_config": ds, "lr": 1e-3}))
+    assert cfg.train.zero.stage == 3 and cfg.train.zero.offload_optimizer and cfg.train.zero.offload_param
+    filled = deepspeed_config(cfg.train.model_dump(mode="json"), hidden_size=32, total_steps=40,
+                              user=LLAMA_FACTORY_ZERO3_OFFLOAD)
+    assert filled["train_batch_size"] == 32 * 1 * 2 and filled["train_micro_batch_size_per_gpu"] == 32
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 32 * 32
+    assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 320
+    assert filled["fp16"]["enabled"] is False and filled["bf16"]["enabled"] is False
+    assert filled["optimizer"]["params"]["lr"] == 1e-3  # no optimizer in the file: raylaunch's AdamW
+    assert filled["scheduler"]["type"] == "WarmupCosineLR" and filled["scheduler"]["params"]["total_num_steps"] == 40
+    assert filled["zero_optimization"]["sub_group_size"] == 1e9  # the file's own settings are kept
+    assert "auto" not in json.dumps(filled)
+
+
+def test_autos_in_the_hugging_face_example_are_filled(tmp_path):
+    ds = _write(tmp_path, "z2.json", HF_ZERO2)
+    cfg = load(_config_file(tmp_path, {"deepspeed_config": ds, "lr": 5e-4, "warmup_steps": 3, "grad_clip": 1.0,
+                                       "grad_accum_steps": 2}))
+    filled = deepspeed_config(cfg.train.model_dump(mode="json"), 32, 40, HF_ZERO2)
+    assert filled["optimizer"]["params"] | {} == {"lr": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                                                   "torch_adam": True}
+    assert filled["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-4,
+                                                                  "warmup_num_steps": 3}}
+    assert (filled["gradient_clipping"], filled["gradient_accumulation_steps"], filled["train_batch_size"]) == (1.0, 2, 128)
+    assert filled["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and cfg.train.zero.offload_optimizer
+
+
+@pytest.mark.parametrize(("train", "file_values", "expected"), [
+    ({"lr": 1e-3}, {"optimizer": {"type": "AdamW", "params": {"lr": 3e-5}}},
+     "train.lr: 0.001 here but optimizer.params.lr: 3e-05 in"),
+    ({"zero": {"stage": 1}}, {"zero_optimization": {"stage": 3}},
+     "train.zero.stage: 1 here but zero_optimization.stage: 3 in"),
+    ({"micro_batch_size": 16}, {"train_micro_batch_size_per_gpu": 8},
+     "train.micro_batch_size: 16 here but train_micro_batch_size_per_gpu: 8 in"),
+    ({}, {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8},
+     "train.workers: train_batch_size 100 in"),
+])
+def test_a_value_both_set_differently_is_a_config_error_naming_both(tmp_path, capsys, train, file_values, expected):
+    ds = _write(tmp_path, "ds.json", file_values)
+    code = main(["config", "show", _config_file(tmp_path, {"deepspeed_config": ds} | train)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert "Traceback" not in err
+
+
+def test_broken_or_missing_file_is_a_one_line_error(tmp_path, capsys):
+    for content, expected in (("{not json", "is not valid JSON (line 1"), ("[1, 2]", "must hold a JSON object")):
+        ds = _write(tmp_path, "bad.json", content)
+        assert main(["config", "show", _config_file(tmp_path, {"deepspeed_config": ds})]) == 2
+        assert expected in capsys.readouterr().err
+    assert main(["config", "show", _config_file(tmp_path, {"deepspeed_config": str(tmp_path / "nope.json")})]) == 2
+    assert "train.deepspeed_config: no such file" in capsys.readouterr().err
+
+
+def test_an_auto_raylaunch_cannot_fill_is_named():
+    with pytest.raises(Exception, match="zero_optimization.sub_group_size is \"auto\""):
+        deepspeed_config(load_defaults(), 32, 10, {"zero_optimization": {"stage": 2, "sub_group_size": "auto"}})
+
+
+def load_defaults() -> dict:
+    from launcher.config import RunConfig
+
+    return RunConfig().train.model_dump(mode="json")
+
+
+def test_fp16_in_the_file_on_cpu_workers_is_refused(tmp_path, capsys):
+    ds = _write(tmp_path, "fp16.json", {"fp16": {"enabled": True}})
+    assert main(["config", "show", _config_file(tmp_path, {"deepspeed_config": ds})]) == 2
+    assert "train.precision: fp16 needs use_gpu: true" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["hf_zero2_offload", "llama_factory_zero3_offload"])
+def test_published_configs_train_under_ray_train(name, digits_data, tmp_path):
+    data_dir, meta = digits_data
+    user = HF_ZERO2 if name == "hf_zero2_offload" else LLAMA_FACTORY_ZERO3_OFFLOAD
+    ds = _write(tmp_path, f"{name}.json", user)
+    cfg = load(_config_file(tmp_path, {"deepspeed_config": ds, "epochs": 2, "lr": 3e-3, "grad_clip": 1.0}))
+    run = cfg.model_dump(mode="json") | {"deepspeed_user": user}
+    result = build_trainer(loop_config(run, meta), load_splits(data_dir), tmp_path / "ray", name=name).fit()
+    assert result.metrics["val_accuracy"] > 0.7  # 10 classes
