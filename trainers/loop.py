@@ -180,12 +180,13 @@ def _loss_and_teacher(distill: dict | None, device):
 def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict) -> None:
     """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard)."""
     metrics = _validate(engine, val_shard, dtype, config["train"]["micro_batch_size"])
-    totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items, window.skipped],
+    totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items],
                                           dtype=torch.float64), engine.device)
     lm = config["data_meta"].get("task") == "lm"
-    metrics.update(epoch=position["epoch"] if position["micro_batch"] == 0 else position["epoch"] + position["micro_batch"] /
-                   (config["steps_per_epoch"] * config["train"]["grad_accum_steps"]),
-                   step=position["step"], train_loss=totals[0] / max(totals[1], 1), skipped_batches=int(totals[3]),
+    micro_per_epoch = config["steps_per_epoch"] * config["train"]["grad_accum_steps"]
+    metrics.update(epoch=position["epoch"] + position["micro_batch"] / micro_per_epoch, step=position["step"],
+                   train_loss=totals[0] / max(totals[1], 1),
+                   skipped_batches=window.skipped,  # the same on every rank: they skip together
                    **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
     if lm:
         metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
