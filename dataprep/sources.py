@@ -58,3 +58,31 @@ def _format_of(paths: list[str]) -> str:
     if suffixes <= {".csv"}:
         return "csv"
     raise DataError([f"data.format: cannot tell the format of {paths[0]!r} from its extension(s) {sorted(suffixes)}; set data.format: parquet or csv"])
+
+
+def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
+    """The (input shape, number of classes) preprocessing will produce, read cheaply on the driver
+    (a schema and the label column, not the whole dataset) so a run can be planned before it starts."""
+    if data["format"] == "text":
+        from dataprep.text import VOCAB_SIZE
+
+        return [seq_len], VOCAB_SIZE
+    if data["source"].startswith("sklearn:"):
+        import sklearn.datasets
+
+        name = data["source"].removeprefix("sklearn:")
+        bunch = getattr(sklearn.datasets, f"load_{name}")()
+        shape = data["image_shape"] or _BUNDLED_IMAGE_SHAPES.get(name) or [bunch.data.shape[1]]
+        return list(shape), len(np.unique(bunch.target))
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    paths = _expand(data["source"])
+    fmt = data["format"] if data["format"] != "auto" else _format_of(paths)
+    dataset = pds.dataset(paths, format=fmt)
+    label = data["label_column"]
+    if label not in dataset.schema.names:
+        raise DataError([f"data.label_column: {label!r} is not a column of {data['source']} (columns: {', '.join(dataset.schema.names)})"])
+    features = data["feature_columns"] or [c for c in dataset.schema.names if c != label]
+    classes = len(pc.unique(dataset.to_table(columns=[label])[label]))
+    return list(data["image_shape"] or [len(features)]), classes

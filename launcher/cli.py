@@ -1,4 +1,4 @@
-"""The `raylaunch` command line: `run`, `config show`, `config reference`.
+"""The `raylaunch` command line: `run`, `plan`, `config show`, `config reference`.
 
 Exit codes: 0 success, 1 the run failed, 2 bad config or input (one `path: problem` line each).
 """
@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
                                       "default: every enabled stage")
     run.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the workers' own logs")
 
+    plan = commands.add_parser("plan", help="show workers, memory per ZeRO stage and the stage a run would use, without training")
+    plan.add_argument("config")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    plan.add_argument("--verbose", action="store_true")
+
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print the resolved config")
     show.add_argument("config")
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(configuration.dump_yaml(configuration.load(args.config, args.overrides)), end="")
             return 0
+        if args.command == "plan":
+            return _plan(args, console)
         return _run(args, console, errors)
     except configuration.ConfigError as exc:
         _print_problems(errors, exc.problems)
@@ -79,6 +86,22 @@ def _run(args, console: Console, errors: Console) -> int:
         return 1
     print_table(console, summary)
     console.print(f"summary: {cfg.output.dir}/summary.json, report: {cfg.output.dir}/report.md")
+    return 0
+
+
+def _plan(args, console: Console) -> int:
+    from cluster.session import ray_session
+    from dataprep import DataError
+    from launcher.plan import check_plan, make_plan, print_plan
+
+    cfg = configuration.load(args.config, args.overrides)
+    try:
+        with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, args.verbose) as resources:
+            plan = make_plan(cfg, resources)
+    except DataError as exc:
+        raise configuration.ConfigError(exc.problems) from None
+    print_plan(console, cfg, plan)
+    check_plan(plan)  # a model that cannot fit: the same error `run` would give, exit 2
     return 0
 
 

@@ -74,6 +74,8 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
         with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
             run.resources = resources
             _check_worker_group_fits(cfg, resources)
+            if any(s in stages for s in ("train", "tune", "distill")):
+                _preflight(run, console)
             for current in stages:
                 with _stage(run, current):
                     run.summary["stages"][current] = stage_functions[current](run)
@@ -97,6 +99,20 @@ def _check_worker_group_fits(cfg: RunConfig, resources: dict) -> None:
             f"{describe({k: resources.get(k, 0.0) for k in demand})} (short by {describe(missing)}); "
             f"lower train.workers or train.cpus_per_worker, or add nodes"
         ])
+
+
+def _preflight(run: Run, console: Console) -> None:
+    """Plan the model's memory per worker before any worker starts: resolve `zero.stage: auto`,
+    refuse a model no stage can hold."""
+    from launcher.plan import check_plan, make_plan
+
+    plan = make_plan(run.cfg, run.resources)
+    stage = check_plan(plan)
+    run.summary["plan"] = plan.summary()
+    if run.cfg.train.zero.stage == "auto":
+        run.cfg.train.zero.stage = stage
+        console.print(f"  zero.stage auto -> {stage} ({plan.params:,} parameters, "
+                      f"{plan.stages[stage].device_bytes / 2**20:.1f} MiB of model states per worker)")
 
 
 @contextmanager

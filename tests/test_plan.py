@@ -1,0 +1,79 @@
+"""The preflight plan: model-state memory per ZeRO stage, `zero.stage: auto`, refusing what cannot fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+from trainers.memory import lowest_fitting_stage, plan_all_stages, plan_stage
+
+LM = str(Path(__file__).parent.parent / "configs" / "lm.yaml")
+P = 1_000_000
+
+
+def test_fp32_adam_bytes_per_parameter_under_each_stage():
+    # weights 4 + grads 4 + Adam moments 8 = 16 bytes per parameter; ZeRO shards them over 4 ranks step by step.
+    device = [p.device_bytes for p in plan_all_stages(P, largest_layer=0, workers=4, precision="fp32")]
+    assert device == [16 * P, 8 * P + 8 * P // 4, 4 * P + 12 * P // 4, 16 * P // 4]
+
+
+def test_mixed_precision_stage_2_and_3_use_deepspeeds_estimators():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    two = plan_stage(2, P, 1000, 4, "bf16")
+    three = plan_stage(3, P, 1000, 4, "bf16", offload_optimizer=True, offload_param=True)
+    assert two.device_bytes == estimate_zero2_model_states_mem_needs(P, 4, 1, cpu_offload=False)[1]
+    assert three.device_bytes == estimate_zero3_model_states_mem_needs(P, 1000, 4, 1, True, True)[1]
+    assert two.source == three.source == "deepspeed estimator" and three.offloaded_bytes > 0
+    assert plan_stage(0, P, 0, 4, "bf16").device_bytes == 16 * P  # 2 + 2 + 12 (fp32 master, momentum, variance)
+
+
+def test_offloading_moves_optimizer_and_parameters_off_the_device():
+    plain, offloaded = plan_stage(3, P, 0, 2, "fp32"), plan_stage(3, P, 0, 2, "fp32", True, True)
+    assert offloaded.device_bytes < plain.device_bytes and offloaded.offloaded_bytes == 12 * P // 2
+
+
+def test_auto_picks_the_lowest_stage_that_fits():
+    plans = plan_all_stages(P, 0, 4, "fp32")
+    budget = plans[2].device_bytes / 0.8  # room for stage 2's model states, not stage 1's
+    assert lowest_fitting_stage(plans, budget) == 2
+    assert lowest_fitting_stage(plans, 1e15) == 0
+    assert lowest_fitting_stage(plans, 1.0) is None
+
+
+def test_plan_command_prints_the_table_and_the_auto_choice(ray_cluster, capsys):
+    # 4.57 MiB of model states per worker at stage 2, 5.48 at stage 1 (lm.yaml's 478,720 parameters)
+    code = main(["plan", LM, "--set", "train.zero.stage=auto", "--set", "cluster.worker_memory_gb=0.0065"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "478,720 parameters" in out and "ZeRO stage 2: picked by zero.stage: auto" in out
+
+
+def test_plan_for_a_model_that_fits_no_stage_exits_2_with_the_numbers(ray_cluster, capsys):
+    code = main(["plan", LM, "--set", "cluster.worker_memory_gb=0.001"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.zero.stage: stage 2 needs 4.57 MiB of model states per worker for 478,720 parameters" in err
+
+
+def test_run_refuses_a_model_that_cannot_fit_before_any_worker_starts(ray_cluster, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", LM, "--set", f"output.dir={run_dir}", "--set", "data.text_glob=json/*.py",
+                 "--set", "train.zero.stage=auto", "--set", "cluster.worker_memory_gb=0.001"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.zero.stage: no ZeRO stage fits 478,720 parameters" in err
+    assert not (run_dir / "ray").exists()  # no training was started
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_scale_plan_on_a_machine_without_gpus(ray_cluster, capsys, precision):
+    code = main(["plan", LM, "--set", "train.use_gpu=true", "--set", f"train.precision={precision}",
+                 "--set", "model.n_layer=24", "--set", "model.d_model=1024", "--set", "model.n_head=16",
+                 "--set", "model.seq_len=1024", "--set", "train.workers=1", "--set", "cluster.gpu_memory_gb=16",
+                 "--set", "train.zero.stage=auto"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "deepspeed estimator" in out and "picked by zero.stage: auto" in out
