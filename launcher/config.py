@@ -124,6 +124,8 @@ class TrainConfig(Section):
     """One GPU per worker and NCCL; otherwise CPU workers over gloo."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves for each worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes: PACK fills nodes first (fast collectives), SPREAD puts them on different nodes where it can."""
     epochs: int = Field(10, ge=1)
     """Passes over the train split."""
     micro_batch_size: int = Field(32, ge=1)

@@ -162,12 +162,12 @@ def _preprocess(run: Run) -> dict:
 
 
 def _train(run: Run) -> dict:
-    from trainers.fit import best_checkpoint, build_trainer, load_splits
+    from trainers.fit import best_checkpoint, build_trainer, fit, load_splits
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta)
     (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
-    result = build_trainer(config, load_splits(run.data_dir), run.storage, name="train").fit()
+    result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="train"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher")
     return _training_summary("teacher", metrics, run.cfg)
@@ -192,11 +192,11 @@ def _tune(run: Run) -> dict:
 
 
 def _distill(run: Run) -> dict:
-    from trainers.fit import best_checkpoint, build_trainer, load_splits
+    from trainers.fit import best_checkpoint, build_trainer, fit, load_splits
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta, teacher_dir=str(run.models["teacher"]))
-    result = build_trainer(config, load_splits(run.data_dir), run.storage, name="distill").fit()
+    result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="distill"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student")
     return _training_summary("student", metrics, run.cfg)

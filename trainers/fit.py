@@ -11,7 +11,12 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from cluster.resources import describe, missing_resources, worker_group_demand
 from trainers.loop import train_loop_per_worker
+
+
+class WorkerGroupUnplaceable(RuntimeError):
+    """The worker group could not be (re)started: the cluster no longer holds it."""
 
 
 def metric_mode(metric: str) -> str:
@@ -42,7 +47,8 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
-                                     resources_per_worker={"CPU": train["cpus_per_worker"]}),
+                                     resources_per_worker={"CPU": train["cpus_per_worker"]},
+                                     placement_strategy=train["placement_strategy"]),
         torch_config=TorchConfig(backend="nccl" if train["use_gpu"] else "gloo"),
         datasets=datasets,
         # preserve_order: each rank's shard holds the same rows in the same order on every run, so
@@ -68,3 +74,26 @@ def best_checkpoint(result, metric: str) -> tuple[Path, dict]:
     pick = max if metric_mode(metric) == "max" else min
     checkpoint, metrics = pick(result.best_checkpoints, key=lambda pair: pair[1][metric])
     return Path(checkpoint.path), metrics
+
+
+def fit(trainer: TorchTrainer, train: dict):
+    """`trainer.fit()`, with a worker group that can no longer be placed (a node left and too
+    little is left) reported as what it is, naming the missing resources."""
+    import ray
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as exc:
+        if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        demand = worker_group_demand(train["workers"], train["cpus_per_worker"], train["use_gpu"])
+        now = ray.cluster_resources()
+        missing = missing_resources(now, demand)
+        have = describe({k: now.get(k, 0.0) for k in demand})
+        short = f"short by {describe(missing)}" if missing else "enough in total, but not free or not placeable together"
+        raise WorkerGroupUnplaceable(
+            f"train.workers: the worker group ({describe(demand)}) could not be started again; the cluster now has "
+            f"{have} ({short}); a node may have left: add nodes or lower train.workers, then rerun with --resume"
+        ) from None

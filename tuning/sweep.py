@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from trainers.fit import build_trainer, load_splits, metric_mode
+from trainers.fit import build_trainer, fit, load_splits, metric_mode
 from trainers.loop import loop_config
 from tuning.space import apply_overrides, max_epochs, tune_domain
 
@@ -43,7 +43,8 @@ class SweepResult:
 def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str) -> None:
     config = loop_config(apply_overrides(run, sampled), data_meta)
     trial_id = tune.get_context().get_trial_id()
-    build_trainer(config, datasets, storage_path, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+    fit(build_trainer(config, datasets, storage_path, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]),
+        config["train"])
 
 
 def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int) -> SweepResult:

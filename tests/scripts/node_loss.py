@@ -1,0 +1,81 @@
+"""Node loss on a multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a head with
+no CPUs and three 1-CPU worker nodes), run as its own process by tests/test_node_loss.py.
+
+1. Two 1-CPU workers spread over two nodes; one node is removed after the first checkpoint: Ray
+   Train restarts the group on the nodes left and the run finishes every step.
+2. The same on the two nodes left: removing one leaves 1 CPU for a 2-CPU group, and the run fails
+   within a bounded time naming the missing resources.
+Prints one JSON line with what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Read by Ray Train's controller, a process the raylets below start: set before they start.
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+
+def remove_after_first_checkpoint(cluster, node, run_dir: Path, removed: dict) -> threading.Thread:
+    def watch():
+        while not list(run_dir.glob("checkpoint_*/model.safetensors")):
+            time.sleep(0.2)
+        cluster.remove_node(node, allow_graceful=False)
+        removed["at"] = time.monotonic()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(work: Path) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
+        cluster.wait_for_nodes()
+
+        from dataprep.preprocess import preprocess
+        from launcher.config import RunConfig
+        from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit, load_splits
+        from trainers.loop import loop_config
+
+        meta = preprocess(RunConfig().model_dump(mode="json")["data"], work / "data")
+        run = RunConfig.model_validate({
+            "model": {"type": "mlp", "width": 32, "depth": 1},
+            "train": {"workers": 2, "epochs": 3, "micro_batch_size": 64, "checkpoint_every": 2, "max_failures": 1,
+                      "placement_strategy": "SPREAD", "keep_checkpoints": 50},
+        }).model_dump(mode="json")
+        config = loop_config(run, meta)
+        report = {"expected_steps": 3 * config["steps_per_epoch"]}
+
+        removed: dict = {}
+        watcher = remove_after_first_checkpoint(cluster, nodes[1], work / "ray" / "recover", removed)
+        result = fit(build_trainer(config, load_splits(work / "data"), work / "ray", name="recover"), config["train"])
+        watcher.join(timeout=5)
+        report["recovered"] = {"node_removed": "at" in removed, "final_step": result.metrics["step"],
+                               "nodes_left": len([n for n in ray.nodes() if n["Alive"]])}
+
+        removed = {}
+        watcher = remove_after_first_checkpoint(cluster, nodes[2], work / "ray" / "fail", removed)
+        try:
+            fit(build_trainer(config, load_splits(work / "data"), work / "ray", name="fail"), config["train"])
+            report["too_little_left"] = {"error": None}
+        except WorkerGroupUnplaceable as exc:
+            report["too_little_left"] = {"error": str(exc), "seconds_after_removal": time.monotonic() - removed["at"]}
+        print("RESULT " + json.dumps(report), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
