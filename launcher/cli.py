@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
     run.add_argument("--stages", help=f"comma-separated stages to run, in order ({', '.join(configuration.STAGES)}); "
                                       "default: every enabled stage")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in output.dir: finished stages are kept, the unfinished one "
+                          "continues from its last checkpoint")
     run.add_argument("--verbose", action="store_true", help="show Ray's, DeepSpeed's and the workers' own logs")
 
     plan = commands.add_parser("plan", help="show workers, memory per ZeRO stage and the stage a run would use, without training")
@@ -63,14 +66,14 @@ def _run(args, console: Console, errors: Console) -> int:
 
     cfg = configuration.load(args.config, args.overrides)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else cfg.default_stages()
-    configuration.check_inputs(cfg, stages)
+    configuration.check_inputs(cfg, stages, resume=args.resume)
     console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]")
 
     from launcher.pipeline import failure_line, run_pipeline
     from launcher.report import print_table
 
     try:
-        summary = run_pipeline(cfg, stages, console, verbose=args.verbose)
+        summary = run_pipeline(cfg, stages, console, verbose=args.verbose, resume=args.resume)
     except (configuration.ConfigError, DataError) as exc:
         _print_problems(errors, exc.problems)
         return 2

@@ -445,8 +445,9 @@ def load(config_path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     return validate(raw)
 
 
-def check_inputs(cfg: RunConfig, stages: list[str]) -> None:
-    """Checks against the world outside the config (files, run directory), still before Ray starts."""
+def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> None:
+    """Checks against the world outside the config (files, run directory), still before Ray starts.
+    With `resume`, the run directory must hold a run of this same config."""
     problems = []
     source = cfg.data.source
     text = cfg.data.format == "text"
@@ -473,13 +474,33 @@ def check_inputs(cfg: RunConfig, stages: list[str]) -> None:
             problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
     problems += _stage_order_problems([s for s in stages if s in STAGES])
     run_dir = Path(cfg.output.dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if resume:
+        problems += _resume_problems(cfg, run_dir)
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         problems.append(
             f"output.dir: {run_dir} already exists and is not empty; a run never overwrites another "
-            f"(choose a new one with --set output.dir=...)"
+            f"(choose a new one with --set output.dir=..., or continue it with --resume)"
         )
     if problems:
         raise ConfigError(problems)
+
+
+def _resume_problems(cfg: RunConfig, run_dir: Path) -> list[str]:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return [f"--resume: {run_dir} holds no run to resume (no config.yaml); run without --resume to start one"]
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = cfg.model_dump(mode="json")
+    differences = _differences(before, now)
+    return [f"--resume: {path} was {old!r} in {saved} but is {new!r} now; a resumed run keeps its config"
+            for path, old, new in differences]
+
+
+def _differences(before: Any, now: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in sorted(set(before) | set(now), key=str)
+                for d in _differences(before.get(key), now.get(key), f"{path}.{key}" if path else str(key))]
+    return [] if before == now else [(path, before, now)]
 
 
 def _stage_order_problems(stages: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ class Run:
     data_meta: dict | None = None
     models: dict[str, Path] = field(default_factory=dict)
     summary: dict = field(default_factory=lambda: {"status": "running", "stages": {}, "models": {}})
+    resume: bool = False
 
     @property
     def data_dir(self) -> Path:
@@ -62,11 +63,16 @@ class Run:
         return dump
 
 
-def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: bool = False) -> dict:
-    """Run `stages` for a validated config; returns the summary also written to summary.json."""
-    run = Run(cfg=cfg, run_dir=Path(cfg.output.dir).resolve(), console=console)
+def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: bool = False,
+                 resume: bool = False) -> dict:
+    """Run `stages` for a validated config; returns the summary also written to summary.json.
+    With `resume`, the run directory's finished stages are kept and the unfinished one continues
+    from its last checkpoint (Ray Train and Tune find theirs under the same names)."""
+    run = Run(cfg=cfg, run_dir=Path(cfg.output.dir).resolve(), console=console, resume=resume)
+    finished = _finished_stages(run.run_dir) if resume else {}
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if not resume:
+        (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
     stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
                        "quantize": _quantize, "evaluate": _evaluate}
     current = None
@@ -77,8 +83,12 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
             if any(s in stages for s in ("train", "tune", "distill")):
                 _preflight(run, console)
             for current in stages:
+                if current in finished:
+                    _restore(run, current, finished[current])
+                    continue
                 with _stage(run, current):
                     run.summary["stages"][current] = stage_functions[current](run)
+                write_summary(run.run_dir, run.summary)  # after every stage: what a resume starts from
         run.summary["status"] = "succeeded"
     except BaseException as exc:
         run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
@@ -87,6 +97,39 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
         write_summary(run.run_dir, run.summary)
         write_report(run.run_dir, run.summary)
     return run.summary
+
+
+# Where each stage leaves its output in the run directory, for a resumed run to pick up.
+_OUTPUTS = {"train": ("teacher", "models/teacher"), "tune": ("teacher", "models/teacher"),
+            "distill": ("student", "models/student"), "quantize": ("quantized", "models/quantized")}
+
+
+def _finished_stages(run_dir: Path) -> dict[str, dict]:
+    """The stages an earlier, interrupted run of this directory finished (evaluation always reruns)."""
+    summary_file = run_dir / "summary.json"
+    stages = json.loads(summary_file.read_text()).get("stages", {}) if summary_file.exists() else {}
+    done = {}
+    if "preprocess" not in stages and (run_dir / "data" / "meta.json").exists():
+        # Killed right after preprocessing, before the summary was written: the data is complete
+        # (it is renamed into place only when whole).
+        stages["preprocess"] = {"rows": json.loads((run_dir / "data" / "meta.json").read_text())["rows"]}
+    for name, result in stages.items():
+        output = _OUTPUTS.get(name)
+        if name == "preprocess" and (run_dir / "data" / "meta.json").exists():
+            done[name] = result
+        elif output and (run_dir / output[1]).exists():
+            done[name] = result
+    return done
+
+
+def _restore(run: Run, name: str, result: dict) -> None:
+    if name == "preprocess":
+        run.data_meta = json.loads((run.data_dir / "meta.json").read_text())
+    else:
+        role, path = _OUTPUTS[name]
+        run.models[role] = run.run_dir / path
+    run.summary["stages"][name] = result
+    run.console.print(f"[dim]↷ {name:<10} finished before; kept[/]")
 
 
 def _check_worker_group_fits(cfg: RunConfig, resources: dict) -> None:
@@ -167,10 +210,11 @@ def _train(run: Run) -> dict:
 
     config = loop_config(run.dump(), run.data_meta)
     (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
+    resumed = _resume_point(run, "train")
     result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="train"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher")
-    return _training_summary("teacher", metrics, run.cfg)
+    return _training_summary("teacher", metrics, run.cfg) | resumed
 
 
 def _tune(run: Run) -> dict:
@@ -179,7 +223,7 @@ def _tune(run: Run) -> dict:
     cfg = run.cfg
     demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     concurrent = cfg.tune.max_concurrent_trials or groups_that_fit(run.resources, demand)
-    sweep = run_sweep(run.dump(), run.data_meta, run.data_dir, run.storage, concurrent)
+    sweep = run_sweep(run.dump(), run.data_meta, run.data_dir, run.storage, concurrent, resume=run.resume)
     run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
     stopped = sum(t["status"] == "stopped early" for t in sweep.trials)
     failed = sum(t["status"] == "error" for t in sweep.trials)
@@ -196,10 +240,11 @@ def _distill(run: Run) -> dict:
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta, teacher_dir=str(run.models["teacher"]))
+    resumed = _resume_point(run, "distill")
     result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="distill"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student")
-    return _training_summary("student", metrics, run.cfg)
+    return _training_summary("student", metrics, run.cfg) | resumed
 
 
 def _quantize(run: Run) -> dict:
@@ -234,11 +279,29 @@ def _evaluate(run: Run) -> dict:
     return {"line": "test accuracy " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in models.items())}
 
 
+def _resume_point(run: Run, name: str) -> dict:
+    """Where a resumed training run continues: the step of the latest checkpoint Ray Train kept
+    for it (read from its checkpoint manager's snapshot, for the console and the summary)."""
+    snapshot = run.storage / name / "checkpoint_manager_snapshot.json"
+    if not run.resume or not snapshot.exists():
+        return {}
+    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    if "step" not in latest:
+        return {}
+    run.console.print(f"  {name}: continuing from the checkpoint at step {latest['step']} (epoch {latest['epoch']:.2f})")
+    return {"resumed_from_step": latest["step"]}
+
+
 def _keep_model(checkpoint: Path, target: Path) -> Path:
-    """Copy a checkpoint's model out of Ray's storage into the run's models/ folder."""
+    """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
+    storage into the run's models/ folder; the folder appears complete or not at all."""
+    from trainers.checkpoint import SPEC, WEIGHTS
+
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint, tmp)
+    tmp.mkdir(parents=True)
+    for name in (WEIGHTS, SPEC):
+        shutil.copy2(checkpoint / name, tmp / name)
     tmp.rename(target)
     return target
 

@@ -47,20 +47,29 @@ def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_pa
         config["train"])
 
 
-def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int) -> SweepResult:
+def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int,
+              resume: bool = False) -> SweepResult:
     """Sample `tune.num_samples` configs from `tune.space` and train each; returns every trial's
     outcome and the best checkpoint by `tune.metric` over all epochs of all trials."""
     settings = run["tune"]
     metric, mode = settings["metric"], metric_mode(settings["metric"])
     if settings["scheduler"] == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(run, settings["space"]),
+        # Time in epochs, not reports: with train.checkpoint_every a trial reports several times an epoch.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs(run, settings["space"]),
                                   grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"])
     else:
         scheduler = FIFOScheduler()
     trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=load_splits(data_dir),
                                      storage_path=str(Path(storage_path).resolve()))
+    trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
+    experiment = Path(storage_path).resolve() / "tune"
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        # A sweep whose driver died: finished trials are kept, unfinished ones continue (each trial's
+        # TorchTrainer finds its own checkpoints under the same name), errored ones run again.
+        grid = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True).fit()
+        return _summarize(grid, run, metric, mode)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        trainable,
         param_space={path: tune_domain(domain) for path, domain in settings["space"].items()},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=settings["num_samples"],
                                     # Tune ignores max_concurrent_trials when given a search_alg instance.
