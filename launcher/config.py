@@ -260,7 +260,7 @@ class QuantizeConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs/run"
-    """Run directory; it must not exist yet or be empty."""
+    """Run directory; it must not exist yet or be empty (or, with `--resume`, hold the run to continue)."""
 
 
 class RunConfig(Section):

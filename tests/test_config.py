@@ -25,18 +25,18 @@ def _write(tmp_path: Path, doc: dict) -> Path:
     "doc, expected",
     [
         ({"train": {"workers": 0}}, "train.workers: must be greater than or equal to 1 (got 0)"),
-        ({"train": {"zero": {"stage": 4}}}, "train.zero.stage: must be 0, 1, 2 or 3 (got 4)"),
+        ({"train": {"zero": {"stage": 4}}}, "train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 4)"),
         ({"train": {"lr": -0.1}}, "train.lr: must be greater than 0 (got -0.1)"),
         ({"train": {"epochs": "many"}}, "train.epochs: must be a valid integer, unable to parse string as an integer (got 'many')"),
         ({"train": {"workers": 2, "micro_batch_size": 32, "global_batch_size": 100}},
          "train.global_batch_size: 100 must equal micro_batch_size x grad_accum_steps x workers = 32 x 1 x 2 = 64"),
         ({"train": {"precision": "bf16"}}, "train.precision: bf16 needs use_gpu: true (CPU workers train in fp32)"),
         ({"trian": {}}, "trian: unknown key"),
-        ({"train": {"zero": {"stgae": 2}}}, "train.zero.stgae: unknown key (allowed: stage)"),
+        ({"train": {"zero": {"stgae": 2}}}, "train.zero.stgae: unknown key (allowed: stage, offload_optimizer, offload_param)"),
         ({"tune": {"enabled": True}}, "tune.space: empty; add at least one path to search"),
         ({"tune": {"space": {"train.lrr": {"choice": [1]}}}}, "tune.space.train.lrr: value 1 is rejected: train.lrr: unknown key"),
         ({"tune": {"space": {"train.zero.stage": {"choice": [2, 5]}}}},
-         "tune.space.train.zero.stage: value 5 is rejected: train.zero.stage: must be 0, 1, 2 or 3 (got 5)"),
+         "tune.space.train.zero.stage: value 5 is rejected: train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 5)"),
         ({"tune": {"space": {"train.lr": {"uniform": [0.1, 0.01]}}}}, "tune.space.train.lr: uniform needs low < high"),
     ],
 )
@@ -61,7 +61,7 @@ def test_cli_exit_code_2_without_traceback_in_a_real_process(tmp_path):
     bad = _write(tmp_path, {"train": {"zero": {"stage": 4}}})
     proc = subprocess.run([sys.executable, "-m", "launcher", "run", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "train.zero.stage: must be 0, 1, 2 or 3 (got 4)"
+    assert proc.stderr.strip() == "train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 4)"
 
 
 def test_set_overrides_are_typed_by_the_schema():
@@ -75,7 +75,7 @@ def test_set_overrides_are_typed_by_the_schema():
 
 def test_set_unknown_path_names_allowed_keys(capsys):
     assert main(["config", "show", str(QUICKSTART), "--set", "train.zero.stagee=1"]) == 2
-    assert "train.zero.stagee: unknown key (allowed: stage)" in capsys.readouterr().err
+    assert "train.zero.stagee: unknown key (allowed: stage, offload_optimizer, offload_param)" in capsys.readouterr().err
 
 
 def test_config_show_prints_resolved_config(capsys):
