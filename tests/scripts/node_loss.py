@@ -45,10 +45,17 @@ def main(work: Path) -> None:
 
         from dataprep.preprocess import preprocess
         from launcher.config import RunConfig
-        from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit, load_splits
+        from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit
         from trainers.loop import loop_config
 
         meta = preprocess(RunConfig().model_dump(mode="json")["data"], work / "data")
+        # The splits go into the object store from this driver, so their blocks live on the head,
+        # which no test removes. Blocks on a removed worker node would have to be rebuilt by read
+        # tasks, and with every CPU left held by the restarted worker group those never run: a hang
+        # that belongs to data ingestion under node loss, not to what this script tests.
+        import pyarrow.parquet as pq
+
+        splits = {name: ray.data.from_arrow(pq.read_table(work / "data" / name)) for name in ("train", "val")}
         run = RunConfig.model_validate({
             "model": {"type": "mlp", "width": 32, "depth": 1},
             "train": {"workers": 2, "epochs": 3, "micro_batch_size": 64, "checkpoint_every": 2, "max_failures": 1,
@@ -59,7 +66,7 @@ def main(work: Path) -> None:
 
         removed: dict = {}
         watcher = remove_after_first_checkpoint(cluster, nodes[1], work / "ray" / "recover", removed)
-        result = fit(build_trainer(config, load_splits(work / "data"), work / "ray", name="recover"), config["train"])
+        result = fit(build_trainer(config, splits, work / "ray", name="recover"), config["train"])
         watcher.join(timeout=5)
         report["recovered"] = {"node_removed": "at" in removed, "final_step": result.metrics["step"],
                                "nodes_left": len([n for n in ray.nodes() if n["Alive"]])}
@@ -67,7 +74,7 @@ def main(work: Path) -> None:
         removed = {}
         watcher = remove_after_first_checkpoint(cluster, nodes[2], work / "ray" / "fail", removed)
         try:
-            fit(build_trainer(config, load_splits(work / "data"), work / "ray", name="fail"), config["train"])
+            fit(build_trainer(config, splits, work / "ray", name="fail"), config["train"])
             report["too_little_left"] = {"error": None}
         except WorkerGroupUnplaceable as exc:
             report["too_little_left"] = {"error": str(exc), "seconds_after_removal": time.monotonic() - removed["at"]}
