@@ -74,17 +74,6 @@ def _set(tree: dict, path: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def _json_value(json_path: str, train: dict) -> Any:
-    """The JSON value raylaunch's `train` section stands for at `json_path`."""
-    field = FIELDS[json_path]
-    if json_path.endswith(".device"):
-        return "cpu" if _get({"train": train}, field) else "none"
-    if json_path in ("fp16.enabled", "bf16.enabled"):
-        return train["precision"] == json_path.split(".")[0]
-    value = _get({"train": train}, field)
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _field_value(json_path: str, value: Any) -> Any:
     """The raylaunch field value a concrete JSON value at `json_path` stands for."""
     if json_path.endswith(".device"):
