@@ -109,9 +109,9 @@ def train_loop_per_worker(config: dict) -> None:
             if index < skip or index >= micro_per_epoch:
                 continue
             x, y = batch["features"], batch["label"]
-            x = x.to(dtype) if x.is_floating_point() else x
+            x = _model_input(x, dtype)
             logits = engine(x).float()
-            loss = loss_fn(logits.flatten(0, -2), y.flatten(), teacher(x.float() if x.is_floating_point() else x).flatten(0, -2)
+            loss = loss_fn(logits.flatten(0, -2), y.flatten(), teacher(_model_input(x, torch.float32)).flatten(0, -2)
                            if teacher is not None else None)
             if not _finite_everywhere(loss, engine.device):
                 if train["on_nan"] == "fail":
@@ -158,6 +158,11 @@ class _Window:
 
     def add(self, loss: float, items: int) -> None:
         self.loss_sum, self.micro_batches, self.items = self.loss_sum + loss, self.micro_batches + 1, self.items + items
+
+
+def _model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float features in `dtype` (the training precision, or fp32 for the frozen teacher); token ids stay integers."""
+    return x.to(dtype) if x.is_floating_point() else x
 
 
 def _finite_everywhere(loss: torch.Tensor, device) -> bool:
@@ -222,7 +227,7 @@ def _validate(engine, shard, dtype, batch_size: int) -> dict:
     sums = torch.zeros(3, dtype=torch.float64)
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
         x, y = batch["features"], batch["label"]
-        logits = engine(x.to(dtype) if x.is_floating_point() else x).float().flatten(0, -2)
+        logits = engine(_model_input(x, dtype)).float().flatten(0, -2)
         y = y.flatten()
         sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(-1) == y).sum().item(),
                               len(y)], dtype=torch.float64)
