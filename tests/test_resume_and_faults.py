@@ -75,17 +75,12 @@ def test_resume_after_killed_run_matches_uninterrupted_run(straight, digits_data
     _assert_same_run(result, straight)
 
 
-def test_worker_killed_mid_epoch_is_restarted_from_the_last_checkpoint(straight, digits_data, tmp_path):
+@pytest.mark.parametrize(("where", "step"), [("step", 3), ("save", 6)],
+                         ids=["killed_mid_epoch_restarts_from_the_last_checkpoint",
+                              "killed_while_saving_leaves_the_previous_checkpoint_loadable"])
+def test_worker_killed_is_restarted_and_matches_uninterrupted_run(straight, digits_data, tmp_path, where, step):
     data_dir, meta = digits_data
-    fault = {"rank": 1, "step": 3, "where": "step", "marker": str(tmp_path / "killed")}
-    result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault)
-    assert (tmp_path / "killed").exists()
-    _assert_same_run(result, straight)
-
-
-def test_worker_killed_while_saving_leaves_the_previous_checkpoint_loadable(straight, digits_data, tmp_path):
-    data_dir, meta = digits_data
-    fault = {"rank": 1, "step": 6, "where": "save", "marker": str(tmp_path / "killed")}
+    fault = {"rank": 1, "step": step, "where": where, "marker": str(tmp_path / "killed")}
     result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault)
     assert (tmp_path / "killed").exists()
     _assert_same_run(result, straight)
