@@ -7,3 +7,6 @@ class DataError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+    def __reduce__(self):  # raised in Ray tasks: pickled by its problems, not its joined message
+        return type(self), (self.problems,)

@@ -1,147 +1,245 @@
-"""The preprocess stage: encode, split, normalize and write the dataset, all as Ray Data operations.
+"""The preprocess stage for tables and images: read, check, encode, split, fit, transform, write;
+all as Ray Data operations (`map_batches` tasks across the cluster, aggregations for what is
+fitted), never a loop over rows on the driver.
 
-Output under the data directory: `train/`, `val/` and `test/` Parquet folders with a `features`
-tensor column (float32) and a `label` column (int64 class index), and `meta.json` describing
-them (classes, input shape, fitted normalization, row counts).
+Output (one cache entry, see `dataprep.cache`): `train/`, `val/` and `test/` Parquet folders with
+`features` (float32 tensor: [F] for tables, [C, H, W] for images), `label` (int64 class index) and
+`key` (int64, the row's identity hash: it seeds the row's split and its augmentations), and
+`meta.json` describing them (classes, input shape, fitted normalization, row counts).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
-from pathlib import Path
-
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import ray
 
 from dataprep import DataError
-from dataprep.sources import read_source
+from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, IMAGE_EXTENSIONS, ROW, Problems, format_of, image_mode,
+                              list_files, peek_columns, read_bundled, read_images, read_tables)
+from dataprep.transforms import FeatureStats, scale_features, shift_and_scale
 
 SPLITS = ("train", "val", "test")
 
 
-def preprocess(data: dict, out_dir: Path) -> dict:
-    """Run the whole preprocess stage for a `data` config section; returns the metadata it wrote.
-    The directory appears complete or not at all (written beside it, then renamed)."""
-    ds, bundled_shape = read_source(data["source"], data["format"], data["label_column"])
+def preprocess(data: dict, writer, problems: Problems) -> dict:
+    """Read and transform a table or image source; `writer(split_name, dataset)` stores each split.
+    Returns the metadata (without the writer's paths)."""
+    transforms = data["transforms"]
+    resize = next((t for t in transforms if t["type"] == "resize"), None)
+    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
     label = data["label_column"]
-    features = _feature_columns(ds, data)
-    image_shape = data["image_shape"] or bundled_shape
-    if image_shape is not None and math.prod(image_shape) != len(features):
-        raise DataError(
-            [f"data.image_shape: {image_shape} holds {math.prod(image_shape)} values but there are {len(features)} feature columns"]
-        )
-    classes = sorted(ds.unique(label))
+    keyed = {"seed": data["seed"], "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"],
+             "problems": problems}
+    map_args = {"batch_size": data["batch_size"], "concurrency": data["concurrency"]}
+    given = next((t["classes"] for t in transforms if t["type"] == "label_encode" and t["classes"]), None)
+    keyed["classes"] = [str(c) for c in given] if given else None
+
+    if len(sources) == 1 and sources[0].startswith("sklearn:"):
+        name = sources[0].removeprefix("sklearn:")
+        ds = read_bundled(name, label)
+        features = [c for c in ds.schema().names if c not in (label, FILE, ROW, data["key_column"])]
+        shape = data["image_shape"] or BUNDLED_IMAGE_SHAPES.get(name) or [len(features)]
+        fmt, files = "bundled", 1
+    else:
+        fmt = data["format"]
+        found = list_files(sources, data["text_glob"], IMAGE_EXTENSIONS if fmt == "images" else None)
+        fmt = format_of(found) if fmt == "auto" else fmt
+        files = len(found.paths)
+        if fmt == "images":
+            _check_class_folders(found)
+            mode, shape = image_mode(found)
+            if resize:
+                shape = [shape[0], *resize["size"]]
+            ds = read_images(found, mode, resize["size"] if resize else None, problems)
+            encoded = ds.map_batches(_encode_images, fn_kwargs={"shape": shape, "relative": found.relative, **keyed},
+                                     batch_format="numpy", **map_args)
+            features = None
+        else:
+            columns = peek_columns(found, fmt)
+            if label not in columns:
+                raise DataError([f"data.label_column: {label!r} is not a column of {found.paths[0]} (columns: {', '.join(columns)})"])
+            features = data["feature_columns"] or [c for c in columns if c not in (label, data["key_column"])]
+            missing = [c for c in features if c not in columns]
+            if missing:
+                raise DataError([f"data.feature_columns: {', '.join(missing)} not in {found.paths[0]} (columns: {', '.join(columns)})"])
+            if not features:
+                raise DataError([f"data.feature_columns: {found.paths[0]} has no feature columns besides the label"])
+            shape = data["image_shape"] or [len(features)]
+            ds = read_tables(found, fmt, problems)
+    if features is not None:
+        if math.prod(shape) != len(features):
+            raise DataError([f"data.image_shape: {shape} holds {math.prod(shape)} values but there are {len(features)} feature columns"])
+        encoded = ds.map_batches(_encode_table, fn_kwargs={"features": features, "label": label, "key": data["key_column"],
+                                                           "all_columns": data["feature_columns"] is None,
+                                                           "shape": shape, **keyed},
+                                 batch_format="pyarrow", **map_args)
+    encoded = encoded.materialize()
+    total = encoded.count()
+    if total == 0:
+        raise DataError([f"data.source: {', '.join(sources)} holds no rows" + (" that could be read (every row was bad)" if problems.ledger else "")])
+
+    classes = keyed["classes"] or sorted(encoded.unique("label"), key=_label_order)
     if len(classes) < 2:
-        raise DataError([f"data.label_column: {label!r} has {len(classes)} distinct value(s) in {data['source']}; classification needs at least 2"])
+        raise DataError([f"data.label_column: {label!r} has {len(classes)} distinct value(s) in {', '.join(sources)}; classification needs at least 2"])
 
-    encoded = ds.map_batches(
-        _encode,
-        fn_kwargs={"features": features, "label": label, "classes": classes, "seed": data["seed"],
-                   "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]},
-        batch_format="pyarrow",
-    ).materialize()
-    splits = {name: encoded.map_batches(_select, fn_kwargs={"split": i}, batch_format="numpy") for i, name in enumerate(SPLITS)}
-    shift, scale, stats = _fit_normalization(splits["train"], data["normalize"])
-
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    scaler = next((t for t in transforms if t["type"] in ("standardize", "minmax")), None)
+    per = scaler["per"] if scaler else "feature"
+    if per == "channel" and len(shape) != 3:
+        raise DataError([f"data.transforms: {scaler['type']} per channel needs images ([channels, height, width]); these rows have shape {shape}"])
+    train = encoded.filter(expr="split == 0")
+    stats = train.aggregate(FeatureStats("features", per))["stats(features)"]
+    if stats is None:
+        raise DataError([f"data.val_fraction: the train split is empty ({total} rows in all); use more data or smaller fractions"])
+    shift, scale = shift_and_scale(stats, scaler["type"] if scaler else None, per, shape)
+    index = {c: i for i, c in enumerate(classes)}
+    finished = encoded.map_batches(_finish, fn_kwargs={"index": index, "shift": shift, "scale": scale},
+                                   batch_format="numpy", **map_args)
     rows = {}
-    for name, split in splits.items():
-        scaled = split.map_batches(_scale, fn_kwargs={"shift": shift, "scale": scale}, batch_format="numpy").materialize()
-        rows[name] = scaled.count()
+    for number, name in enumerate(SPLITS):
+        split = finished.filter(expr=f"split == {number}").drop_columns(["split"]).materialize()
+        rows[name] = split.count()
         if rows[name] == 0:
-            raise DataError([f"data.{name}_fraction: the {name} split is empty ({encoded.count()} rows in all); use more data or a larger fraction"])
-        scaled.write_parquet(str(tmp / name))
-    meta = {
-        "source": data["source"],
+            raise DataError([f"data.{name}_fraction: the {name} split is empty ({total} rows in all); use more data or a larger fraction"])
+        writer(name, split)
+    return {
+        "format": fmt,
+        "files": files,
+        "task": "classify",
         "feature_columns": features,
         "label_column": label,
-        "classes": [c.item() if isinstance(c, np.generic) else c for c in classes],
+        "classes": [_plain(c) for c in classes],
         "num_classes": len(classes),
-        "num_features": len(features),
-        "input_shape": list(image_shape) if image_shape else [len(features)],
-        "normalize": {"method": data["normalize"], "shift": shift.tolist(), "scale": scale.tolist(), **stats},
+        "num_features": math.prod(shape),
+        "stored_shape": list(shape),
+        "input_shape": list(shape),
+        "normalize": {"method": scaler["type"] if scaler else "none", "per": per,
+                      "shift": shift.tolist(), "scale": scale.tolist(), "train_rows": int(stats[0])},
+        "seed": data["seed"],
         "rows": rows,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    tmp.rename(out_dir)
-    return meta
 
 
-def _feature_columns(ds: ray.data.Dataset, data: dict) -> list[str]:
-    schema = ds.schema()
-    columns = list(schema.names)
-    label = data["label_column"]
-    if label not in columns:
-        raise DataError([f"data.label_column: {label!r} is not a column of {data['source']} (columns: {', '.join(columns)})"])
-    features = data["feature_columns"] or [c for c in columns if c != label]
-    missing = [c for c in features if c not in columns]
-    if missing:
-        raise DataError([f"data.feature_columns: {', '.join(missing)} not in {data['source']} (columns: {', '.join(columns)})"])
-    types = dict(zip(schema.names, schema.types))
-    not_numeric = [c for c in features if not _is_numeric(types[c])]
-    if not_numeric:
-        raise DataError([f"data.feature_columns: {', '.join(not_numeric)} in {data['source']} not numeric; list only numeric columns in data.feature_columns"])
-    if not features:
-        raise DataError([f"data.feature_columns: {data['source']} has no feature columns besides the label"])
-    return features
+def _check_class_folders(found) -> None:
+    loose = [p for p in found.paths if "/" not in found.relative(p)]
+    if loose:
+        raise DataError([f"data.source: {loose[0]} is not in a class folder; data.format images wants one subfolder per class "
+                         f"(source/cat/1.png, source/dog/2.png), the folder name being the label"])
 
 
-def _is_numeric(arrow_type) -> bool:
-    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
+def _label_order(label: str):
+    """Labels sort as numbers when they all are (2 before 10), else as text."""
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
 
 
-def split_of(rows: np.ndarray, labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
-    """0 train, 1 val, 2 test for each row, from a keyed hash of the row's content: deterministic
-    for a seed, independent of row order and of the other rows (adding files keeps old rows put)."""
-    key = seed.to_bytes(8, "little", signed=True)
-    content = np.concatenate([np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8),
-                              np.ascontiguousarray(labels, dtype=np.int64)[:, None].view(np.uint8)], axis=1)
-    unit = np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), key=key, digest_size=8).digest(), "little") / 2**64
-                     for r in content])
+def _plain(label: str):
+    try:
+        return int(label)
+    except ValueError:
+        return label
+
+
+def row_keys(values) -> np.ndarray:
+    """A 64-bit identity hash per row (pandas' SipHash with its fixed key: the same on every machine)."""
+    if isinstance(values, pd.DataFrame):
+        return pd.util.hash_pandas_object(values, index=False).to_numpy()
+    return pd.util.hash_array(np.asarray(values, dtype=object))
+
+
+def split_of(keys: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """0 train, 1 val, 2 test for each row key: a keyed hash of the key and the seed, so a row's
+    split depends on nothing else (adding files keeps old rows where they were)."""
+    from dataprep.transforms import uniform
+
+    unit = uniform(keys, seed, epoch=-1, draw=0)
     return np.where(unit < test_fraction, 2, np.where(unit < test_fraction + val_fraction, 1, 0)).astype(np.int8)
 
 
-def _encode(batch: pa.Table, features: list[str], label: str, classes: list, seed: int,
-            val_fraction: float, test_fraction: float) -> dict:
-    x = np.stack([batch[c].to_numpy(zero_copy_only=False).astype(np.float32) for c in features], axis=1)
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[v] for v in batch[label].to_pylist()], dtype=np.int64)
-    return {"features": x, "label": y, "split": split_of(x, y, seed, val_fraction, test_fraction)}
-
-
-def _select(batch: dict, split: int) -> dict:
-    keep = batch["split"] == split
-    return {"features": batch["features"][keep], "label": batch["label"][keep]}
-
-
-def _partial_stats(batch: dict) -> dict:
-    x = batch["features"].astype(np.float64)
-    return {"count": np.array([len(x)]), "sum": x.sum(0)[None], "sumsq": (x * x).sum(0)[None],
-            "min": x.min(0, initial=np.inf)[None], "max": x.max(0, initial=-np.inf)[None]}
-
-
-def _fit_normalization(train: ray.data.Dataset, method: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Per-feature shift and scale fitted on the train split; the reduction runs as Ray tasks,
-    the driver only adds up one small row per block."""
-    parts = train.map_batches(_partial_stats, batch_format="numpy").take_all()
-    count = sum(int(p["count"]) for p in parts)
-    total = sum(p["sum"] for p in parts)
-    mean = total / count
-    std = np.sqrt(np.maximum(sum(p["sumsq"] for p in parts) / count - mean**2, 0.0))
-    low, high = np.min([p["min"] for p in parts], 0), np.max([p["max"] for p in parts], 0)
-    if method == "standard":
-        shift, scale = mean, np.where(std > 1e-8, std, 1.0)  # a constant feature stays 0, not NaN
-    elif method == "minmax":
-        shift, scale = low, np.where(high - low > 1e-8, high - low, 1.0)
+def _numeric(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 values and a mask of the rows whose value is not a finite number."""
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
+        values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
     else:
-        shift, scale = np.zeros_like(mean), np.ones_like(mean)
-    return shift.astype(np.float32), scale.astype(np.float32), {"train_rows": count}
+        values = pd.to_numeric(pd.Series(column.cast(pa.string()).to_pylist(), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+    return values, ~np.isfinite(values)
 
 
-def _scale(batch: dict, shift: np.ndarray, scale: np.ndarray) -> dict:
-    return {"features": ((batch["features"] - shift) / scale).astype(np.float32), "label": batch["label"]}
+def _encode_table(batch: pa.Table, features: list[str], label: str, key: str | None, all_columns: bool, shape: list[int],
+                  seed: int, val_fraction: float, test_fraction: float, classes: list[str] | None, problems: Problems) -> dict:
+    file = batch[FILE][0].as_py() if batch.num_rows else ""
+    present = [c for c in batch.column_names if c not in (FILE, ROW)]
+    missing = [c for c in [*features, label, *([key] if key else [])] if c not in present]
+    extra = [c for c in present if c not in (*features, label, key)] if all_columns else []
+    if missing or extra:
+        differ = "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                             f"extra {', '.join(extra)}" if extra else "") if part)
+        raise DataError([f"{file}: its columns differ from the first file's ({differ}); make the files' schemas agree "
+                         f"or list data.feature_columns"])
+    columns, bad = [], np.zeros(batch.num_rows, dtype=bool)
+    entries = []
+    for name in features:
+        values, wrong = _numeric(batch[name])
+        if wrong.any():
+            raw = batch[name].to_pylist()
+            rows = batch[ROW].to_numpy()
+            entries += [(file, int(rows[i]), f"column {name!r}: {raw[i]!r} is not a number") for i in np.flatnonzero(wrong & ~bad)]
+        columns.append(values)
+        bad |= wrong
+    labels = batch[label].cast(pa.string())
+    no_label = np.asarray(labels.is_null())
+    if no_label.any():
+        rows = batch[ROW].to_numpy()
+        entries += [(file, int(rows[i]), f"no value in the label column {label!r}") for i in np.flatnonzero(no_label & ~bad)]
+        bad |= no_label
+    if classes is not None:
+        unknown = ~np.isin(np.asarray(labels.fill_null("").to_pylist(), dtype=object), classes) & ~bad
+        rows, values = batch[ROW].to_numpy(), labels.to_pylist()
+        entries += [(file, int(rows[i]), f"label {values[i]!r} is not among the label_encode classes {classes}")
+                    for i in np.flatnonzero(unknown)]
+        bad |= unknown
+    problems(entries)
+    keep = ~bad
+    x = np.stack(columns, axis=1)[keep].astype(np.float32).reshape(-1, *shape)
+    y = np.asarray(labels.to_pylist(), dtype=object)[keep]
+    if key:
+        keys = row_keys(batch[key].cast(pa.string()).to_pylist())[keep]
+    else:
+        frame = pd.DataFrame(x.reshape(len(x), -1))
+        frame["label"] = y
+        keys = row_keys(frame)
+    return {"features": x, "label": y.astype(str), "key": keys.view(np.int64),
+            "split": split_of(keys, seed, val_fraction, test_fraction),
+            FILE: batch[FILE].to_numpy(zero_copy_only=False)[keep], ROW: batch[ROW].to_numpy()[keep]}
+
+
+def _encode_images(batch: dict, shape: list[int], relative, seed: int, val_fraction: float, test_fraction: float,
+                   classes: list[str] | None, problems: Problems) -> dict:
+    images = batch["image"]
+    keep = np.array([tuple(image.shape) == tuple(shape) for image in images], dtype=bool)
+    if classes is not None:
+        unknown = ~np.isin(np.asarray(batch["label"], dtype=object), classes) & keep
+        problems([(str(f), 0, f"its folder {label!r} is not among the label_encode classes {classes}")
+                  for f, label in zip(batch[FILE][unknown], np.asarray(batch["label"])[unknown])])
+        keep &= ~unknown
+    wrong = [(str(f), 0, f"the image is {image.shape[2]}x{image.shape[1]} ({image.shape[0]} channel(s)) where the first was "
+                         f"{shape[2]}x{shape[1]} ({shape[0]}); add a resize transform to data.transforms")
+             for f, image, k in zip(batch[FILE], images, keep) if not k]
+    problems(wrong)
+    x = np.stack([image for image, k in zip(images, keep) if k]).astype(np.float32) / 255.0 if keep.any() \
+        else np.zeros((0, *shape), np.float32)
+    keys = row_keys([relative(str(f)) for f in batch[FILE][keep]])
+    return {"features": x, "label": np.asarray(batch["label"])[keep].astype(str), "key": keys.view(np.int64),
+            "split": split_of(keys, seed, val_fraction, test_fraction), FILE: batch[FILE][keep], ROW: batch[ROW][keep]}
+
+
+def _finish(batch: dict, index: dict, shift: np.ndarray, scale: np.ndarray) -> dict:
+    scaled = scale_features({"features": batch["features"]}, shift, scale)["features"]
+    return {"features": scaled, "label": np.array([index[str(v)] for v in batch["label"]], dtype=np.int64),
+            "key": batch["key"], "split": batch["split"]}
+
+

@@ -1,88 +1,351 @@
-"""Reading `data.source` into a Ray Dataset: bundled scikit-learn datasets or Parquet/CSV files."""
+"""Finding the user's files and reading them as Ray Datasets.
+
+Every reader tags each row with the file it came from (`__file`) and its 1-based row number in
+that file (`__row`), so a bad value anywhere downstream is reported as `file, row N`. Files are
+listed on the driver (local paths, globs, or any URI pyarrow's filesystems know), then read by
+Ray Data tasks through `FileBasedDatasource`, one file per read unit.
+
+A row that cannot be read goes, with `data.on_bad_rows: skip`, to the `BadRows` ledger (an actor
+every task reports to, keyed by file and row, so a retried task does not count twice) instead of
+stopping the run.
+"""
 
 from __future__ import annotations
 
-import glob
-from pathlib import Path
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
+from ray.data.block import BlockAccessor
+from ray.data.datasource import FileBasedDatasource
 
 from dataprep import DataError
 
+FILE, ROW = "__file", "__row"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_EXTENSIONS = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl", ".ndjson", ".json"),
+               "images": IMAGE_EXTENSIONS}
 # Image shapes of the bundled datasets that are images.
-_BUNDLED_IMAGE_SHAPES = {"digits": [1, 8, 8]}
+BUNDLED_IMAGE_SHAPES = {"digits": [1, 8, 8]}
 
 
-def read_source(source: str, file_format: str, label_column: str) -> tuple[ray.data.Dataset, list[int] | None]:
-    """Open `source` lazily as a Ray Dataset; returns it and the bundled image shape, if any."""
-    if source.startswith("sklearn:"):
-        name = source.removeprefix("sklearn:")
-        return _bundled(name, label_column), _BUNDLED_IMAGE_SHAPES.get(name)
-    paths = _expand(source)
-    fmt = file_format if file_format != "auto" else _format_of(paths)
-    reader = ray.data.read_parquet if fmt == "parquet" else ray.data.read_csv
-    return reader(paths), None
+@dataclass
+class Files:
+    """The files a `data.source` names, with the filesystem to open them on."""
+
+    paths: list[str]
+    filesystem: pafs.FileSystem
+    roots: list[str]  # the folders (or files) the source named: labels and keys are relative to them
+
+    def relative(self, path: str) -> str:
+        for root in self.roots:
+            if path == root:
+                return PurePosixPath(path).name
+            if path.startswith(root.rstrip("/") + "/"):
+                return path[len(root.rstrip("/")) + 1:]
+        return path
 
 
-def _bundled(name: str, label_column: str) -> ray.data.Dataset:
+def list_files(sources: list[str], pattern: str = "**/*", extensions: tuple[str, ...] | None = None) -> Files:
+    """Expand sources (files, folders, local globs, URIs) to a sorted list of files."""
+    filesystem, paths, roots = None, [], []
+    for source in sources:
+        fs, found, root = _expand(source, pattern, extensions)
+        if filesystem is not None and type(fs) is not type(filesystem):
+            raise DataError([f"data.source: {source!r} is on a different filesystem from {sources[0]!r}; keep the sources on one"])
+        filesystem = fs
+        paths += found
+        roots.append(root)
+    return Files(sorted(set(paths)), filesystem, roots)
+
+
+def _expand(source: str, pattern: str, extensions) -> tuple[pafs.FileSystem, list[str], str]:
+    import glob as globbing
+
+    if "://" not in source and globbing.has_magic(source):
+        matches = sorted(globbing.glob(source, recursive=True))
+        if not matches:
+            raise DataError([f"data.source: no file or folder matches {source!r}"])
+        files = []
+        for match in matches:
+            files += _expand(match, pattern, extensions)[1]
+        return pafs.LocalFileSystem(), files, os.path.abspath(os.path.dirname(source.split("*")[0]) or ".")
+    try:
+        fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), os.path.abspath(source))
+        info = fs.get_file_info(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError([f"data.source: cannot open {source!r}: {exc}"]) from None
+    if info.type == pafs.FileType.NotFound:
+        raise DataError([f"data.source: no such file or folder {source!r}"])
+    if info.type == pafs.FileType.File:
+        return fs, [path], path
+    listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = [i.path for i in listed if i.type == pafs.FileType.File
+             and not _bookkeeping(i.path[len(path):])
+             and glob_regex(pattern).fullmatch(i.path[len(path):].lstrip("/"))
+             and (extensions is None or i.path.lower().endswith(extensions))]
+    if not files:
+        what = f"{', '.join(extensions)} files" if extensions else f"files matching {pattern!r}"
+        raise DataError([f"data.source: the folder {source!r} holds no {what}"])
+    return fs, files, path
+
+
+def _bookkeeping(relative: str) -> bool:
+    """Hidden files and folders, and the markers Spark and Hadoop leave beside their output."""
+    parts = PurePosixPath(relative).parts
+    return any(p.startswith(".") for p in parts) or parts[-1] in ("_SUCCESS", "_metadata", "_common_metadata")
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex on '/'-separated relative paths: `**/` any folders (or none), `*` and `?`
+    within one name (what `glob.glob(..., recursive=True)` does, for any filesystem)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def format_of(files: Files) -> str:
+    """`data.format: auto`: the format every file's extension agrees on."""
+    formats = set()
+    for path in files.paths:
+        kind = next((k for k, exts in _EXTENSIONS.items() if path.lower().endswith(exts)), None)
+        if kind is None:
+            raise DataError([f"data.format: cannot tell the format of {path} from its extension; "
+                             f"set data.format (parquet, csv, jsonl, images or text)"])
+        formats.add(kind)
+    if len(formats) > 1:
+        raise DataError([f"data.format: the sources mix {', '.join(sorted(formats))} files; read one format per run"])
+    return formats.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad rows
+
+
+@ray.remote(num_cpus=0)
+class BadRows:
+    """Rows dropped under `on_bad_rows: skip`, per file: row numbers (a set, so a retried task
+    does not count them twice) and the first reason seen."""
+
+    def __init__(self):
+        self.rows: dict[str, set] = {}
+        self.reasons: dict[str, str] = {}
+
+    def add(self, entries: list[tuple[str, int, str]]) -> None:
+        for file, row, reason in entries:
+            self.rows.setdefault(file, set()).add(row)
+            self.reasons.setdefault(file, reason)
+
+    def report(self) -> dict[str, dict]:
+        return {file: {"rows": len(rows), "example": self.reasons[file]} for file, rows in sorted(self.rows.items())}
+
+
+class Problems:
+    """Where a reader or transform sends a bad row: an error (`fail`) or the ledger (`skip`)."""
+
+    def __init__(self, ledger=None):
+        self.ledger = ledger
+
+    def __call__(self, entries: list[tuple[str, int, str]]) -> None:
+        if not entries:
+            return
+        if self.ledger is None:
+            file, row, reason = entries[0]
+            more = f" ({len(entries) - 1} more bad row(s) in this batch)" if len(entries) > 1 else ""
+            where = f"{file}, row {row}" if row else file
+            raise DataError([f"{where}: {reason}{more}; fix the data, or set data.on_bad_rows: skip to drop such rows"])
+        ray.get(self.ledger.add.remote(entries))
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+class TableFiles(FileBasedDatasource):
+    """CSV (every column read as text; numbers are parsed later, row by row), JSONL or Parquet."""
+
+    def __init__(self, files: Files, fmt: str, problems: Problems):
+        super().__init__(files.paths, filesystem=files.filesystem)
+        self.fmt, self.problems = fmt, problems
+
+    def _read_stream(self, f, path: str):
+        reader = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}[self.fmt]
+        yield from reader(f, path, self.problems)
+
+
+def _tagged(table: pa.Table, path: str, first_row: int) -> pa.Table:
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+    return table.append_column(FILE, pa.array([path] * table.num_rows, pa.string())).append_column(ROW, rows)
+
+
+def _parquet(f, path: str, problems: Problems):
+    import pyarrow.parquet as pq
+
+    try:  # Parquet needs to seek (its footer is at the end); the read stream cannot
+        parquet = pq.ParquetFile(pa.BufferReader(f.readall()))
+    except (pa.ArrowInvalid, OSError) as exc:
+        problems([(path, 0, f"not a readable Parquet file ({exc})")])
+        return
+    row = 1
+    for batch in parquet.iter_batches(batch_size=65536):
+        yield _tagged(pa.Table.from_batches([batch]), path, row)
+        row += batch.num_rows
+
+
+def _csv(f, path: str, problems: Problems):
+    import pyarrow.csv as pcsv
+
+    data = f.readall()
+    header = next(csv.reader(io.StringIO(data[: data.find(b"\n") if b"\n" in data else len(data)].decode("utf-8", "replace"))), [])
+    if not header:
+        return
+    bad = []
+
+    def invalid_row(row) -> str:
+        # row.number is the line in the file (the header is line 1): data row = number - 1
+        bad.append((path, row.number - 1 if row.number else 0,
+                    f"{row.actual_columns} fields where the header has {row.expected_columns}"))
+        return "skip"
+
+    try:
+        table = pcsv.read_csv(pa.BufferReader(data), parse_options=pcsv.ParseOptions(invalid_row_handler=invalid_row),
+                              convert_options=pcsv.ConvertOptions(column_types={name: pa.string() for name in header},
+                                                                  strings_can_be_null=False))
+    except pa.ArrowInvalid as exc:
+        problems([(path, 0, f"not readable as CSV ({exc})")])
+        return
+    problems(bad)
+    if bad:  # skipped rows shift the numbering: number rows by their position in the file instead
+        numbers = np.setdiff1d(np.arange(1, table.num_rows + len(bad) + 1), [r for _, r, _ in bad])
+        yield table.append_column(FILE, pa.array([path] * table.num_rows, pa.string())).append_column(ROW, pa.array(numbers))
+    else:
+        yield _tagged(table, path, 1)
+
+
+def _jsonl(f, path: str, problems: Problems):
+    import pyarrow.json as pjson
+
+    data = f.readall()
+    try:
+        yield _tagged(pjson.read_json(pa.BufferReader(data)), path, 1)
+        return
+    except pa.ArrowInvalid:
+        pass  # a column whose type changes between rows, or a line that is not JSON: go line by line
+    rows, numbers, bad = [], [], []
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append((path, number, f"not JSON ({exc.msg})"))
+            continue
+        if not isinstance(value, dict):
+            bad.append((path, number, "not a JSON object"))
+            continue
+        rows.append({k: v if v is None or isinstance(v, str) else json.dumps(v) for k, v in value.items()})
+        numbers.append(number)
+    problems(bad)
+    if rows:
+        table = pa.Table.from_pylist(rows)
+        yield table.append_column(FILE, pa.array([path] * len(rows), pa.string())).append_column(ROW, pa.array(numbers, pa.int64()))
+
+
+class ImageFiles(FileBasedDatasource):
+    """Image files, decoded with Pillow to `mode` and resized to `size` (height, width) if given;
+    the label is the name of the file's folder."""
+
+    def __init__(self, files: Files, mode: str, size: tuple[int, int] | None, problems: Problems):
+        super().__init__(files.paths, filesystem=files.filesystem)
+        self.mode, self.size, self.problems = mode, size, problems
+
+    def _read_stream(self, f, path: str):
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(f.readall())) as image:
+                image = image.convert(self.mode)
+                if self.size is not None:
+                    image = image.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            self.problems([(path, 0, f"not a readable image ({type(exc).__name__}: {exc})")])
+            return
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        yield BlockAccessor.batch_to_block({"image": pixels.transpose(2, 0, 1)[None],
+                                            "label": np.array([PurePosixPath(path).parent.name]),
+                                            FILE: np.array([path]), ROW: np.array([1], dtype=np.int64)})
+
+
+def image_mode(files: Files) -> tuple[str, list[int]]:
+    """The Pillow mode to decode every image to (L for greyscale, RGB otherwise), and the first
+    image's [channels, height, width]: read on the driver from one file's header."""
+    from PIL import Image
+
+    with files.filesystem.open_input_file(files.paths[0]) as f, Image.open(io.BytesIO(f.read())) as image:
+        mode = "L" if image.mode in ("1", "L", "I;16", "I") else "RGB"
+        return mode, [1 if mode == "L" else 3, image.height, image.width]
+
+
+def read_tables(files: Files, fmt: str, problems: Problems) -> ray.data.Dataset:
+    return ray.data.read_datasource(TableFiles(files, fmt, problems))
+
+
+def read_images(files: Files, mode: str, size, problems: Problems) -> ray.data.Dataset:
+    return ray.data.read_datasource(ImageFiles(files, mode, size, problems))
+
+
+def read_bundled(name: str, label_column: str) -> ray.data.Dataset:
+    """A scikit-learn bundled dataset (no download: the files ship inside scikit-learn)."""
     import sklearn.datasets
 
     bunch = getattr(sklearn.datasets, f"load_{name}")()
     names = [str(n).replace(" ", "_") for n in bunch.feature_names]
     table = pa.table({**{n: bunch.data[:, i].astype(np.float32) for i, n in enumerate(names)}, label_column: bunch.target})
+    table = _tagged(table, f"sklearn:{name}", 1)
     # Several blocks so the preprocessing below runs as parallel tasks, not one.
     step = -(-table.num_rows // 8)
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
 
 
-def _expand(source: str) -> list[str]:
-    if "://" in source:
-        return [source]
-    paths = sorted(glob.glob(source)) if glob.has_magic(source) else [source]
-    if not paths:
-        raise DataError([f"data.source: no file or folder matches {source!r}"])
-    return paths
+def peek_columns(files: Files, fmt: str) -> list[str]:
+    """The first file's column names, read cheaply on the driver (a Parquet footer, a CSV header,
+    a JSONL first line), to name the feature columns and plan the run."""
+    first = files.paths[0]
+    with files.filesystem.open_input_file(first) as f:
+        try:
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
 
-
-def _format_of(paths: list[str]) -> str:
-    suffixes = set()
-    for p in paths:
-        if Path(p).is_dir():
-            suffixes |= {f.suffix.lower() for f in Path(p).rglob("*") if f.is_file()}
-        else:
-            suffixes.add(Path(p).suffix.lower())
-    if suffixes <= {".parquet", ".pq"}:
-        return "parquet"
-    if suffixes <= {".csv"}:
-        return "csv"
-    raise DataError([f"data.format: cannot tell the format of {paths[0]!r} from its extension(s) {sorted(suffixes)}; set data.format: parquet or csv"])
-
-
-def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
-    """The (input shape, number of classes) preprocessing will produce, read cheaply on the driver
-    (a schema and the label column, not the whole dataset) so a run can be planned before it starts."""
-    if data["format"] == "text":
-        from dataprep.text import VOCAB_SIZE
-
-        return [seq_len], VOCAB_SIZE
-    if data["source"].startswith("sklearn:"):
-        import sklearn.datasets
-
-        name = data["source"].removeprefix("sklearn:")
-        bunch = getattr(sklearn.datasets, f"load_{name}")()
-        shape = data["image_shape"] or _BUNDLED_IMAGE_SHAPES.get(name) or [bunch.data.shape[1]]
-        return list(shape), len(np.unique(bunch.target))
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pds
-
-    paths = _expand(data["source"])
-    fmt = data["format"] if data["format"] != "auto" else _format_of(paths)
-    dataset = pds.dataset(paths, format=fmt)
-    label = data["label_column"]
-    if label not in dataset.schema.names:
-        raise DataError([f"data.label_column: {label!r} is not a column of {data['source']} (columns: {', '.join(dataset.schema.names)})"])
-    features = data["feature_columns"] or [c for c in dataset.schema.names if c != label]
-    classes = len(pc.unique(dataset.to_table(columns=[label])[label]))
-    return list(data["image_shape"] or [len(features)]), classes
+                return pq.read_schema(f).names
+            head = f.read(1 << 20).decode("utf-8", "replace")
+        except (pa.ArrowInvalid, OSError) as exc:
+            name = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSONL"}[fmt]
+            raise DataError([f"{first}: not a readable {name} file ({exc}); fix or remove it"]) from None
+    if fmt == "csv":
+        return next(csv.reader(io.StringIO(head)), [])
+    line = next((line for line in head.splitlines() if line.strip()), "")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        raise DataError([f"{first}, row 1: not JSON; data.format jsonl wants one JSON object per line"]) from None
+    return list(value) if isinstance(value, dict) else []

@@ -1,89 +1,144 @@
-"""Text for the language model: files read by Ray Data, byte-level tokens, packed into blocks.
+"""Text for the language model: files read by Ray Data, cut into pieces, tokenized, packed.
 
-Each file becomes non-overlapping blocks of `seq_len + 1` byte tokens (a block never spans two
-files; a file's tail shorter than a block is dropped). A block's split is a keyed hash of its file's
-path (relative to the source folder) and its index in that file, so adding files leaves every old
-block where it was. Output rows: `features` (tokens 0..seq_len-1) and `label` (tokens 1..seq_len),
-both int64, in `train/`, `val/`, `test/` Parquet folders beside `meta.json`.
+Each file is cut into pieces of about `PIECE_BLOCKS` blocks' worth of bytes (32 x (seq_len + 1)),
+at line ends; a piece is the unit of the
+split (a keyed hash of the file's path relative to the source and the piece's index in it, so
+adding files leaves every old piece where it was) and of packing (its tokens are cut into blocks
+of `seq_len + 1`, the tail shorter than a block dropped; a block never spans two pieces).
+
+Tokenizers: `bytes` (every byte a token, vocabulary 256) or `bpe`, a byte-level BPE from
+Hugging Face `tokenizers` trained on the train split's pieces only and saved beside the data
+(`tokenizer.json`). Output rows: `tokens` (int32, seq_len + 1: the model reads the first
+seq_len, the labels are the last seq_len) and `key`, in `train/`, `val/`, `test/`.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
-import os
-import shutil
 import sysconfig
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 
 from dataprep import DataError
+from dataprep.preprocess import SPLITS, row_keys, split_of
+from dataprep.sources import Files, list_files
 
-VOCAB_SIZE = 256  # byte-level: every byte value is a token
+BYTE_VOCAB = 256
 STDLIB = "python-stdlib"
-SPLITS = ("train", "val", "test")
+# Pieces of 32 blocks: fine enough to split a small corpus, coarse enough that dropping each
+# piece's tail (half a block on average) wastes ~1.5% of byte tokens (~5% of BPE tokens).
+PIECE_BLOCKS = 32
+TOKENIZER_FILE = "tokenizer.json"
 
 
-def text_root(source: str) -> Path:
-    """The folder a text source names: a path, or `python-stdlib` (this Python's own library
-    sources: real text on every machine, no download)."""
-    return Path(sysconfig.get_paths()["stdlib"]) if source == STDLIB else Path(source)
+def text_sources(source: str | list[str]) -> list[str]:
+    """The folders or files a text source names; `python-stdlib` is this Python's own library
+    sources (real text on every machine, no download)."""
+    sources = [source] if isinstance(source, str) else source
+    return [sysconfig.get_paths()["stdlib"] if s == STDLIB else s for s in sources]
 
 
-def text_files(source: str, pattern: str) -> tuple[Path, list[str]]:
-    root = text_root(source)
-    if root.is_file():
-        return root.parent, [str(root)]
-    files = sorted(p for p in glob.glob(str(root / pattern), recursive=True) if os.path.isfile(p))
-    return root, files
+def text_files(source: str | list[str], pattern: str) -> Files:
+    return list_files(text_sources(source), pattern)
 
 
-def preprocess_text(data: dict, seq_len: int, out_dir: Path) -> dict:
-    root, files = text_files(data["source"], data["text_glob"])
-    if not files:
-        raise DataError([f"data.text_glob: no files match {data['text_glob']!r} under {root}"])
-    ds = ray.data.read_binary_files(files, include_paths=True)
-    packed = ds.map_batches(_pack, fn_kwargs={"seq_len": seq_len, "root": str(root), "seed": data["seed"],
-                                              "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]},
-                            batch_format="numpy", batch_size=8).materialize()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+def tokenizer_of(data: dict) -> dict:
+    tokenize = next((t for t in data["transforms"] if t["type"] == "tokenize"), None)
+    return tokenize or {"type": "tokenize", "tokenizer": "bytes", "vocab_size": BYTE_VOCAB}
+
+
+def preprocess_text(data: dict, seq_len: int, writer, out_dir: Path) -> dict:
+    files = text_files(data["source"], data["text_glob"])
+    keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"], "val_fraction": data["val_fraction"],
+             "test_fraction": data["test_fraction"]}
+    map_args = {"batch_size": max(1, data["batch_size"] // 64), "concurrency": data["concurrency"]}
+    filesystem = None if isinstance(files.filesystem, pafs.LocalFileSystem) else files.filesystem
+    raw = ray.data.read_binary_files(files.paths, include_paths=True, filesystem=filesystem)
+    pieces = raw.map_batches(_pieces, fn_kwargs=keyed, batch_format="numpy", **map_args).materialize()
+    if pieces.count() == 0:
+        raise DataError([f"data.source: the {len(files.paths)} text file(s) under {', '.join(files.roots)} are empty"])
+    spec = tokenizer_of(data)
+    tokenizer_json = None
+    if spec["tokenizer"] == "bpe":
+        tokenizer_json = train_bpe(pieces.filter(expr="split == 0"), spec["vocab_size"])
+        (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
+    packed = pieces.map_batches(_pack, fn_kwargs={"seq_len": seq_len, "tokenizer_json": tokenizer_json},
+                                batch_format="numpy", **map_args).materialize()
     rows = {}
-    for index, name in enumerate(SPLITS):
-        split = packed.filter(expr=f"split == {index}").drop_columns(["split"]).materialize()
+    for number, name in enumerate(SPLITS):
+        split = packed.filter(expr=f"split == {number}").drop_columns(["split"]).materialize()
         rows[name] = split.count()
         if rows[name] == 0:
             raise DataError([f"data.{name}_fraction: the {name} split is empty ({packed.count()} blocks of {seq_len + 1} "
                              f"tokens in all); use more text, a shorter model.seq_len or a larger fraction"])
-        split.write_parquet(str(tmp / name))
-    meta = {"source": data["source"], "root": str(root), "files": len(files), "task": "lm", "tokenizer": "bytes",
-            "vocab_size": VOCAB_SIZE, "num_classes": VOCAB_SIZE, "classes": None, "input_shape": [seq_len],
-            "seq_len": seq_len, "rows": rows, "tokens": {k: v * seq_len for k, v in rows.items()}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    tmp.rename(out_dir)
-    return meta
+        writer(name, split)
+    vocab = BYTE_VOCAB if tokenizer_json is None else spec["vocab_size"]
+    return {"format": "text", "files": len(files.paths), "task": "lm", "tokenizer": spec["tokenizer"],
+            "vocab_size": vocab, "num_classes": vocab, "classes": None, "input_shape": [seq_len], "stored_shape": [seq_len + 1],
+            "seq_len": seq_len, "rows": rows, "tokens": {k: v * seq_len for k, v in rows.items()}, "augment": [],
+            "seed": data["seed"], "bytes": int(pieces.sum("bytes"))}
 
 
-def _pack(batch: dict, seq_len: int, root: str, seed: int, val_fraction: float, test_fraction: float) -> dict:
-    key = seed.to_bytes(8, "little", signed=True)
-    features, labels, splits = [], [], []
+def _pieces(batch: dict, relative, size: int, seed: int, val_fraction: float, test_fraction: float) -> dict:
+    texts, names, sizes = [], [], []
     for content, path in zip(batch["bytes"], batch["path"]):
-        tokens = np.frombuffer(content, dtype=np.uint8).astype(np.int64)
-        count = len(tokens) // (seq_len + 1)
-        if count == 0:
-            continue
-        blocks = tokens[: count * (seq_len + 1)].reshape(count, seq_len + 1)
-        name = os.path.relpath(path, root)
-        for i in range(count):
-            digest = hashlib.blake2b(f"{name}\0{i}".encode(), key=key, digest_size=8).digest()
-            unit = int.from_bytes(digest, "little") / 2**64
-            splits.append(2 if unit < test_fraction else 1 if unit < test_fraction + val_fraction else 0)
-        features.append(blocks[:, :-1])
-        labels.append(blocks[:, 1:])
-    if not features:
-        empty = np.zeros((0, seq_len), dtype=np.int64)
-        return {"features": empty, "label": empty, "split": np.zeros(0, dtype=np.int8)}
-    return {"features": np.concatenate(features), "label": np.concatenate(labels), "split": np.array(splits, dtype=np.int8)}
+        name = relative(str(path))
+        for index, piece in enumerate(cut(content, size)):
+            texts.append(piece)
+            names.append(f"{name}\0{index}")
+            sizes.append(len(piece))
+    keys = row_keys(names) if names else np.zeros(0, np.uint64)
+    return {"text": np.array(texts, dtype=object), "key": keys.view(np.int64),
+            "split": split_of(keys, seed, val_fraction, test_fraction), "bytes": np.array(sizes, dtype=np.int64)}
+
+
+def cut(content: bytes, size: int) -> list[bytes]:
+    """Pieces of about `size` bytes, each ending at a line end where there is one."""
+    pieces, start = [], 0
+    while start < len(content):
+        end = min(start + size, len(content))
+        if end < len(content):
+            newline = content.rfind(b"\n", start, end)
+            end = newline + 1 if newline > start else end
+        pieces.append(content[start:end])
+        start = end
+    return pieces
+
+
+def train_bpe(train_pieces: ray.data.Dataset, vocab_size: int) -> str:
+    """A byte-level BPE trained on the train split's text (streamed to the trainer in batches)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    texts = (bytes(t).decode("utf-8", "replace") for batch in train_pieces.iter_batches(batch_size=256, batch_format="numpy")
+             for t in batch["text"])
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def _pack(batch: dict, seq_len: int, tokenizer_json: str | None) -> dict:
+    if tokenizer_json is None:
+        streams = [np.frombuffer(bytes(t), dtype=np.uint8).astype(np.int32) for t in batch["text"]]
+    else:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        encoded = tokenizer.encode_batch([bytes(t).decode("utf-8", "replace") for t in batch["text"]])
+        streams = [np.asarray(e.ids, dtype=np.int32) for e in encoded]
+    blocks, keys, splits = [], [], []
+    for stream, key, split in zip(streams, batch["key"], batch["split"]):
+        count = len(stream) // (seq_len + 1)
+        if count:
+            blocks.append(stream[: count * (seq_len + 1)].reshape(count, seq_len + 1))
+            # block i of a piece: the piece's key advanced by i (a distinct, stable key per block)
+            keys.append(key + np.arange(count, dtype=np.int64))
+            splits.append(np.full(count, split, dtype=np.int8))
+    if not blocks:
+        return {"tokens": np.zeros((0, seq_len + 1), np.int32), "key": np.zeros(0, np.int64), "split": np.zeros(0, np.int8)}
+    return {"tokens": np.concatenate(blocks), "key": np.concatenate(keys), "split": np.concatenate(splits)}

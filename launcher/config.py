@@ -8,13 +8,12 @@ here, raising `ConfigError` with one `dotted.path: problem` line per mistake.
 from __future__ import annotations
 
 import copy
-import glob
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
@@ -44,35 +43,165 @@ class ClusterConfig(Section):
     """Memory one CPU worker may use, for the plan and `zero.stage: auto` on CPU; null divides the cluster's memory among the workers."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Data: sources and the transforms applied to them. Transforms are a list, applied in order;
+# those that change every epoch (augmentations) run at training time and so come last.
+
+
+class Standardize(Section):
+    type: Literal["standardize"] = "standardize"
+    """Subtract the mean and divide by the standard deviation, both fitted on the train split."""
+    per: Literal["feature", "channel"] = "feature"
+    """`feature`: one mean/std per feature (per pixel of an image); `channel`: one per image channel."""
+
+
+class MinMax(Section):
+    type: Literal["minmax"] = "minmax"
+    """Scale to [0, 1] by the minimum and maximum fitted on the train split."""
+    per: Literal["feature", "channel"] = "feature"
+    """`feature`: one min/max per feature (per pixel of an image); `channel`: one per image channel."""
+
+
+class LabelEncode(Section):
+    type: Literal["label_encode"] = "label_encode"
+    """Labels to class indices 0..n-1. Always applied to classification data; list it to fix the order."""
+    classes: list[str | int] | None = None
+    """Class order (index 0 first); null sorts the labels found. A label not listed is a bad row."""
+
+
+class Resize(Section):
+    type: Literal["resize"] = "resize"
+    """Resize every image (bilinear) when it is decoded."""
+    size: tuple[int, int]
+    """Height and width in pixels."""
+
+
+class RandomCrop(Section):
+    type: Literal["random_crop"] = "random_crop"
+    """Augmentation: a random `size` crop of the image zero-padded by `padding`, redrawn every epoch."""
+    size: tuple[int, int]
+    """Height and width of the crop; the model sees images of this size."""
+    padding: int = Field(0, ge=0, le=1024)
+    """Zero pixels added on each side before cropping."""
+
+
+class Flip(Section):
+    type: Literal["flip"] = "flip"
+    """Augmentation: mirror half the images, redrawn every epoch."""
+    horizontal: bool = True
+    """Flip left-right with probability 1/2."""
+    vertical: bool = False
+    """Flip top-bottom with probability 1/2."""
+
+
+class Rotate(Section):
+    type: Literal["rotate"] = "rotate"
+    """Augmentation: rotate by an angle drawn uniformly from [-degrees, degrees], redrawn every epoch."""
+    degrees: float = Field(gt=0, le=180)
+    """Largest rotation either way."""
+
+
+class Brightness(Section):
+    type: Literal["brightness"] = "brightness"
+    """Augmentation: multiply the image by a factor drawn uniformly from [1 - max_delta, 1 + max_delta]."""
+    max_delta: float = Field(gt=0, le=1)
+    """Largest relative change of brightness."""
+
+
+class Tokenize(Section):
+    type: Literal["tokenize"] = "tokenize"
+    """Text to token ids."""
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    """`bytes`: every byte is a token (vocab 256); `bpe`: a byte-level BPE (Hugging Face `tokenizers`) trained on the train split."""
+    vocab_size: int = Field(1024, ge=257, le=65536)
+    """bpe: vocabulary size, including the 256 byte tokens."""
+
+
+class Pack(Section):
+    type: Literal["pack"] = "pack"
+    """Cut each text's tokens into blocks of model.seq_len + 1 (inputs and next-token labels); a text's tail shorter than a block is dropped."""
+
+
+Transform = Annotated[Standardize | MinMax | LabelEncode | Resize | RandomCrop | Flip | Rotate | Brightness | Tokenize | Pack,
+                      Field(discriminator="type")]
+AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
+IMAGE_TRANSFORMS = ("resize", *AUGMENTATIONS)
+TEXT_TRANSFORMS = ("tokenize", "pack")
+_TRANSFORM_TYPES = {t.__args__[0] for m in Transform.__origin__.__args__ for t in [m.model_fields["type"].annotation]}
+
+
 class DataConfig(Section):
-    source: str = "sklearn:digits"
-    """`sklearn:digits`, `sklearn:breast_cancer`, `sklearn:wine`, `sklearn:iris`, a Parquet/CSV file, folder or glob, or for `format: text` a folder of text files (`python-stdlib`: this Python's own library sources)."""
-    format: Literal["auto", "parquet", "csv", "text"] = "auto"
-    """File format of `source`; `auto` goes by the file extension; `text` reads files as bytes for the language model (byte-level tokens packed into blocks of model.seq_len + 1)."""
+    source: str | list[str] = "sklearn:digits"
+    """Where the data is: `sklearn:digits` / `sklearn:breast_cancer` / `sklearn:wine` / `sklearn:iris`, or one or more files, folders or globs, local or a URI pyarrow knows (`s3://`, `gs://`, `file://`); for text, `python-stdlib` is this Python's own library sources."""
+    format: Literal["auto", "parquet", "csv", "jsonl", "text", "images"] = "auto"
+    """`auto` goes by the file extensions. `images`: a folder with one subfolder per class (the label is the subfolder's name). `text`: files read as text for the language model."""
     text_glob: str = "**/*"
-    """format text: which files under `source` to read (a glob, `**` recursive)."""
+    """text and images: which files under a source folder to read (a glob, `**` recursive)."""
     label_column: str = "label"
-    """Column holding the class label (any type; classes are encoded in sorted order)."""
+    """Column holding the class label (any type; see the `label_encode` transform)."""
     feature_columns: list[str] | None = None
-    """Numeric feature columns; null means every column except the label."""
+    """Numeric feature columns; null means every column except the label and key columns."""
+    key_column: str | None = None
+    """Column whose value identifies a row, for the split; null hashes the row's content (tables), its file path (images) or file and position (text)."""
     image_shape: list[int] | None = None
-    """Channels, height, width to reshape the features into for a CNN; digits sets [1, 8, 8] itself."""
-    normalize: Literal["standard", "minmax", "none"] = "standard"
-    """Per-feature scaling, fitted on the train split only."""
+    """Channels, height, width to reshape tabular features into for a CNN; digits sets [1, 8, 8] itself; image folders set it from the images."""
+    transforms: list[Transform] = []
+    """Applied in order: `standardize`, `minmax`, `label_encode`, `resize`, `random_crop`, `flip`, `rotate`, `brightness`, `tokenize`, `pack`. Each entry is a name or a mapping with `type` and its options; augmentations (random_crop, flip, rotate, brightness) are redrawn every epoch and come last. Text defaults to [tokenize, pack]."""
     val_fraction: float = Field(0.15, gt=0, lt=1)
     """Share of rows held out for validation."""
     test_fraction: float = Field(0.15, gt=0, lt=1)
     """Share of rows held out for the final test."""
     seed: int = 0
-    """Seed of the split: a row's split is a hash of its content and this seed."""
+    """Seed of the split (a row's split is a keyed hash of its key and this seed) and of the augmentations."""
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    """A row that cannot be read (a non-numeric feature, an unknown label, an unreadable image): `fail` stops with the file and row; `skip` drops it and counts it per file in summary.json."""
+    batch_size: int = Field(256, ge=1)
+    """Rows per Ray Data `map_batches` call while preprocessing."""
+    concurrency: int | None = Field(None, ge=1)
+    """Ray Data tasks preprocessing at once; null lets Ray Data decide from the cluster's CPUs."""
+    cache_dir: str | None = None
+    """Where preprocessed datasets are kept, keyed by their inputs and transforms; null is `.cache/data` beside output.dir."""
+    ingest_memory_mb: int | None = Field(None, ge=16)
+    """Object store memory Ray Data may hold while streaming the training data to the workers; null is Ray Data's default."""
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _names_are_transforms(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"type": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @model_validator(mode="after")
-    def _fractions_leave_training_rows(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("test_fraction: val_fraction + test_fraction must be below 0.9 to leave rows to train on")
         if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
             raise ValueError("image_shape: must be three positive integers [channels, height, width]")
+        kinds = [t.type for t in self.transforms]
+        first_augmentation = next((i for i, k in enumerate(kinds) if k in AUGMENTATIONS), len(kinds))
+        for i, kind in enumerate(kinds):
+            if i > first_augmentation and kind not in AUGMENTATIONS:
+                raise ValueError(f"transforms: {kind} (entry {i}) follows the augmentation {kinds[first_augmentation]} "
+                                 f"(entry {first_augmentation}); augmentations are redrawn every epoch at training time, so list them last")
+            if kinds.count(kind) > 1:
+                raise ValueError(f"transforms: {kind} is listed {kinds.count(kind)} times; list it once")
+        if "standardize" in kinds and "minmax" in kinds:
+            raise ValueError("transforms: standardize and minmax both scale the features; keep one")
+        text = self.format == "text"
+        wrong = [k for k in kinds if (k in TEXT_TRANSFORMS) != text or (text and k == "label_encode")]
+        if wrong:
+            kind = "text (data.format: text)" if text else "tables and images"
+            raise ValueError(f"transforms: {', '.join(wrong)} cannot apply to {kind}")
+        if text and kinds and kinds != ["tokenize", "pack"]:
+            raise ValueError("transforms: text takes [tokenize, pack], in that order")
         return self
+
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    def transform(self, kind: str):
+        """The transform of this kind in the list, or None."""
+        return next((t for t in self.transforms if t.type == kind), None)
 
 
 class ModelConfig(Section):
@@ -285,10 +414,14 @@ class RunConfig(Section):
 
 
 def _format_error(error: dict) -> str:
-    path = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-after"))
+    path = _loc_path(error["loc"])
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         message = "unknown key"
+    elif kind == "union_tag_invalid":
+        message = f"unknown type {error['ctx']['tag']!r} (known: {error['ctx']['expected_tags']})"
+    elif kind == "union_tag_not_found":
+        message = "needs a type (a name, or a mapping with `type:`)"
     elif kind == "value_error":
         # Cross-field validators name the field they blame as "field: message".
         message = message.removeprefix("Value error, ")
@@ -300,6 +433,20 @@ def _format_error(error: dict) -> str:
     if kind not in ("extra_forbidden", "missing", "value_error") and not isinstance(error["input"], dict):
         message += f" (got {error['input']!r})"
     return f"{path}: {message}" if path else message
+
+
+def _loc_path(loc: tuple) -> str:
+    """`data.transforms[0].size` from pydantic's ('data', 'transforms', 0, 'resize', 'size'): list
+    indices in brackets, the tag pydantic adds after a discriminated union's index left out."""
+    path, after_index = "", False
+    for part in loc:
+        if isinstance(part, int):
+            path, after_index = f"{path}[{part}]", True
+            continue
+        if not str(part).startswith("function-after") and not (after_index and part in _TRANSFORM_TYPES):
+            path = f"{path}.{part}" if path else str(part)
+        after_index = False
+    return path
 
 
 def _unknown_key_hint(path: str) -> str:
@@ -448,27 +595,7 @@ def load(config_path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
 def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> None:
     """Checks against the world outside the config (files, run directory), still before Ray starts.
     With `resume`, the run directory must hold a run of this same config."""
-    problems = []
-    source = cfg.data.source
-    text = cfg.data.format == "text"
-    if (cfg.model.type == "gpt") != text:
-        problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
-                        f"; got model.type {cfg.model.type} with data.format {cfg.data.format}")
-    if text:
-        from dataprep.text import text_files
-
-        root, files = text_files(source, cfg.data.text_glob)
-        if not root.exists():
-            problems.append(f"data.source: no such folder {root}")
-        elif not files:
-            problems.append(f"data.text_glob: no files match {cfg.data.text_glob!r} under {root}")
-    elif source.startswith("sklearn:"):
-        if source not in SKLEARN_DATASETS:
-            problems.append(f"data.source: unknown bundled dataset {source!r} (known: {', '.join(SKLEARN_DATASETS)})")
-    elif "://" not in source and not glob.glob(source):
-        problems.append(f"data.source: no file or folder matches {source!r}")
-    if cfg.model.type == "cnn" and not source == "sklearn:digits" and cfg.data.image_shape is None:
-        problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width] or use model.type: mlp")
+    problems = _data_problems(cfg)
     for name in stages:
         if name not in STAGES:
             problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
@@ -483,6 +610,39 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
         )
     if problems:
         raise ConfigError(problems)
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    """The data section against the files it names: they exist, and the model fits the data's kind."""
+    from dataprep import DataError
+    from dataprep.sources import IMAGE_EXTENSIONS, list_files
+
+    data, problems = cfg.data, []
+    text = data.format == "text"
+    if (cfg.model.type == "gpt") != text:
+        problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
+                        f"; got model.type {cfg.model.type} with data.format {data.format}")
+    sources = data.sources()
+    bundled = [s for s in sources if s.startswith("sklearn:")]
+    if bundled and (len(sources) > 1 or text):
+        problems.append(f"data.source: a bundled dataset ({bundled[0]}) is read alone, not with other sources or as text")
+    elif bundled and bundled[0] not in SKLEARN_DATASETS:
+        problems.append(f"data.source: unknown bundled dataset {bundled[0]!r} (known: {', '.join(SKLEARN_DATASETS)})")
+    elif not bundled:
+        try:
+            if text:
+                from dataprep.text import text_files
+
+                text_files(data.source, data.text_glob)
+            else:
+                list_files(sources, data.text_glob, IMAGE_EXTENSIONS if data.format == "images" else None)
+        except DataError as exc:
+            problems += exc.problems
+    image_input = data.format == "images" or data.image_shape is not None or data.source == "sklearn:digits"
+    if cfg.model.type == "cnn" and not image_input:
+        problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width], "
+                        "use data.format images, or use model.type: mlp")
+    return problems
 
 
 def _resume_problems(cfg: RunConfig, run_dir: Path) -> list[str]:

@@ -4,7 +4,7 @@ Each stage is a short function that calls the package owning the work and return
 the summary keeps. The run directory holds everything a run produces:
 
     config.yaml          the resolved config
-    data/                preprocessed splits (Parquet) and meta.json
+    data.json            where the preprocessed splits are: the cache entry (see dataprep.cache)
     ray/                 Ray Train / Tune storage: every run's checkpoints
     models/teacher/      model.safetensors + model.json
     models/student/      model.safetensors + model.json
@@ -43,10 +43,13 @@ class Run:
     models: dict[str, Path] = field(default_factory=dict)
     summary: dict = field(default_factory=lambda: {"status": "running", "stages": {}, "models": {}})
     resume: bool = False
+    data_dir: Path | None = None
+    """The cache entry holding the preprocessed splits."""
 
     @property
-    def data_dir(self) -> Path:
-        return self.run_dir / "data"
+    def cache_root(self) -> Path:
+        data = self.cfg.data
+        return Path(data.cache_dir).resolve() if data.cache_dir else self.run_dir.parent / ".cache" / "data"
 
     @property
     def storage(self) -> Path:
@@ -109,25 +112,18 @@ def _finished_stages(run_dir: Path) -> dict[str, dict]:
     summary_file = run_dir / "summary.json"
     stages = json.loads(summary_file.read_text()).get("stages", {}) if summary_file.exists() else {}
     done = {}
-    if "preprocess" not in stages and (run_dir / "data" / "meta.json").exists():
-        # Killed right after preprocessing, before the summary was written: the data is complete
-        # (it is renamed into place only when whole).
-        stages["preprocess"] = {"rows": json.loads((run_dir / "data" / "meta.json").read_text())["rows"]}
     for name, result in stages.items():
         output = _OUTPUTS.get(name)
-        if name == "preprocess" and (run_dir / "data" / "meta.json").exists():
-            done[name] = result
+        if name == "preprocess":
+            continue  # always rerun: it finds its cache entry (or rebuilds one that was removed)
         elif output and (run_dir / output[1]).exists():
             done[name] = result
     return done
 
 
 def _restore(run: Run, name: str, result: dict) -> None:
-    if name == "preprocess":
-        run.data_meta = json.loads((run.data_dir / "meta.json").read_text())
-    else:
-        role, path = _OUTPUTS[name]
-        run.models[role] = run.run_dir / path
+    role, path = _OUTPUTS[name]
+    run.models[role] = run.run_dir / path
     run.summary["stages"][name] = result
     run.console.print(f"[dim]↷ {name:<10} finished before; kept[/]")
 
@@ -188,20 +184,27 @@ def failure_line(exc: BaseException) -> str:
 
 
 def _preprocess(run: Run) -> dict:
-    from dataprep.preprocess import preprocess
-    from dataprep.text import preprocess_text
+    from dataprep.cache import prepare
 
-    if run.cfg.data.format == "text":
-        run.data_meta = preprocess_text(run.dump()["data"], run.cfg.model.seq_len, run.data_dir)
-        rows, tokens = run.data_meta["rows"], run.data_meta["tokens"]
-        return {"rows": rows, "tokens": tokens, "files": run.data_meta["files"],
-                "line": f"{run.data_meta['files']:,} files -> {sum(tokens.values()):,} byte tokens in blocks of "
-                        f"{run.cfg.model.seq_len}: train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"}
-    run.data_meta = preprocess(run.dump()["data"], run.data_dir)
-    rows = run.data_meta["rows"]
-    return {"rows": rows, "num_classes": run.data_meta["num_classes"], "input_shape": run.data_meta["input_shape"],
-            "line": f"{sum(rows.values()):,} rows, {run.data_meta['num_classes']} classes -> "
-                    f"train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"}
+    data = run.dump()["data"]
+    run.data_meta, run.data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root)
+    (run.run_dir / "data.json").write_text(json.dumps({"path": str(run.data_dir), "key": run.data_meta["cache_key"]}, indent=1))
+    meta, rows = run.data_meta, run.data_meta["rows"]
+    bad = meta.get("bad_rows", {})
+    result = {"rows": rows, "cache": {"path": str(run.data_dir), "key": meta["cache_key"], "reused": reused},
+              "bad_rows": bad, "files": meta["files"]}
+    how = f"reused cached {meta['cache_key']}" if reused else f"cached as {meta['cache_key']}"
+    dropped = f", {sum(b['rows'] for b in bad.values()):,} bad rows skipped in {len(bad)} file(s)" if bad else ""
+    if meta["task"] == "lm":
+        tokens = meta["tokens"]
+        result["tokens"] = tokens
+        result["line"] = (f"{meta['files']:,} files -> {sum(tokens.values()):,} {meta['tokenizer']} tokens in blocks of "
+                          f"{meta['seq_len']}: train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,} ({how})")
+        return result
+    result.update(num_classes=meta["num_classes"], input_shape=meta["input_shape"])
+    result["line"] = (f"{sum(rows.values()):,} rows, {meta['num_classes']} classes -> train {rows['train']:,} / "
+                      f"val {rows['val']:,} / test {rows['test']:,} ({how}{dropped})")
+    return result
 
 
 def _train(run: Run) -> dict:
@@ -265,8 +268,11 @@ def _evaluate(run: Run) -> dict:
     from trainers.evaluate import measure
     from trainers.quantize import QUANTIZED_WEIGHTS, load_quantized_dir
 
+    from trainers.batches import model_batch
+
     test_dir = run.data_dir / "test"
-    example = next(iter(ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=1, device="cpu")))["features"]
+    first = next(iter(ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=1, device="cpu")))
+    example = model_batch(first, run.data_meta)[0]
     for name, directory in run.models.items():
         if name == "quantized":
             model, _ = load_quantized_dir(directory)
@@ -274,7 +280,7 @@ def _evaluate(run: Run) -> dict:
         else:
             model, _ = load_model_dir(directory)
             weights = directory / WEIGHTS
-        run.summary["models"][name] = {**measure(model, weights, test_dir, example), "path": str(directory)}
+        run.summary["models"][name] = {**measure(model, weights, test_dir, run.data_meta, example), "path": str(directory)}
     models = run.summary["models"]
     return {"line": "test accuracy " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in models.items())}
 

@@ -40,7 +40,7 @@ def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
     """Parameters and largest layer of the configured model, built on the meta device (no memory)."""
     import torch
 
-    from dataprep.sources import peek_shape
+    from dataprep.peek import peek_shape
     from trainers.memory import largest_layer_params
     from trainers.models import build_model, count_params
 

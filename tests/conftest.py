@@ -17,9 +17,17 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def digits_data(ray_cluster, tmp_path_factory):
     """The digits dataset preprocessed once for the training tests."""
-    from dataprep.preprocess import preprocess
+    from dataprep.cache import prepare
     from launcher.config import RunConfig
 
-    out = tmp_path_factory.mktemp("digits") / "data"
-    meta = preprocess(RunConfig().model_dump(mode="json")["data"], out)
+    data = RunConfig().model_dump(mode="json")["data"] | {"transforms": [{"type": "standardize", "per": "feature"}]}
+    meta, out, _ = prepare(data, 128, tmp_path_factory.mktemp("digits"))
     return out, meta
+
+
+def data_meta(run_dir) -> dict:
+    """The metadata of the preprocessed data a run used (in the cache entry its data.json names)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(json.loads((Path(run_dir) / "data.json").read_text())["path"]) / "meta.json").read_text())

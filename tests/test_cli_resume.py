@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from conftest import data_meta
 from launcher.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -45,7 +46,7 @@ def test_resume_continues_a_run_whose_driver_was_killed(tmp_path):
     snapshot = json.loads((run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())
     steps = [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]  # ordered by score, not time
     assert len(steps) == len(set(steps))  # no step trained twice: it continued, it did not start over
-    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    meta = data_meta(run_dir)
     assert max(steps) == 3 * (meta["rows"]["train"] // 2 // 32)
     assert (run_dir / "models" / "teacher" / "model.safetensors").exists()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from conftest import data_meta
 from launcher.cli import main
 from trainers.models import build_model
 
@@ -56,7 +57,7 @@ def test_lm_config_trains_a_gpt_on_text_files(ray_cluster, tmp_path, capsys):
     assert train["val_perplexity"] < 30
     teacher = summary["models"]["teacher"]
     assert teacher["perplexity"] < 30 and teacher["accuracy"] > 0.2
-    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    meta = data_meta(run_dir)
     assert meta["task"] == "lm" and meta["vocab_size"] == 256 and meta["files"] == 5
     deepspeed = json.loads((run_dir / "deepspeed.json").read_text())
     assert deepspeed["gradient_clipping"] == 1.0 and deepspeed["scheduler"]["type"] == "WarmupCosineLR"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from conftest import data_meta
 from launcher.cli import main
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
@@ -36,7 +37,7 @@ def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, caps
     assert models["student"]["params"] < models["teacher"]["params"] / 3
     assert models["quantized"]["size_bytes"] < models["teacher"]["size_bytes"] / 3
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
-    assert json.loads((run_dir / "data" / "meta.json").read_text())["rows"]["test"] > 200
+    assert data_meta(run_dir)["rows"]["test"] > 200
     assert "| quantized |" in (run_dir / "report.md").read_text()
     trials = summary["stages"]["tune"]["trials"]
     assert len(trials) == 2 and all(t["status"] != "error" for t in trials)

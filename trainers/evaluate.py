@@ -12,18 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.batches import model_batch
 from trainers.models import count_params
 
 
 @torch.inference_mode()
-def test_metrics(model: nn.Module, test_dir: Path | str, batch_size: int = 256) -> dict:
+def test_metrics(model: nn.Module, test_dir: Path | str, meta: dict, batch_size: int = 256) -> dict:
     """Top-1 accuracy (next-token accuracy for a language model) and mean cross-entropy over a
     preprocessed split, streamed through Ray Data in batches; a language model adds perplexity."""
     correct = total = 0
     loss_sum = 0.0
     lm = False
     for batch in ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=batch_size, device="cpu"):
-        logits, labels = model(batch["features"]), batch["label"]
+        x, labels = model_batch(batch, meta)
+        logits = model(x)
         lm = logits.dim() == 3
         logits, labels = logits.flatten(0, -2).float(), labels.flatten()
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -49,10 +51,10 @@ def latency_ms_b1(model: nn.Module, example: torch.Tensor, repeats: int = 300, w
     return statistics.median(times) * 1e3
 
 
-def measure(model: nn.Module, weights_file: Path, test_dir: Path | str, example: torch.Tensor) -> dict:
+def measure(model: nn.Module, weights_file: Path, test_dir: Path | str, meta: dict, example: torch.Tensor) -> dict:
     """The numbers the report shows for one model."""
     return {
-        **test_metrics(model, test_dir),
+        **test_metrics(model, test_dir, meta),
         "params": count_params(model),
         "size_bytes": weights_file.stat().st_size,
         "latency_ms_b1": latency_ms_b1(model, example),

@@ -25,18 +25,10 @@ def metric_mode(metric: str) -> str:
 
 
 def load_splits(data_dir: Path | str) -> dict[str, ray.data.Dataset]:
-    """The preprocessed train and val splits, read on the driver and materialized in the object store.
+    """The cached train and val splits, streamed to the workers as they train (see dataprep.stream)."""
+    from dataprep.stream import stream_split
 
-    Read here, before any worker group reserves CPUs: a lazy read would need a free CPU for its read
-    tasks while training runs, and a worker group that takes every CPU of a small cluster starves
-    them forever (ReadFiles stays "backpressured: ResourceBudget"). Inside a Tune trial it would be
-    worse: Ray Data limits itself to the trial's own resources, which hold no CPU."""
-    options = ray.data.DataContext.get_current().execution_options
-    before, options.preserve_order = options.preserve_order, True  # rows in file order, on every run
-    try:
-        return {split: ray.data.read_parquet(str(Path(data_dir) / split)).materialize() for split in ("train", "val")}
-    finally:
-        options.preserve_order = before
+    return {split: stream_split(data_dir, split) for split in ("train", "val")}
 
 
 def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
@@ -53,7 +45,7 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
         datasets=datasets,
         # preserve_order: each rank's shard holds the same rows in the same order on every run, so
         # a resumed run sees exactly the batches the uninterrupted one would have.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(execution_options=_ingest_options(config["ingest_memory_mb"])),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()),
@@ -67,6 +59,15 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
             callbacks=list(callbacks),
         ),
     )
+
+
+def _ingest_options(memory_mb: int | None) -> ExecutionOptions:
+    options = ExecutionOptions(preserve_order=True)
+    if memory_mb is not None:
+        # The object store memory Ray Data may fill ahead of the workers: what bounds ingestion's
+        # footprint, whatever the dataset's size.
+        options.resource_limits = options.resource_limits.copy(object_store_memory=memory_mb * 2**20)
+    return options
 
 
 def best_checkpoint(result, metric: str) -> tuple[Path, dict]:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainers.batches import model_batch
 from trainers.checkpoint import load_model_dir, model_spec, save_model_dir
 from trainers.deepspeed_config import deepspeed_config
 from trainers.distill import distillation_loss
@@ -66,6 +67,7 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
         raise ValueError(f"train.micro_batch_size: {data_meta['rows']['train']} train rows over {train['workers']} workers "
                          f"make no full optimizer step of {train['micro_batch_size']} x {train['grad_accum_steps']} rows")
     return {"model": model, "train": train, "data_meta": data_meta, "distill": distill,
+            "ingest_memory_mb": run["data"]["ingest_memory_mb"],
             "metric": run["tune"]["metric"], "lr_path": lr_path, "steps_per_epoch": per_epoch,
             "deepspeed": deepspeed_config(train, hidden_size(model), per_epoch * train["epochs"], run.get("deepspeed_user"))}
 
@@ -108,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
         for index, batch in enumerate(batches):
             if index < skip or index >= micro_per_epoch:
                 continue
-            x, y = batch["features"], batch["label"]
+            x, y = model_batch(batch, meta, epoch)
             x = _model_input(x, dtype)
             logits = engine(x).float()
             loss = loss_fn(logits.flatten(0, -2), y.flatten(), teacher(_model_input(x, torch.float32)).flatten(0, -2)
@@ -184,7 +186,7 @@ def _loss_and_teacher(distill: dict | None, device):
 
 def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict) -> None:
     """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard)."""
-    metrics = _validate(engine, val_shard, dtype, config["train"]["micro_batch_size"])
+    metrics = _validate(engine, val_shard, dtype, config["train"]["micro_batch_size"], config["data_meta"])
     totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items],
                                           dtype=torch.float64), engine.device)
     lm = config["data_meta"].get("task") == "lm"
@@ -222,11 +224,11 @@ def _rng_state() -> dict:
 
 
 @torch.no_grad()
-def _validate(engine, shard, dtype, batch_size: int) -> dict:
+def _validate(engine, shard, dtype, batch_size: int, meta: dict) -> dict:
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
-        x, y = batch["features"], batch["label"]
+        x, y = model_batch(batch, meta)
         logits = engine(_model_input(x, dtype)).float().flatten(0, -2)
         y = y.flatten()
         sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(-1) == y).sum().item(),

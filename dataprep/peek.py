@@ -1,0 +1,70 @@
+"""What preprocessing will produce, read cheaply on the driver before anything runs (a schema, a
+header, the class folders, one image), so a run can be planned and refused before it starts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dataprep import DataError
+from dataprep.sources import BUNDLED_IMAGE_SHAPES, IMAGE_EXTENSIONS, format_of, image_mode, list_files, peek_columns
+from dataprep.transforms import model_input_shape
+
+AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
+
+
+def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
+    """(the model's input shape, the number of classes or the vocabulary size)."""
+    transforms = data["transforms"]
+    if data["format"] == "text":
+        from dataprep.text import tokenizer_of
+
+        spec = tokenizer_of(data)
+        return [seq_len], 256 if spec["tokenizer"] == "bytes" else spec["vocab_size"]
+    given = next((t["classes"] for t in transforms if t["type"] == "label_encode" and t["classes"]), None)
+    augment = [t for t in transforms if t["type"] in AUGMENTATIONS]
+    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    if sources[0].startswith("sklearn:"):
+        import sklearn.datasets
+
+        name = sources[0].removeprefix("sklearn:")
+        bunch = getattr(sklearn.datasets, f"load_{name}")()
+        shape = data["image_shape"] or BUNDLED_IMAGE_SHAPES.get(name) or [bunch.data.shape[1]]
+        return _shape(shape, augment), len(given or np.unique(bunch.target))
+    fmt = data["format"]
+    files = list_files(sources, data["text_glob"], IMAGE_EXTENSIONS if fmt == "images" else None)
+    fmt = format_of(files) if fmt == "auto" else fmt
+    if fmt == "images":
+        _, shape = image_mode(files)
+        resize = next((t for t in transforms if t["type"] == "resize"), None)
+        shape = [shape[0], *resize["size"]] if resize else shape
+        folders = {files.relative(p).rpartition("/")[0] for p in files.paths}
+        return model_input_shape(shape, augment), len(given or folders)
+    columns = peek_columns(files, fmt)
+    label = data["label_column"]
+    if label not in columns:
+        raise DataError([f"data.label_column: {label!r} is not a column of {files.paths[0]} (columns: {', '.join(columns)})"])
+    features = data["feature_columns"] or [c for c in columns if c not in (label, data["key_column"])]
+    return _shape(data["image_shape"] or [len(features)], augment), len(given) if given else _count_labels(files, fmt, label)
+
+
+def _shape(shape: list[int], augment: list[dict]) -> list[int]:
+    return model_input_shape(shape, augment) if len(shape) == 3 else list(shape)
+
+
+def _count_labels(files, fmt: str, label: str) -> int:
+    """Distinct labels, reading only the label column (Parquet) or the files' text (CSV, JSONL)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        file_format = pds.CsvFileFormat(convert_options=pcsv.ConvertOptions(column_types={label: pa.string()}))
+    else:
+        file_format = "json" if fmt == "jsonl" else fmt
+    try:
+        dataset = pds.dataset(files.paths, format=file_format, filesystem=files.filesystem)
+        return len(pc.unique(dataset.to_table(columns=[label])[label].cast(pa.string())))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):
+        return 2  # files preprocessing will name as bad; the plan only needs a head size
