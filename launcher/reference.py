@@ -14,6 +14,8 @@ BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 def _type_name(annotation) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return "transform"
     if origin is typing.Literal:
         return " \\| ".join(json.dumps(a) for a in args)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
@@ -35,11 +37,27 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
+def _transform_rows() -> list[str]:
+    """`data.transforms` entries: a name, or a mapping with `type` and these options."""
+    from launcher.config import Transform
+
+    rows = ["", "`data.transforms` entries (a name, or a mapping with `type:` and options):", "",
+            "| type | options | what it does |", "|---|---|---|"]
+    for model in typing.get_args(typing.get_args(Transform)[0]):
+        options = [f"`{name}` ({_type_name(f.annotation)}, {'required' if f.is_required() else json.dumps(f.default)}): {f.description}"
+                   for name, f in model.model_fields.items() if name != "type"]
+        kind = typing.get_args(model.model_fields["type"].annotation)[0]
+        rows.append(f"| `{kind}` | {'<br>'.join(options) or '-'} | {model.model_fields['type'].description} |")
+    return rows
+
+
 def reference_markdown() -> str:
     """One table per section of the config."""
     out = [BEGIN]
     for section, field in RunConfig.model_fields.items():
         out += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         out += _rows(field.annotation, f"{section}.")
+        if section == "data":
+            out += _transform_rows()
     out += ["", END]
     return "\n".join(out)

@@ -259,3 +259,27 @@ def test_on_bad_rows_skip_drops_and_counts_them_per_file(ray_cluster, tmp_path):
     stage = json.loads((tmp_path / "run3" / "summary.json").read_text())["stages"]["preprocess"]
     assert stage["bad_rows"][str(tmp_path / "src" / "b.jsonl")]["rows"] == 1
     assert sum(stage["rows"].values()) == len(frame) - 300 - 1
+
+
+def test_bpe_tokenizer_round_trips_and_packs_fewer_blocks_than_bytes(ray_cluster, tmp_path):
+    import sysconfig
+
+    from tokenizers import Tokenizer
+
+    from dataprep.cache import prepare
+    from launcher.config import DataConfig
+
+    def text(transforms) -> dict:
+        return DataConfig.model_validate({"source": "python-stdlib", "format": "text", "text_glob": "json/*.py",
+                                          "transforms": transforms}).model_dump(mode="json")
+
+    meta, entry, _ = prepare(text([{"type": "tokenize", "tokenizer": "bpe", "vocab_size": 400}, "pack"]), 64, tmp_path / "cache")
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 400 and meta["num_classes"] == 400
+    tokenizer = Tokenizer.from_file(str(entry / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == 400
+    block = ray.data.read_parquet(str(entry / "train")).take(1)[0]["tokens"]
+    assert block.shape == (65,) and block.max() < 400
+    sources = "".join(p.read_text() for p in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")))
+    assert tokenizer.decode(block.tolist()) in sources  # a block is a stretch of one file's real text
+    by_bytes, _, _ = prepare(text(["tokenize", "pack"]), 64, tmp_path / "cache")
+    assert sum(meta["rows"].values()) < 0.6 * sum(by_bytes["rows"].values())  # BPE packs the same text into fewer tokens

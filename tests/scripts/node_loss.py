@@ -43,19 +43,16 @@ def main(work: Path) -> None:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
         cluster.wait_for_nodes()
 
-        from dataprep.preprocess import preprocess
+        from dataprep.cache import prepare
         from launcher.config import RunConfig
-        from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit
+        from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit, load_splits
         from trainers.loop import loop_config
 
-        meta = preprocess(RunConfig().model_dump(mode="json")["data"], work / "data")
-        # The splits go into the object store from this driver, so their blocks live on the head,
-        # which no test removes. Blocks on a removed worker node would have to be rebuilt by read
-        # tasks, and with every CPU left held by the restarted worker group those never run: a hang
-        # that belongs to data ingestion under node loss, not to what this script tests.
-        import pyarrow.parquet as pq
-
-        splits = {name: ray.data.from_arrow(pq.read_table(work / "data" / name)) for name in ("train", "val")}
+        data = RunConfig().model_dump(mode="json")["data"] | {"transforms": [{"type": "standardize", "per": "feature"}]}
+        meta, data_dir, _ = prepare(data, 128, work / "cache")
+        # The workers stream the cached Parquet files (zero-CPU read tasks): a node that leaves
+        # takes no dataset blocks with it that would need a free CPU to rebuild.
+        splits = load_splits(data_dir)
         run = RunConfig.model_validate({
             "model": {"type": "mlp", "width": 32, "depth": 1},
             "train": {"workers": 2, "epochs": 3, "micro_batch_size": 64, "checkpoint_every": 2, "max_failures": 1,
