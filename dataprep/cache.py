@@ -27,6 +27,7 @@ from dataprep.transforms import model_input_shape
 
 VERSION = 2  # bump when the cached layout or the meaning of a setting changes
 META = "meta.json"
+SPLITS = ("train", "val", "test")
 AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
 # Settings that decide how rows are read and made, not how fast.
 _ROW_SETTINGS = ("source", "format", "text_glob", "label_column", "feature_columns", "key_column", "image_shape",
@@ -80,8 +81,20 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
     raise_original = context.raise_original_map_exception
     context.raise_original_map_exception = True
 
-    def writer(name: str, dataset: ray.data.Dataset) -> None:
-        dataset.write_parquet(str(tmp / name))
+    def writer(dataset: ray.data.Dataset) -> dict[str, int]:
+        """Write a dataset with a `split` column (0 train, 1 val, 2 test) in one pass, as
+        train/, val/ and test/ Parquet folders; returns their row counts."""
+        import pyarrow.parquet as pq
+
+        dataset.write_parquet(str(tmp / "parts"), partition_cols=["split"])
+        rows = {}
+        for number, name in enumerate(SPLITS):
+            part = tmp / "parts" / f"split={number}"
+            if part.is_dir():
+                part.rename(tmp / name)
+            rows[name] = sum(pq.read_metadata(f).num_rows for f in (tmp / name).rglob("*.parquet")) if part.parent.exists() and (tmp / name).is_dir() else 0
+        shutil.rmtree(tmp / "parts", ignore_errors=True)
+        return rows
 
     try:
         if data["format"] == "text":

@@ -14,7 +14,6 @@ import math
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import ray
 
 from dataprep import DataError
 from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, IMAGE_EXTENSIONS, ROW, Problems, format_of, image_mode,
@@ -53,7 +52,7 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
             mode, shape = image_mode(found)
             if resize:
                 shape = [shape[0], *resize["size"]]
-            ds = read_images(found, mode, resize["size"] if resize else None, problems)
+            ds = read_images(found, mode, resize["size"] if resize else None, problems, data["batch_size"])
             encoded = ds.map_batches(_encode_images, fn_kwargs={"shape": shape, "relative": found.relative, **keyed},
                                      batch_format="numpy", **map_args)
             features = None
@@ -97,13 +96,10 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
     index = {c: i for i, c in enumerate(classes)}
     finished = encoded.map_batches(_finish, fn_kwargs={"index": index, "shift": shift, "scale": scale},
                                    batch_format="numpy", **map_args)
-    rows = {}
-    for number, name in enumerate(SPLITS):
-        split = finished.filter(expr=f"split == {number}").drop_columns(["split"]).materialize()
-        rows[name] = split.count()
-        if rows[name] == 0:
+    rows = writer(finished)
+    for name, count in rows.items():
+        if count == 0:
             raise DataError([f"data.{name}_fraction: the {name} split is empty ({total} rows in all); use more data or a larger fraction"])
-        writer(name, split)
     return {
         "format": fmt,
         "files": files,

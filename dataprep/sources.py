@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.data.block import BlockAccessor
 from ray.data.datasource import FileBasedDatasource
 
 from dataprep import DataError
@@ -269,31 +268,29 @@ def _jsonl(f, path: str, problems: Problems):
         yield table.append_column(FILE, pa.array([path] * len(rows), pa.string())).append_column(ROW, pa.array(numbers, pa.int64()))
 
 
-class ImageFiles(FileBasedDatasource):
-    """Image files, decoded with Pillow to `mode` and resized to `size` (height, width) if given;
-    the label is the name of the file's folder."""
+def decode_images(batch: dict, filesystem, mode: str, size, problems: Problems) -> dict:
+    """Decode a batch of image files with Pillow to `mode`, resized to `size` (height, width) if
+    given, as [C, H, W] uint8; the label is the name of the file's folder."""
+    from PIL import Image
 
-    def __init__(self, files: Files, mode: str, size: tuple[int, int] | None, problems: Problems):
-        super().__init__(files.paths, filesystem=files.filesystem)
-        self.mode, self.size, self.problems = mode, size, problems
-
-    def _read_stream(self, f, path: str):
-        from PIL import Image
-
+    images, labels, paths, bad = [], [], [], []
+    for path in (str(p) for p in batch["path"]):
         try:
-            with Image.open(io.BytesIO(f.readall())) as image:
-                image = image.convert(self.mode)
-                if self.size is not None:
-                    image = image.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+            with filesystem.open_input_stream(path) as f, Image.open(io.BytesIO(f.readall())) as image:
+                image = image.convert(mode)
+                if size is not None:
+                    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            self.problems([(path, 0, f"not a readable image ({type(exc).__name__}: {exc})")])
-            return
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        yield BlockAccessor.batch_to_block({"image": pixels.transpose(2, 0, 1)[None],
-                                            "label": np.array([PurePosixPath(path).parent.name]),
-                                            FILE: np.array([path]), ROW: np.array([1], dtype=np.int64)})
+            bad.append((path, 0, f"not a readable image ({type(exc).__name__}: {exc})"))
+            continue
+        images.append((pixels[:, :, None] if pixels.ndim == 2 else pixels).transpose(2, 0, 1))
+        labels.append(PurePosixPath(path).parent.name)
+        paths.append(path)
+    problems(bad)
+    same = len({i.shape for i in images}) <= 1
+    return {"image": np.stack(images) if same and images else np.array(images + [None], dtype=object)[:-1],
+            "label": np.array(labels, dtype=object), FILE: np.array(paths, dtype=object), ROW: np.ones(len(paths), np.int64)}
 
 
 def image_mode(files: Files) -> tuple[str, list[int]]:
@@ -310,8 +307,12 @@ def read_tables(files: Files, fmt: str, problems: Problems) -> ray.data.Dataset:
     return ray.data.read_datasource(TableFiles(files, fmt, problems))
 
 
-def read_images(files: Files, mode: str, size, problems: Problems) -> ray.data.Dataset:
-    return ray.data.read_datasource(ImageFiles(files, mode, size, problems))
+def read_images(files: Files, mode: str, size, problems: Problems, batch_size: int = 256) -> ray.data.Dataset:
+    """Image files decoded by Ray Data tasks, `batch_size` files per task (one tiny block per
+    image would cost more in scheduling than decoding)."""
+    paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=max(1, min(len(files.paths) // batch_size, 200)))
+    return paths.map_batches(decode_images, fn_kwargs={"filesystem": files.filesystem, "mode": mode, "size": size,
+                                                       "problems": problems}, batch_size=batch_size, batch_format="numpy")
 
 
 def read_bundled(name: str, label_column: str) -> ray.data.Dataset:

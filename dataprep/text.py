@@ -18,11 +18,10 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray
 
 from dataprep import DataError
-from dataprep.preprocess import SPLITS, row_keys, split_of
+from dataprep.preprocess import row_keys, split_of
 from dataprep.sources import Files, list_files
 
 BYTE_VOCAB = 256
@@ -51,34 +50,47 @@ def tokenizer_of(data: dict) -> dict:
 
 def preprocess_text(data: dict, seq_len: int, writer, out_dir: Path) -> dict:
     files = text_files(data["source"], data["text_glob"])
-    keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"], "val_fraction": data["val_fraction"],
-             "test_fraction": data["test_fraction"]}
-    map_args = {"batch_size": max(1, data["batch_size"] // 64), "concurrency": data["concurrency"]}
-    filesystem = None if isinstance(files.filesystem, pafs.LocalFileSystem) else files.filesystem
-    raw = ray.data.read_binary_files(files.paths, include_paths=True, filesystem=filesystem)
-    pieces = raw.map_batches(_pieces, fn_kwargs=keyed, batch_format="numpy", **map_args).materialize()
-    if pieces.count() == 0:
-        raise DataError([f"data.source: the {len(files.paths)} text file(s) under {', '.join(files.roots)} are empty"])
+    keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"],
+             "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]}
+    # Paths, not contents, go through the object store: each task reads its files itself, and
+    # reading, cutting, tokenizing and packing fuse into one task per batch of files.
+    paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=min(len(files.paths), 64))
+    read_args = {"batch_size": 16, "concurrency": data["concurrency"], "batch_format": "numpy"}
     spec = tokenizer_of(data)
     tokenizer_json = None
     if spec["tokenizer"] == "bpe":
+        pieces = paths.map_batches(_read_pieces, fn_kwargs={"filesystem": files.filesystem, **keyed}, **read_args)
         tokenizer_json = train_bpe(pieces.filter(expr="split == 0"), spec["vocab_size"])
         (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
-    packed = pieces.map_batches(_pack, fn_kwargs={"seq_len": seq_len, "tokenizer_json": tokenizer_json},
-                                batch_format="numpy", **map_args).materialize()
-    rows = {}
-    for number, name in enumerate(SPLITS):
-        split = packed.filter(expr=f"split == {number}").drop_columns(["split"]).materialize()
-        rows[name] = split.count()
-        if rows[name] == 0:
-            raise DataError([f"data.{name}_fraction: the {name} split is empty ({packed.count()} blocks of {seq_len + 1} "
+    packed = paths.map_batches(_read_and_pack, fn_kwargs={"filesystem": files.filesystem, "seq_len": seq_len,
+                                                          "tokenizer_json": tokenizer_json, **keyed}, **read_args)
+    rows = writer(packed)
+    for name, count in rows.items():
+        if count == 0:
+            raise DataError([f"data.{name}_fraction: the {name} split is empty ({sum(rows.values())} blocks of {seq_len + 1} "
                              f"tokens in all); use more text, a shorter model.seq_len or a larger fraction"])
-        writer(name, split)
     vocab = BYTE_VOCAB if tokenizer_json is None else spec["vocab_size"]
+    sizes = [i.size for i in files.filesystem.get_file_info(files.paths)]
     return {"format": "text", "files": len(files.paths), "task": "lm", "tokenizer": spec["tokenizer"],
             "vocab_size": vocab, "num_classes": vocab, "classes": None, "input_shape": [seq_len], "stored_shape": [seq_len + 1],
             "seq_len": seq_len, "rows": rows, "tokens": {k: v * seq_len for k, v in rows.items()}, "augment": [],
-            "seed": data["seed"], "bytes": int(pieces.sum("bytes"))}
+            "seed": data["seed"], "bytes": int(sum(sizes))}
+
+
+def _read(paths, filesystem) -> list[bytes]:
+    out = []
+    for path in paths:
+        with filesystem.open_input_stream(str(path)) as f:
+            out.append(f.readall())
+    return out
+
+
+def _read_pieces(batch: dict, filesystem, **keyed) -> dict:
+    return _pieces({"bytes": _read(batch["path"], filesystem), "path": batch["path"]}, **keyed)
+
+
+def _read_and_pack(batch: dict, filesystem, seq_len: int, tokenizer_json: str | None, **keyed) -> dict:
+    return _pack(_read_pieces(batch, filesystem, **keyed), seq_len, tokenizer_json)
 
 
 def _pieces(batch: dict, relative, size: int, seed: int, val_fraction: float, test_fraction: float) -> dict:

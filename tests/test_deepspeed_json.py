@@ -8,7 +8,7 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.config import ConfigError, load
+from launcher.config import load
 from trainers.deepspeed_config import deepspeed_config
 from trainers.fit import build_trainer, load_splits
 from trainers.loop import loop_config
