@@ -91,7 +91,6 @@ def make_images(target: Path, count: int) -> None:
 
 
 def child_ray(case: str, source: Path, out: Path) -> dict:
-    import numpy as np
     import ray
 
     from dataprep.cache import prepare
@@ -109,10 +108,9 @@ def child_ray(case: str, source: Path, out: Path) -> dict:
     if case == "images":
         started = time.perf_counter()
         total = 0.0
-        augmented = stream_split(entry, "train").map_batches(_augment_batch, fn_kwargs={"meta": meta, "epoch": 0},
-                                                             batch_format="numpy", batch_size=512)
-        for batch in augmented.iter_batches(batch_size=None, batch_format="numpy"):
-            total += float(np.asarray(batch["sum"]).sum())
+        # As a training worker does: stream the cached split, augment each batch as it arrives.
+        for batch in stream_split(entry, "train").iter_batches(batch_size=512, batch_format="numpy"):
+            total += float(_augment_batch(batch, meta, 0)["sum"].sum())
         result.update(augment_s=time.perf_counter() - started, augment_checksum=total)
     ray.shutdown()
     return result
@@ -165,7 +163,7 @@ def child_single(case: str, source: Path, out: Path) -> dict:
 
     from PIL import Image
 
-    from dataprep.preprocess import _encode_images, _finish
+    from dataprep.preprocess import _encode_images, _finish, pixel_stats
     from dataprep.transforms import shift_and_scale
 
     data = image_data(source)
@@ -181,7 +179,7 @@ def child_single(case: str, source: Path, out: Path) -> dict:
                              data["val_fraction"], data["test_fraction"], None, lambda entries: None)
     classes = sorted(set(labels), key=lambda c: (0, float(c), "") if c.isdigit() else (1, 0.0, c))
     train = encoded["features"][encoded["split"] == 0]
-    shift, scale = shift_and_scale(_channel_stats(train), "standardize", "channel", shape)
+    shift, scale = shift_and_scale(pixel_stats(_channel_stats(train)), "standardize", "channel", shape)
     finished = _finish(encoded, {c: i for i, c in enumerate(classes)}, shift, scale)
     rows = {}
     for number, name in enumerate(("train", "val", "test")):
@@ -247,6 +245,7 @@ def main() -> None:
     parser.add_argument("--text-mb", type=int, default=200)
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/raylaunch-bench"))
+    parser.add_argument("--cases", default="text,images", help="which cases to run (comma-separated)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -258,10 +257,14 @@ def main() -> None:
 
     text_dir, image_dir = args.workdir / f"text-{args.text_mb}mb", args.workdir / f"images-{args.images}"
     print(f"inputs: {args.text_mb} MB of text under {text_dir}, {args.images:,} images under {image_dir}")
-    make_text(text_dir, args.text_mb)
-    make_images(image_dir, args.images)
+    if "text" in args.cases:
+        make_text(text_dir, args.text_mb)
+    if "images" in args.cases:
+        make_images(image_dir, args.images)
     print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
     for case, source in (("text", text_dir), ("images", image_dir)):
+        if case not in args.cases.split(","):
+            continue
         single = run_child("single", case, source, args.workdir / "out-single")
         ray_result = run_child("ray", case, source, args.workdir / "out-ray")
         same = single["checksum"] == ray_result["checksum"]

@@ -80,7 +80,12 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
     if total == 0:
         raise DataError([f"data.source: {', '.join(sources)} holds no rows" + (" that could be read (every row was bad)" if problems.ledger else "")])
 
-    classes = keyed["classes"] or sorted(encoded.unique("label"), key=_label_order)
+    if keyed["classes"]:
+        classes = keyed["classes"]
+    elif fmt == "images":  # the class folders, known from the paths: no pass over the data
+        classes = sorted({found.relative(p).rpartition("/")[0] for p in found.paths}, key=_label_order)
+    else:
+        classes = sorted(encoded.unique("label"), key=_label_order)
     if len(classes) < 2:
         raise DataError([f"data.label_column: {label!r} has {len(classes)} distinct value(s) in {', '.join(sources)}; classification needs at least 2"])
 
@@ -90,6 +95,8 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
         raise DataError([f"data.transforms: {scaler['type']} per channel needs images ([channels, height, width]); these rows have shape {shape}"])
     train = encoded.filter(expr="split == 0")
     stats = train.aggregate(FeatureStats("features", per))["stats(features)"]
+    if stats is not None and fmt == "images":
+        stats = pixel_stats(stats)
     if stats is None:
         raise DataError([f"data.val_fraction: the train split is empty ({total} rows in all); use more data or smaller fractions"])
     shift, scale = shift_and_scale(stats, scaler["type"] if scaler else None, per, shape)
@@ -116,6 +123,11 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
         "seed": data["seed"],
         "rows": rows,
     }
+
+
+def pixel_stats(stats: list) -> list:
+    """Statistics fitted on raw uint8 pixels, for the [0, 1] pixels the model sees."""
+    return [stats[0], stats[1] / 255, stats[2] / 255**2, stats[3] / 255, stats[4] / 255]
 
 
 def _check_class_folders(found) -> None:
@@ -226,15 +238,17 @@ def _encode_images(batch: dict, shape: list[int], relative, seed: int, val_fract
                          f"{shape[2]}x{shape[1]} ({shape[0]}); add a resize transform to data.transforms")
              for f, image, k in zip(batch[FILE], images, keep) if not k]
     problems(wrong)
-    x = np.stack([image for image, k in zip(images, keep) if k]).astype(np.float32) / 255.0 if keep.any() \
-        else np.zeros((0, *shape), np.float32)
+    # Pixels stay uint8 until `_finish` scales them (a quarter of the float32 bytes to move).
+    x = np.stack([image for image, k in zip(images, keep) if k]) if keep.any() else np.zeros((0, *shape), np.uint8)
     keys = row_keys([relative(str(f)) for f in batch[FILE][keep]])
     return {"features": x, "label": np.asarray(batch["label"])[keep].astype(str), "key": keys.view(np.int64),
             "split": split_of(keys, seed, val_fraction, test_fraction), FILE: batch[FILE][keep], ROW: batch[ROW][keep]}
 
 
 def _finish(batch: dict, index: dict, shift: np.ndarray, scale: np.ndarray) -> dict:
-    scaled = scale_features({"features": batch["features"]}, shift, scale)["features"]
+    x = batch["features"]
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x  # images: pixels to [0, 1]
+    scaled = scale_features({"features": x}, shift, scale)["features"]
     return {"features": scaled, "label": np.array([index[str(v)] for v in batch["label"]], dtype=np.int64),
             "key": batch["key"], "split": batch["split"]}
 

@@ -161,7 +161,7 @@ class DataConfig(Section):
     """Ray Data tasks preprocessing at once; null lets Ray Data decide from the cluster's CPUs."""
     cache_dir: str | None = None
     """Where preprocessed datasets are kept, keyed by their inputs and transforms; null is `.cache/data` beside output.dir."""
-    ingest_memory_mb: int | None = Field(None, ge=16)
+    ingest_memory_mb: int | None = Field(None, ge=1)
     """Object store memory Ray Data may hold while streaming the training data to the workers; null is Ray Data's default."""
 
     @field_validator("transforms", mode="before")
