@@ -21,14 +21,13 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray.data
 
-from dataprep import DataError
+from dataprep import AUGMENTATIONS, DataError
 from dataprep.sources import BadRows, Problems
 from dataprep.transforms import model_input_shape
 
 VERSION = 2  # bump when the cached layout or the meaning of a setting changes
 META = "meta.json"
 SPLITS = ("train", "val", "test")
-AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
 # Settings that decide how rows are read and made, not how fast.
 _ROW_SETTINGS = ("source", "format", "text_glob", "label_column", "feature_columns", "key_column", "image_shape",
                  "val_fraction", "test_fraction", "seed", "on_bad_rows")

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataprep import DataError
+from dataprep import AUGMENTATIONS, DataError
 from dataprep.sources import BUNDLED_IMAGE_SHAPES, IMAGE_EXTENSIONS, format_of, image_mode, list_files, peek_columns
 from dataprep.transforms import model_input_shape
-
-AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
 
 
 def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:

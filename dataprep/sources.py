@@ -3,7 +3,8 @@
 Every reader tags each row with the file it came from (`__file`) and its 1-based row number in
 that file (`__row`), so a bad value anywhere downstream is reported as `file, row N`. Files are
 listed on the driver (local paths, globs, or any URI pyarrow's filesystems know), then read by
-Ray Data tasks through `FileBasedDatasource`, one file per read unit.
+Ray Data tasks: tables through `FileBasedDatasource` (one file per read unit), images by decode
+tasks that take a batch of files each.
 
 A row that cannot be read goes, with `data.on_bad_rows: skip`, to the `BadRows` ledger (an actor
 every task reports to, keyed by file and row, so a retried task does not count twice) instead of

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dataprep import AUGMENTATIONS
+
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
 TUNABLE_SECTIONS = ("model", "train", "distill", "quantize")
@@ -124,8 +126,6 @@ class Pack(Section):
 
 Transform = Annotated[Standardize | MinMax | LabelEncode | Resize | RandomCrop | Flip | Rotate | Brightness | Tokenize | Pack,
                       Field(discriminator="type")]
-AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
-IMAGE_TRANSFORMS = ("resize", *AUGMENTATIONS)
 TEXT_TRANSFORMS = ("tokenize", "pack")
 _TRANSFORM_TYPES = {t.__args__[0] for m in Transform.__origin__.__args__ for t in [m.model_fields["type"].annotation]}
 
