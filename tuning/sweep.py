@@ -16,6 +16,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from trainers.checkpoint import WEIGHTS
 from trainers.fit import build_trainer, fit, load_splits, metric_mode
 from trainers.loop import loop_config
 from tuning.space import apply_overrides, max_epochs, tune_domain
@@ -96,8 +97,13 @@ def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
             row.update({"epochs_run": int(history["epoch"].max()), metric: float(top[metric])})
             if not result.error and row["epochs_run"] < epochs_planned:
                 row["status"] = "stopped early"
-            if CHECKPOINT_PATH_KEY in top and (best is None or better(top[metric], best[1][metric])):
-                best = (row["trial"], top.to_dict(), values)
+            # The best checkpoint still on disk: Ray Train keeps `train.keep_checkpoints` by score,
+            # and of two reports tied on the metric it may have kept the later one.
+            kept = scored[scored[CHECKPOINT_PATH_KEY].map(_kept)] if CHECKPOINT_PATH_KEY in scored else scored.iloc[:0]
+            if len(kept):
+                pick = kept.loc[kept[metric].idxmax() if mode == "max" else kept[metric].idxmin()]
+                if best is None or better(pick[metric], best[1][metric]):
+                    best = (row["trial"], pick.to_dict(), values)
         trials.append(row)
     if best is None:
         reasons = "; ".join(f"{t['trial']}: {t['error'] or 'reported no metrics'}" for t in trials)
@@ -106,6 +112,10 @@ def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
     return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH_KEY]),
                        best_metrics={k: v for k, v in metrics.items() if k in (metric, "epoch", "val_loss", "val_accuracy")},
                        best_values=values)
+
+
+def _kept(checkpoint_path) -> bool:
+    return isinstance(checkpoint_path, str) and (Path(checkpoint_path) / WEIGHTS).is_file()
 
 
 def _one_line(error: BaseException | None) -> str:
