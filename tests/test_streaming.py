@@ -40,3 +40,33 @@ def test_training_streams_a_dataset_larger_than_its_ingest_budget(ray_cluster, t
     assert result.metrics["step"] == 2 * (meta["rows"]["train"] // 2 // 500)
     assert result.metrics["val_rows"] == meta["rows"]["val"] // 2 * 2  # the equal split drops at most one row
     assert result.metrics["val_accuracy"] > 0.9
+
+
+def test_image_folder_trains_a_cnn_with_augmentations_drawn_in_the_workers(ray_cluster, tmp_path):
+    import sklearn.datasets
+    from PIL import Image
+
+    from dataprep.cache import prepare
+    from launcher.config import RunConfig
+    from trainers.fit import best_checkpoint, build_trainer, load_splits
+    from trainers.loop import loop_config
+
+    digits = sklearn.datasets.load_digits()
+    for i in range(600):
+        folder = tmp_path / "images" / f"digit_{digits.target[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8), mode="L").resize((12, 12)).save(folder / f"{i}.png")
+    run = RunConfig.model_validate({
+        "data": {"source": str(tmp_path / "images"), "format": "images",
+                 "transforms": [{"type": "standardize", "per": "channel"}, {"type": "random_crop", "size": [10, 10], "padding": 1},
+                                {"type": "rotate", "degrees": 10}, {"type": "brightness", "max_delta": 0.2}]},
+        "model": {"type": "cnn", "width": 16, "depth": 2},
+        "train": {"workers": 2, "epochs": 6, "micro_batch_size": 32, "lr": 3e-3, "lr_schedule": "constant"},
+    }).model_dump(mode="json")
+    meta, data_dir, _ = prepare(run["data"], 128, tmp_path / "cache")
+    assert meta["stored_shape"] == [1, 12, 12] and meta["input_shape"] == [1, 10, 10] and meta["num_classes"] == 10
+    config = loop_config(run, meta)
+    result = build_trainer(config, load_splits(data_dir), tmp_path / "ray", name="images").fit()
+    assert result.error is None
+    _, metrics = best_checkpoint(result, "val_accuracy")
+    assert metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1 (0.67 after these 6 epochs)
