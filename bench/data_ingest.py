@@ -134,14 +134,14 @@ def child_single(case: str, source: Path, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dataprep.sources import IMAGE_EXTENSIONS, list_files
+    from dataprep.sources import data_files
     from dataprep.text import PIECE_BLOCKS, _pack, _pieces
 
     started = time.perf_counter()
     entry = out / "single"
     if case == "text":
         data = text_data(source)
-        files = list_files([data["source"]], data["text_glob"])
+        files = data_files(data)
         parts = []
         for path in files.paths:
             with open(path, "rb") as f:
@@ -167,7 +167,7 @@ def child_single(case: str, source: Path, out: Path) -> dict:
     from dataprep.transforms import shift_and_scale
 
     data = image_data(source)
-    files = list_files([data["source"]], data["text_glob"], IMAGE_EXTENSIONS)
+    files = data_files(data)
     images, labels = [], []
     for path in files.paths:
         with Image.open(path) as image:

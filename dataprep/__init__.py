@@ -4,6 +4,17 @@
 AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
 
 
+def find_transform(transforms: list[dict], *kinds: str) -> dict | None:
+    """The first entry of a `data.transforms` list (plain dicts) of one of these types, or None."""
+    return next((t for t in transforms if t["type"] in kinds), None)
+
+
+def label_classes(transforms: list[dict]) -> list[str] | None:
+    """The class order a `label_encode` transform fixes (as text, how labels are compared), or None."""
+    encode = find_transform(transforms, "label_encode")
+    return [str(c) for c in encode["classes"]] if encode and encode["classes"] else None
+
+
 class DataError(Exception):
     """Bad input data; each entry of `problems` is one line naming the file or column and the fix."""
 

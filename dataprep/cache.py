@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray.data
 
-from dataprep import AUGMENTATIONS, DataError
-from dataprep.sources import BadRows, Problems
+from dataprep import AUGMENTATIONS, DataError, find_transform
+from dataprep.sources import BadRows, Problems, data_files, sources_of
 from dataprep.transforms import model_input_shape
 
 VERSION = 2  # bump when the cached layout or the meaning of a setting changes
@@ -35,19 +35,12 @@ _ROW_SETTINGS = ("source", "format", "text_glob", "label_column", "feature_colum
 
 def input_identity(data: dict) -> list:
     """What identifies the inputs: [path, size, mtime] per file, or the bundled dataset's version."""
-    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    sources = sources_of(data)
     if sources[0].startswith("sklearn:"):
         import sklearn
 
         return [[sources[0], sklearn.__version__]]
-    if data["format"] == "text":
-        from dataprep.text import text_files
-
-        files = text_files(data["source"], data["text_glob"])
-    else:
-        from dataprep.sources import IMAGE_EXTENSIONS, list_files
-
-        files = list_files(sources, data["text_glob"], IMAGE_EXTENSIONS if data["format"] == "images" else None)
+    files = data_files(data)
     infos = files.filesystem.get_file_info(files.paths)
     return [[i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File]
 
@@ -126,7 +119,7 @@ def with_augmentations(meta: dict, data: dict) -> dict:
     augment = [t for t in data["transforms"] if t["type"] in AUGMENTATIONS]
     if meta["task"] == "lm":
         return meta
-    crop = next((t for t in augment if t["type"] == "random_crop"), None)
+    crop = find_transform(augment, "random_crop")
     shape = meta["stored_shape"]
     if crop and (len(shape) != 3 or any(c > s + 2 * crop["padding"] for c, s in zip(crop["size"], shape[1:]))):
         raise DataError([f"data.transforms: random_crop size {list(crop['size'])} with padding {crop['padding']} "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataprep import AUGMENTATIONS, DataError
-from dataprep.sources import BUNDLED_IMAGE_SHAPES, IMAGE_EXTENSIONS, format_of, image_mode, list_files, peek_columns
+from dataprep import AUGMENTATIONS, find_transform, label_classes
+from dataprep.sources import BUNDLED_IMAGE_SHAPES, data_files, format_of, image_mode, sources_of, table_features
 from dataprep.transforms import model_input_shape
 
 
@@ -18,9 +18,9 @@ def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
 
         spec = tokenizer_of(data)
         return [seq_len], 256 if spec["tokenizer"] == "bytes" else spec["vocab_size"]
-    given = next((t["classes"] for t in transforms if t["type"] == "label_encode" and t["classes"]), None)
+    given = label_classes(transforms)
     augment = [t for t in transforms if t["type"] in AUGMENTATIONS]
-    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    sources = sources_of(data)
     if sources[0].startswith("sklearn:"):
         import sklearn.datasets
 
@@ -28,21 +28,17 @@ def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
         bunch = getattr(sklearn.datasets, f"load_{name}")()
         shape = data["image_shape"] or BUNDLED_IMAGE_SHAPES.get(name) or [bunch.data.shape[1]]
         return _shape(shape, augment), len(given or np.unique(bunch.target))
-    fmt = data["format"]
-    files = list_files(sources, data["text_glob"], IMAGE_EXTENSIONS if fmt == "images" else None)
-    fmt = format_of(files) if fmt == "auto" else fmt
+    files = data_files(data)
+    fmt = format_of(files) if data["format"] == "auto" else data["format"]
     if fmt == "images":
         _, shape = image_mode(files)
-        resize = next((t for t in transforms if t["type"] == "resize"), None)
+        resize = find_transform(transforms, "resize")
         shape = [shape[0], *resize["size"]] if resize else shape
         folders = {files.relative(p).rpartition("/")[0] for p in files.paths}
         return model_input_shape(shape, augment), len(given or folders)
-    columns = peek_columns(files, fmt)
-    label = data["label_column"]
-    if label not in columns:
-        raise DataError([f"data.label_column: {label!r} is not a column of {files.paths[0]} (columns: {', '.join(columns)})"])
-    features = data["feature_columns"] or [c for c in columns if c not in (label, data["key_column"])]
-    return _shape(data["image_shape"] or [len(features)], augment), len(given) if given else _count_labels(files, fmt, label)
+    features = table_features(files, fmt, data)
+    shape = _shape(data["image_shape"] or [len(features)], augment)
+    return shape, len(given) if given else _count_labels(files, fmt, data["label_column"])
 
 
 def _shape(shape: list[int], augment: list[dict]) -> list[int]:

@@ -15,26 +15,25 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dataprep import DataError
-from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, IMAGE_EXTENSIONS, ROW, Problems, format_of, image_mode,
-                              list_files, peek_columns, read_bundled, read_images, read_tables)
+from dataprep import DataError, find_transform, label_classes
+from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, ROW, Problems, data_files, format_of, image_mode, read_bundled,
+                              read_images, read_tables, sources_of, table_features)
 from dataprep.transforms import FeatureStats, scale_features, shift_and_scale
 
 SPLITS = ("train", "val", "test")
 
 
 def preprocess(data: dict, writer, problems: Problems) -> dict:
-    """Read and transform a table or image source; `writer(split_name, dataset)` stores each split.
-    Returns the metadata (without the writer's paths)."""
+    """Read and transform a table or image source; `writer(dataset)` stores the splits (a `split`
+    column: 0 train, 1 val, 2 test) and returns their row counts. Returns the metadata."""
     transforms = data["transforms"]
-    resize = next((t for t in transforms if t["type"] == "resize"), None)
-    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    resize = find_transform(transforms, "resize")
+    sources = sources_of(data)
     label = data["label_column"]
     keyed = {"seed": data["seed"], "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"],
              "problems": problems}
     map_args = {"batch_size": data["batch_size"], "concurrency": data["concurrency"]}
-    given = next((t["classes"] for t in transforms if t["type"] == "label_encode" and t["classes"]), None)
-    keyed["classes"] = [str(c) for c in given] if given else None
+    keyed["classes"] = label_classes(transforms)
 
     if len(sources) == 1 and sources[0].startswith("sklearn:"):
         name = sources[0].removeprefix("sklearn:")
@@ -44,7 +43,7 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
         fmt, files = "bundled", 1
     else:
         fmt = data["format"]
-        found = list_files(sources, data["text_glob"], IMAGE_EXTENSIONS if fmt == "images" else None)
+        found = data_files(data)
         fmt = format_of(found) if fmt == "auto" else fmt
         files = len(found.paths)
         if fmt == "images":
@@ -57,15 +56,7 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
                                      batch_format="numpy", **map_args)
             features = None
         else:
-            columns = peek_columns(found, fmt)
-            if label not in columns:
-                raise DataError([f"data.label_column: {label!r} is not a column of {found.paths[0]} (columns: {', '.join(columns)})"])
-            features = data["feature_columns"] or [c for c in columns if c not in (label, data["key_column"])]
-            missing = [c for c in features if c not in columns]
-            if missing:
-                raise DataError([f"data.feature_columns: {', '.join(missing)} not in {found.paths[0]} (columns: {', '.join(columns)})"])
-            if not features:
-                raise DataError([f"data.feature_columns: {found.paths[0]} has no feature columns besides the label"])
+            features = table_features(found, fmt, data)
             shape = data["image_shape"] or [len(features)]
             ds = read_tables(found, fmt, problems)
     if features is not None:
@@ -89,7 +80,7 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
     if len(classes) < 2:
         raise DataError([f"data.label_column: {label!r} has {len(classes)} distinct value(s) in {', '.join(sources)}; classification needs at least 2"])
 
-    scaler = next((t for t in transforms if t["type"] in ("standardize", "minmax")), None)
+    scaler = find_transform(transforms, "standardize", "minmax")
     per = scaler["per"] if scaler else "feature"
     if per == "channel" and len(shape) != 3:
         raise DataError([f"data.transforms: {scaler['type']} per channel needs images ([channels, height, width]); these rows have shape {shape}"])

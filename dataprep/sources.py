@@ -54,6 +54,40 @@ class Files:
         return path
 
 
+STDLIB = "python-stdlib"
+
+
+def sources_of(data: dict) -> list[str]:
+    """`data.source` as a list; for text, `python-stdlib` is this Python's own library sources
+    (real text on every machine, no download)."""
+    import sysconfig
+
+    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    if data["format"] == "text":
+        return [sysconfig.get_paths()["stdlib"] if s == STDLIB else s for s in sources]
+    return sources
+
+
+def data_files(data: dict) -> Files:
+    """The files a data section (not a bundled dataset) names, as preprocessing reads them."""
+    return list_files(sources_of(data), data["text_glob"], IMAGE_EXTENSIONS if data["format"] == "images" else None)
+
+
+def table_features(files: Files, fmt: str, data: dict) -> list[str]:
+    """The feature columns of a table source, checked against its first file's columns."""
+    columns = peek_columns(files, fmt)
+    label, first = data["label_column"], files.paths[0]
+    if label not in columns:
+        raise DataError([f"data.label_column: {label!r} is not a column of {first} (columns: {', '.join(columns)})"])
+    features = data["feature_columns"] or [c for c in columns if c not in (label, data["key_column"])]
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise DataError([f"data.feature_columns: {', '.join(missing)} not in {first} (columns: {', '.join(columns)})"])
+    if not features:
+        raise DataError([f"data.feature_columns: {first} has no feature columns besides the label"])
+    return features
+
+
 def list_files(sources: list[str], pattern: str = "**/*", extensions: tuple[str, ...] | None = None) -> Files:
     """Expand sources (files, folders, local globs, URIs) to a sorted list of files."""
     filesystem, paths, roots = None, [], []

@@ -14,42 +14,28 @@ seq_len, the labels are the last seq_len) and `key`, in `train/`, `val/`, `test/
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from dataprep import DataError
+from dataprep import DataError, find_transform
 from dataprep.preprocess import row_keys, split_of
-from dataprep.sources import Files, list_files
+from dataprep.sources import data_files
 
 BYTE_VOCAB = 256
-STDLIB = "python-stdlib"
 # Pieces of 32 blocks: fine enough to split a small corpus, coarse enough that dropping each
 # piece's tail (half a block on average) wastes ~1.5% of byte tokens (~5% of BPE tokens).
 PIECE_BLOCKS = 32
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def text_sources(source: str | list[str]) -> list[str]:
-    """The folders or files a text source names; `python-stdlib` is this Python's own library
-    sources (real text on every machine, no download)."""
-    sources = [source] if isinstance(source, str) else source
-    return [sysconfig.get_paths()["stdlib"] if s == STDLIB else s for s in sources]
-
-
-def text_files(source: str | list[str], pattern: str) -> Files:
-    return list_files(text_sources(source), pattern)
-
-
 def tokenizer_of(data: dict) -> dict:
-    tokenize = next((t for t in data["transforms"] if t["type"] == "tokenize"), None)
-    return tokenize or {"type": "tokenize", "tokenizer": "bytes", "vocab_size": BYTE_VOCAB}
+    return find_transform(data["transforms"], "tokenize") or {"type": "tokenize", "tokenizer": "bytes", "vocab_size": BYTE_VOCAB}
 
 
 def preprocess_text(data: dict, seq_len: int, writer, out_dir: Path) -> dict:
-    files = text_files(data["source"], data["text_glob"])
+    files = data_files(data)
     keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"],
              "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]}
     # Paths, not contents, go through the object store: each task reads its files itself, and

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from ray.data.aggregate import AggregateFnV2
 from ray.data.block import BlockAccessor
 
+from dataprep import find_transform
+
 
 class FeatureStats(AggregateFnV2):
     """Count, sum, sum of squares, min and max of a tensor column, per feature (every element of
@@ -132,5 +134,5 @@ def center_crop(x: torch.Tensor, size) -> torch.Tensor:
 
 def model_input_shape(shape: list[int], transforms: list[dict]) -> list[int]:
     """The [C, H, W] the model sees: the stored images' shape, cropped if training crops."""
-    crop = next((t for t in transforms if t["type"] == "random_crop"), None)
+    crop = find_transform(transforms, "random_crop")
     return [shape[0], *crop["size"]] if crop else list(shape)

@@ -196,12 +196,6 @@ class DataConfig(Section):
             raise ValueError("transforms: text takes [tokenize, pack], in that order")
         return self
 
-    def sources(self) -> list[str]:
-        return [self.source] if isinstance(self.source, str) else list(self.source)
-
-    def transform(self, kind: str):
-        """The transform of this kind in the list, or None."""
-        return next((t for t in self.transforms if t.type == kind), None)
 
 
 class ModelConfig(Section):
@@ -615,14 +609,14 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
 def _data_problems(cfg: RunConfig) -> list[str]:
     """The data section against the files it names: they exist, and the model fits the data's kind."""
     from dataprep import DataError
-    from dataprep.sources import IMAGE_EXTENSIONS, list_files
+    from dataprep.sources import data_files, sources_of
 
     data, problems = cfg.data, []
     text = data.format == "text"
     if (cfg.model.type == "gpt") != text:
         problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
                         f"; got model.type {cfg.model.type} with data.format {data.format}")
-    sources = data.sources()
+    sources = sources_of(data.model_dump(mode="json"))
     bundled = [s for s in sources if s.startswith("sklearn:")]
     if bundled and (len(sources) > 1 or text):
         problems.append(f"data.source: a bundled dataset ({bundled[0]}) is read alone, not with other sources or as text")
@@ -630,12 +624,7 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"data.source: unknown bundled dataset {bundled[0]!r} (known: {', '.join(SKLEARN_DATASETS)})")
     elif not bundled:
         try:
-            if text:
-                from dataprep.text import text_files
-
-                text_files(data.source, data.text_glob)
-            else:
-                list_files(sources, data.text_glob, IMAGE_EXTENSIONS if data.format == "images" else None)
+            data_files(data.model_dump(mode="json"))
         except DataError as exc:
             problems += exc.problems
     image_input = data.format == "images" or data.image_shape is not None or data.source == "sklearn:digits"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dataprep import find_transform
 from dataprep.transforms import augment, center_crop
 
 
@@ -23,7 +24,7 @@ def model_batch(batch: dict, meta: dict, epoch: int | None = None) -> tuple[torc
     if not steps:
         return x, y
     if epoch is None:
-        crop = next((t for t in steps if t["type"] == "random_crop"), None)
+        crop = find_transform(steps, "random_crop")
         return (center_crop(x, crop["size"]) if crop else x), y
     shift = torch.tensor(meta["normalize"]["shift"], dtype=x.dtype, device=x.device)
     scale = torch.tensor(meta["normalize"]["scale"], dtype=x.dtype, device=x.device)
