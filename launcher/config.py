@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -124,10 +125,10 @@ class Pack(Section):
     """Cut each text's tokens into blocks of model.seq_len + 1 (inputs and next-token labels); a text's tail shorter than a block is dropped."""
 
 
-Transform = Annotated[Standardize | MinMax | LabelEncode | Resize | RandomCrop | Flip | Rotate | Brightness | Tokenize | Pack,
-                      Field(discriminator="type")]
+TRANSFORMS = (Standardize, MinMax, LabelEncode, Resize, RandomCrop, Flip, Rotate, Brightness, Tokenize, Pack)
+Transform = Annotated[typing.Union[TRANSFORMS], Field(discriminator="type")]
+TRANSFORM_TYPES = {model.model_fields["type"].default: model for model in TRANSFORMS}
 TEXT_TRANSFORMS = ("tokenize", "pack")
-_TRANSFORM_TYPES = {t.__args__[0] for m in Transform.__origin__.__args__ for t in [m.model_fields["type"].annotation]}
 
 
 class DataConfig(Section):
@@ -437,7 +438,7 @@ def _loc_path(loc: tuple) -> str:
         if isinstance(part, int):
             path, after_index = f"{path}[{part}]", True
             continue
-        if not str(part).startswith("function-after") and not (after_index and part in _TRANSFORM_TYPES):
+        if not str(part).startswith("function-after") and not (after_index and part in TRANSFORM_TYPES):
             path = f"{path}.{part}" if path else str(part)
         after_index = False
     return path

@@ -39,14 +39,13 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
 
 def _transform_rows() -> list[str]:
     """`data.transforms` entries: a name, or a mapping with `type` and these options."""
-    from launcher.config import Transform
+    from launcher.config import TRANSFORM_TYPES
 
     rows = ["", "`data.transforms` entries (a name, or a mapping with `type:` and options):", "",
             "| type | options | what it does |", "|---|---|---|"]
-    for model in typing.get_args(typing.get_args(Transform)[0]):
+    for kind, model in TRANSFORM_TYPES.items():
         options = [f"`{name}` ({_type_name(f.annotation)}, {'required' if f.is_required() else json.dumps(f.default)}): {f.description}"
                    for name, f in model.model_fields.items() if name != "type"]
-        kind = typing.get_args(model.model_fields["type"].annotation)[0]
         rows.append(f"| `{kind}` | {'<br>'.join(options) or '-'} | {model.model_fields['type'].description} |")
     return rows
 
