@@ -41,6 +41,19 @@ def _data(source, **extra) -> dict:
     return DataConfig.model_validate({"source": source, "label_column": "diagnosis", **extra}).model_dump(mode="json")
 
 
+def _preprocess(tmp_path, run: str, source, *more: str) -> int:
+    """`raylaunch run --stages preprocess` on the quickstart config with a table source labelled
+    `diagnosis`, into tmp_path/run, caching under tmp_path/cache; returns the exit code."""
+    config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+    return main(["run", str(config), "--stages", "preprocess", "--set", f"output.dir={tmp_path / run}",
+                 "--set", f"data.source={source}", "--set", "model.type=mlp", "--set", "data.label_column=diagnosis",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *more])
+
+
+def _preprocess_stage(tmp_path, run: str) -> dict:
+    return json.loads((tmp_path / run / "summary.json").read_text())["stages"]["preprocess"]
+
+
 def _split(entry: Path, name: str) -> pd.DataFrame:
     frame = ray.data.read_parquet(str(entry / name)).to_pandas()
     return frame.sort_values("key").reset_index(drop=True)
@@ -130,13 +143,10 @@ def test_cache_is_reused_for_the_same_inputs_and_rebuilt_when_they_change(ray_cl
 
     source = tmp_path / "cancer.csv"
     _write(_cancer(), source, "csv")
-    base = ["--stages", "preprocess", "--set", f"data.source={source}", "--set", "data.label_column=diagnosis",
-            "--set", "model.type=mlp", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
-    config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
     def run(name: str, *more: str) -> dict:
-        assert main(["run", str(config), "--set", f"output.dir={tmp_path / name}", *base, *more]) == 0
-        return json.loads((tmp_path / name / "summary.json").read_text())["stages"]["preprocess"]["cache"]
+        assert _preprocess(tmp_path, name, source, *more) == 0
+        return _preprocess_stage(tmp_path, name)["cache"]
 
     first = run("one")
     second = run("two")
@@ -157,10 +167,7 @@ def test_cache_is_reused_for_the_same_inputs_and_rebuilt_when_they_change(ray_cl
 
 
 def _bad_run(tmp_path, capsys, source, *more: str) -> str:
-    config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
-    code = main(["run", str(config), "--stages", "preprocess", "--set", f"output.dir={tmp_path / 'run'}",
-                 "--set", f"data.source={source}", "--set", "model.type=mlp", "--set", "data.label_column=diagnosis",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *more])
+    code = _preprocess(tmp_path, "run", source, *more)
     err = capsys.readouterr().err
     assert code == 2, err
     cache = tmp_path / "cache"
@@ -230,31 +237,19 @@ def test_on_bad_rows_skip_drops_and_counts_them_per_file(ray_cluster, tmp_path):
     with open(tmp_path / "src" / "b.jsonl", "w") as out:
         for i, row in enumerate(frame.iloc[300:].to_dict(orient="records")):
             out.write("{not json\n" if i == 5 else json.dumps(row) + "\n")
-    config = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
-    run_dir = tmp_path / "run"
-    code = main(["run", str(config), "--stages", "preprocess", "--set", f"output.dir={run_dir}",
-                 "--set", f"data.source=[{tmp_path / 'src' / 'a.csv'}, {tmp_path / 'src' / 'b.jsonl'}]", "--set", "data.format=auto",
-                 "--set", "model.type=mlp", "--set", "data.label_column=diagnosis", "--set", "data.on_bad_rows=skip",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
-    assert code == 2  # a mix of csv and jsonl is one format too many
-    code = main(["run", str(config), "--stages", "preprocess", "--set", f"output.dir={tmp_path / 'run2'}",
-                 "--set", f"data.source={tmp_path / 'src' / 'a.csv'}",
-                 "--set", "model.type=mlp", "--set", "data.label_column=diagnosis", "--set", "data.on_bad_rows=skip",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
-    assert code == 0
-    stage = json.loads((tmp_path / "run2" / "summary.json").read_text())["stages"]["preprocess"]
+    skip = ("--set", "data.on_bad_rows=skip")
+    both = f"[{tmp_path / 'src' / 'a.csv'}, {tmp_path / 'src' / 'b.jsonl'}]"
+    assert _preprocess(tmp_path, "run", both, "--set", "data.format=auto", *skip) == 2  # csv and jsonl: one format too many
+    assert _preprocess(tmp_path, "run2", tmp_path / "src" / "a.csv", *skip) == 0
+    stage = _preprocess_stage(tmp_path, "run2")
     bad = stage["bad_rows"]
     assert list(bad) == [str(tmp_path / "src" / "a.csv")] and bad[str(tmp_path / "src" / "a.csv")]["rows"] == 2
     assert "'oops'" in bad[str(tmp_path / "src" / "a.csv")]["example"]
     assert sum(stage["rows"].values()) == 298
 
     (tmp_path / "src" / "a.csv").unlink()
-    code = main(["run", str(config), "--stages", "preprocess", "--set", f"output.dir={tmp_path / 'run3'}",
-                 "--set", f"data.source={tmp_path / 'src'}",
-                 "--set", "model.type=mlp", "--set", "data.label_column=diagnosis", "--set", "data.on_bad_rows=skip",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
-    assert code == 0
-    stage = json.loads((tmp_path / "run3" / "summary.json").read_text())["stages"]["preprocess"]
+    assert _preprocess(tmp_path, "run3", tmp_path / "src", *skip) == 0
+    stage = _preprocess_stage(tmp_path, "run3")
     assert stage["bad_rows"][str(tmp_path / "src" / "b.jsonl")]["rows"] == 1
     assert sum(stage["rows"].values()) == len(frame) - 300 - 1
 
