@@ -22,10 +22,10 @@ import pyarrow.fs as pafs
 import ray.data
 
 from dataprep import AUGMENTATIONS, DataError, find_transform
-from dataprep.sources import BadRows, Problems, data_files, sources_of
-from dataprep.transforms import model_input_shape
+from dataprep.sources import BadRows, Files, Problems, data_files, sources_of
+from dataprep.transforms import FeatureStats, model_input_shape
 
-VERSION = 2  # bump when the cached layout or the meaning of a setting changes
+VERSION = 3  # bump when the cached layout or the meaning of a setting changes
 META = "meta.json"
 SPLITS = ("train", "val", "test")
 # Settings that decide how rows are read and made, not how fast.
@@ -33,32 +33,32 @@ _ROW_SETTINGS = ("source", "format", "text_glob", "label_column", "feature_colum
                  "val_fraction", "test_fraction", "seed", "on_bad_rows")
 
 
-def input_identity(data: dict) -> list:
+def input_identity(data: dict, files: Files | None) -> list:
     """What identifies the inputs: [path, size, mtime] per file, or the bundled dataset's version."""
-    sources = sources_of(data)
-    if sources[0].startswith("sklearn:"):
+    if files is None:
         import sklearn
 
-        return [[sources[0], sklearn.__version__]]
-    files = data_files(data)
+        return [[sources_of(data)[0], sklearn.__version__]]
     infos = files.filesystem.get_file_info(files.paths)
     return [[i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File]
 
 
-def cache_key(data: dict, seq_len: int | None) -> str:
+def cache_key(data: dict, seq_len: int | None, files: Files | None) -> str:
     identity = {
         "version": VERSION,
         "settings": {k: data[k] for k in _ROW_SETTINGS},
         "transforms": [t for t in data["transforms"] if t["type"] not in AUGMENTATIONS],
         "seq_len": seq_len if data["format"] == "text" else None,
-        "inputs": input_identity(data),
+        "inputs": input_identity(data, files),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, bool]:
     """The preprocessed dataset for a data section: (meta, its folder, whether it was reused)."""
-    key = cache_key(data, seq_len)
+    # Listed once: the key and the preprocessing see the same files.
+    files = None if sources_of(data)[0].startswith("sklearn:") else data_files(data)
+    key = cache_key(data, seq_len, files)
     entry = cache_root / key
     if (entry / META).is_file():
         return with_augmentations(json.loads((entry / META).read_text()), data), entry, True
@@ -73,30 +73,23 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
     raise_original = context.raise_original_map_exception
     context.raise_original_map_exception = True
 
-    def writer(dataset: ray.data.Dataset) -> dict[str, int]:
-        """Write a dataset with a `split` column (0 train, 1 val, 2 test) in one pass, as
-        train/, val/ and test/ Parquet folders; returns their row counts."""
-        import pyarrow.parquet as pq
-
-        dataset.write_parquet(str(tmp / "parts"), partition_cols=["split"])
-        rows = {}
-        for number, name in enumerate(SPLITS):
-            part = tmp / "parts" / f"split={number}"
-            if part.is_dir():
-                part.rename(tmp / name)
-            rows[name] = sum(pq.read_metadata(f).num_rows for f in (tmp / name).rglob("*.parquet")) if part.parent.exists() and (tmp / name).is_dir() else 0
-        shutil.rmtree(tmp / "parts", ignore_errors=True)
-        return rows
+    def writer(dataset: ray.data.Dataset, fit: tuple[str, str] | None = None) -> tuple[dict[str, int], list | None]:
+        """Write a dataset with a `split` column (0 train, 1 val, 2 test) in one pass as train/,
+        val/ and test/ Parquet folders; returns their row counts and, given `fit` (column, per),
+        the train rows' `FeatureStats`, taken by the same tasks that write them."""
+        sink = SplitWriter(str(tmp), fit)
+        dataset.write_datasink(sink)
+        return sink.rows, sink.stats
 
     try:
         if data["format"] == "text":
             from dataprep.text import preprocess_text
 
-            meta = preprocess_text(data, seq_len, writer, tmp)
+            meta = preprocess_text(data, files, seq_len, writer, tmp)
         else:
             from dataprep.preprocess import preprocess
 
-            meta = preprocess(data, writer, problems)
+            meta = preprocess(data, files, writer, problems)
         meta["bad_rows"] = ray.get(ledger.report.remote()) if ledger else {}
         meta["cache_key"] = key
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -112,6 +105,49 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
         if ledger is not None:
             ray.kill(ledger)
     return with_augmentations(json.loads((entry / META).read_text()), data), entry, False
+
+
+class SplitWriter(ray.data.Datasink):
+    """Writes each write task's rows as one Parquet file per split (`train/part-000007.parquet`),
+    without the `split` column. Each task returns its row counts and, when fitting, the
+    `FeatureStats` of its train rows; the driver combines those few vectors. So the statistics a
+    standardize or minmax needs come from the pass that writes, not from another pass over the data.
+    A retried task rewrites the same file names, and only its successful return is counted."""
+
+    def __init__(self, root: str, fit: tuple[str, str] | None):
+        self.root, self.fit = root, fit
+        self.rows: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.stats: list | None = None
+
+    def write(self, blocks, ctx) -> dict:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        rows, stats = [0] * len(SPLITS), None
+        if not tables:
+            return {"rows": rows, "stats": None}
+        table = pa.concat_tables(tables)
+        for number, name in enumerate(SPLITS):
+            part = table.filter(pc.equal(table["split"], number)).drop_columns(["split"])
+            rows[number] = part.num_rows
+            if not part.num_rows:
+                continue
+            os.makedirs(f"{self.root}/{name}", exist_ok=True)
+            pq.write_table(part, f"{self.root}/{name}/part-{ctx.task_idx:06d}.parquet")
+            if number == 0 and self.fit:
+                stats = FeatureStats(*self.fit).aggregate_block(part)
+        return {"rows": rows, "stats": stats}
+
+    def on_write_complete(self, write_result) -> None:
+        combine = FeatureStats(*self.fit).combine if self.fit else None
+        for returned in write_result.write_returns:
+            for name, count in zip(SPLITS, returned["rows"]):
+                self.rows[name] += count
+            if combine:
+                self.stats = combine(self.stats, returned["stats"])
 
 
 def with_augmentations(meta: dict, data: dict) -> dict:

@@ -1,11 +1,15 @@
-"""The preprocess stage for tables and images: read, check, encode, split, fit, transform, write;
-all as Ray Data operations (`map_batches` tasks across the cluster, aggregations for what is
-fitted), never a loop over rows on the driver.
+"""The preprocess stage for tables and images: read, check, encode, split, fit, write; all as Ray
+Data operations (`map_batches` tasks across the cluster, the fitted statistics reduced from
+per-task partial sums), never a loop over rows on the driver.
 
 Output (one cache entry, see `dataprep.cache`): `train/`, `val/` and `test/` Parquet folders with
-`features` (float32 tensor: [F] for tables, [C, H, W] for images), `label` (int64 class index) and
-`key` (int64, the row's identity hash: it seeds the row's split and its augmentations), and
-`meta.json` describing them (classes, input shape, fitted normalization, row counts).
+`features` (float32 [F] for tables, uint8 pixels [C, H, W] for images, as read), `label` (int64
+class index) and `key` (int64, the row's identity hash: it seeds the row's split and its
+augmentations), and `meta.json` describing them (classes, input shape, row counts, and the
+normalization fitted on the train split, which `trainers.batches.model_batch` applies as batches
+reach the model). Images take one pass: their classes are their folders' names, and the
+statistics are taken by the tasks that write. Tables take two, since their classes are values
+found in the rows.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import pandas as pd
 import pyarrow as pa
 
 from dataprep import DataError, find_transform, label_classes
-from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, ROW, Problems, data_files, format_of, image_mode, read_bundled,
+from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, ROW, Files, Problems, format_of, image_mode, read_bundled,
                               read_images, read_tables, sources_of, table_features)
-from dataprep.transforms import FeatureStats, scale_features, shift_and_scale
+from dataprep.transforms import shift_and_scale
 
 SPLITS = ("train", "val", "test")
 
 
-def preprocess(data: dict, writer, problems: Problems) -> dict:
-    """Read and transform a table or image source; `writer(dataset)` stores the splits (a `split`
-    column: 0 train, 1 val, 2 test) and returns their row counts. Returns the metadata."""
+def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> dict:
+    """Read and encode a table or image source (`files`, as `data_files` lists them; None for a
+    bundled dataset); `writer(dataset, fit)` stores the splits (a `split`
+    column: 0 train, 1 val, 2 test) and returns their row counts and, given `fit` (column, per),
+    the train rows' `FeatureStats`. Returns the metadata."""
     transforms = data["transforms"]
     resize = find_transform(transforms, "resize")
     sources = sources_of(data)
@@ -35,6 +41,9 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
     map_args = {"batch_size": data["batch_size"], "concurrency": data["concurrency"]}
     keyed["classes"] = label_classes(transforms)
 
+    scaler = find_transform(transforms, "standardize", "minmax")
+    per = scaler["per"] if scaler else "feature"
+
     if len(sources) == 1 and sources[0].startswith("sklearn:"):
         name = sources[0].removeprefix("sklearn:")
         ds = read_bundled(name, label)
@@ -43,7 +52,7 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
         fmt, files = "bundled", 1
     else:
         fmt = data["format"]
-        found = data_files(data)
+        found = files
         fmt = format_of(found) if fmt == "auto" else fmt
         files = len(found.paths)
         if fmt == "images":
@@ -51,8 +60,14 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
             mode, shape = image_mode(found)
             if resize:
                 shape = [shape[0], *resize["size"]]
-            ds = read_images(found, mode, resize["size"] if resize else None, problems, data["batch_size"])
-            encoded = ds.map_batches(_encode_images, fn_kwargs={"shape": shape, "relative": found.relative, **keyed},
+            _check_per(scaler, per, shape)
+            # The class folders, known from the paths: no pass over the data.
+            classes = keyed["classes"] or sorted({_folder(found.relative(p)) for p in found.paths}, key=_label_order)
+            _check_classes(classes, label, sources)
+            ds = read_images(found, mode, shape, resize["size"] if resize else None, problems)
+            # One pass: decode, check, key, split and write, fitting the statistics as it writes.
+            encoded = ds.map_batches(_encode_images, fn_kwargs={"shape": shape, "relative": found.relative,
+                                                                "index": {c: i for i, c in enumerate(classes)}, **keyed},
                                      batch_format="numpy", **map_args)
             features = None
         else:
@@ -62,42 +77,32 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
     if features is not None:
         if math.prod(shape) != len(features):
             raise DataError([f"data.image_shape: {shape} holds {math.prod(shape)} values but there are {len(features)} feature columns"])
+        _check_per(scaler, per, shape)
         encoded = ds.map_batches(_encode_table, fn_kwargs={"features": features, "label": label, "key": data["key_column"],
                                                            "all_columns": data["feature_columns"] is None,
                                                            "shape": shape, **keyed},
-                                 batch_format="pyarrow", **map_args)
-    encoded = encoded.materialize()
-    total = encoded.count()
+                                 batch_format="pyarrow", **map_args).materialize()
+        if encoded.count() == 0:
+            _no_rows(sources, problems)
+        # Labels are values in the rows: one pass over the encoded rows finds them, then a second
+        # turns them into class indices as it writes.
+        classes = keyed["classes"] or sorted(encoded.unique("label"), key=_label_order)
+        _check_classes(classes, label, sources)
+        encoded = encoded.map_batches(_label_index, fn_kwargs={"index": {c: i for i, c in enumerate(classes)}},
+                                      batch_format="numpy", **map_args)
+
+    rows, stats = writer(encoded, ("features", per) if scaler else None)
+    total = sum(rows.values())
     if total == 0:
-        raise DataError([f"data.source: {', '.join(sources)} holds no rows" + (" that could be read (every row was bad)" if problems.ledger else "")])
-
-    if keyed["classes"]:
-        classes = keyed["classes"]
-    elif fmt == "images":  # the class folders, known from the paths: no pass over the data
-        classes = sorted({found.relative(p).rpartition("/")[0] for p in found.paths}, key=_label_order)
-    else:
-        classes = sorted(encoded.unique("label"), key=_label_order)
-    if len(classes) < 2:
-        raise DataError([f"data.label_column: {label!r} has {len(classes)} distinct value(s) in {', '.join(sources)}; classification needs at least 2"])
-
-    scaler = find_transform(transforms, "standardize", "minmax")
-    per = scaler["per"] if scaler else "feature"
-    if per == "channel" and len(shape) != 3:
-        raise DataError([f"data.transforms: {scaler['type']} per channel needs images ([channels, height, width]); these rows have shape {shape}"])
-    train = encoded.filter(expr="split == 0")
-    stats = train.aggregate(FeatureStats("features", per))["stats(features)"]
-    if stats is not None and fmt == "images":
-        stats = pixel_stats(stats)
-    if stats is None:
+        _no_rows(sources, problems)
+    if rows["train"] == 0:
         raise DataError([f"data.val_fraction: the train split is empty ({total} rows in all); use more data or smaller fractions"])
-    shift, scale = shift_and_scale(stats, scaler["type"] if scaler else None, per, shape)
-    index = {c: i for i, c in enumerate(classes)}
-    finished = encoded.map_batches(_finish, fn_kwargs={"index": index, "shift": shift, "scale": scale},
-                                   batch_format="numpy", **map_args)
-    rows = writer(finished)
     for name, count in rows.items():
         if count == 0:
             raise DataError([f"data.{name}_fraction: the {name} split is empty ({total} rows in all); use more data or a larger fraction"])
+    if stats is not None and fmt == "images":
+        stats = pixel_stats(stats)
+    shift, scale = shift_and_scale(stats, scaler["type"] if scaler else None, per, shape)
     return {
         "format": fmt,
         "files": files,
@@ -109,11 +114,32 @@ def preprocess(data: dict, writer, problems: Problems) -> dict:
         "num_features": math.prod(shape),
         "stored_shape": list(shape),
         "input_shape": list(shape),
+        # The cache holds features as read (images as uint8 pixels): `trainers.batches.model_batch`
+        # scales pixels to [0, 1], augments, then applies this.
         "normalize": {"method": scaler["type"] if scaler else "none", "per": per,
-                      "shift": shift.tolist(), "scale": scale.tolist(), "train_rows": int(stats[0])},
+                      "shift": shift.tolist(), "scale": scale.tolist(), "train_rows": rows["train"]},
         "seed": data["seed"],
         "rows": rows,
     }
+
+
+def _check_per(scaler: dict | None, per: str, shape: list[int]) -> None:
+    if per == "channel" and len(shape) != 3:
+        raise DataError([f"data.transforms: {scaler['type']} per channel needs images ([channels, height, width]); these rows have shape {shape}"])
+
+
+def _check_classes(classes: list, label: str, sources: list[str]) -> None:
+    if len(classes) < 2:
+        raise DataError([f"data.label_column: {label!r} has {len(classes)} distinct value(s) in {', '.join(sources)}; classification needs at least 2"])
+
+
+def _no_rows(sources: list[str], problems: Problems):
+    raise DataError([f"data.source: {', '.join(sources)} holds no rows" + (" that could be read (every row was bad)" if problems.ledger else "")])
+
+
+def _folder(relative_path: str) -> str:
+    """An image's class: the folder it is in, relative to the source root."""
+    return relative_path.rpartition("/")[0]
 
 
 def pixel_stats(stats: list) -> list:
@@ -216,31 +242,27 @@ def _encode_table(batch: pa.Table, features: list[str], label: str, key: str | N
             FILE: batch[FILE].to_numpy(zero_copy_only=False)[keep], ROW: batch[ROW].to_numpy()[keep]}
 
 
-def _encode_images(batch: dict, shape: list[int], relative, seed: int, val_fraction: float, test_fraction: float,
+def _encode_images(batch: dict, shape: list[int], relative, index: dict, seed: int, val_fraction: float, test_fraction: float,
                    classes: list[str] | None, problems: Problems) -> dict:
     images = batch["image"]
+    files = [str(f) for f in batch[FILE]]
+    labels = np.array([_folder(relative(f)) for f in files], dtype=object)
     keep = np.array([tuple(image.shape) == tuple(shape) for image in images], dtype=bool)
-    if classes is not None:
-        unknown = ~np.isin(np.asarray(batch["label"], dtype=object), classes) & keep
-        problems([(str(f), 0, f"its folder {label!r} is not among the label_encode classes {classes}")
-                  for f, label in zip(batch[FILE][unknown], np.asarray(batch["label"])[unknown])])
-        keep &= ~unknown
-    wrong = [(str(f), 0, f"the image is {image.shape[2]}x{image.shape[1]} ({image.shape[0]} channel(s)) where the first was "
-                         f"{shape[2]}x{shape[1]} ({shape[0]}); add a resize transform to data.transforms")
-             for f, image, k in zip(batch[FILE], images, keep) if not k]
+    unknown = np.array([label not in index for label in labels], dtype=bool) & keep
+    problems([(f, 0, f"its folder {label!r} is not among the label_encode classes {classes}")
+              for f, label, u in zip(files, labels, unknown) if u])
+    keep &= ~unknown
+    wrong = [(f, 0, f"the image is {image.shape[2]}x{image.shape[1]} ({image.shape[0]} channel(s)) where the first was "
+                    f"{shape[2]}x{shape[1]} ({shape[0]}); add a resize transform to data.transforms")
+             for f, image, k, u in zip(files, images, keep, unknown) if not k and not u]
     problems(wrong)
-    # Pixels stay uint8 until `_finish` scales them (a quarter of the float32 bytes to move).
+    # Pixels stay uint8 in the cache (a quarter of float32's bytes to write and stream).
     x = np.stack([image for image, k in zip(images, keep) if k]) if keep.any() else np.zeros((0, *shape), np.uint8)
-    keys = row_keys([relative(str(f)) for f in batch[FILE][keep]])
-    return {"features": x, "label": np.asarray(batch["label"])[keep].astype(str), "key": keys.view(np.int64),
-            "split": split_of(keys, seed, val_fraction, test_fraction), FILE: batch[FILE][keep], ROW: batch[ROW][keep]}
+    keys = row_keys([relative(f) for f, k in zip(files, keep) if k])
+    return {"features": x, "label": np.array([index[label] for label in labels[keep]], dtype=np.int64),
+            "key": keys.view(np.int64), "split": split_of(keys, seed, val_fraction, test_fraction)}
 
 
-def _finish(batch: dict, index: dict, shift: np.ndarray, scale: np.ndarray) -> dict:
-    x = batch["features"]
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x  # images: pixels to [0, 1]
-    scaled = scale_features({"features": x}, shift, scale)["features"]
-    return {"features": scaled, "label": np.array([index[str(v)] for v in batch["label"]], dtype=np.int64),
+def _label_index(batch: dict, index: dict) -> dict:
+    return {"features": batch["features"], "label": np.array([index[str(v)] for v in batch["label"]], dtype=np.int64),
             "key": batch["key"], "split": batch["split"]}
-
-

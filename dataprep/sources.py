@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -342,12 +343,21 @@ def read_tables(files: Files, fmt: str, problems: Problems) -> ray.data.Dataset:
     return ray.data.read_datasource(TableFiles(files, fmt, problems))
 
 
-def read_images(files: Files, mode: str, size, problems: Problems, batch_size: int = 256) -> ray.data.Dataset:
-    """Image files decoded by Ray Data tasks, `batch_size` files per task (one tiny block per
-    image would cost more in scheduling than decoding)."""
-    paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=max(1, min(len(files.paths) // batch_size, 200)))
+DECODED_BYTES_PER_TASK = 64 << 20  # pixels one image-decoding task makes, at most
+
+
+def read_images(files: Files, mode: str, shape: list[int], size, problems: Problems) -> ray.data.Dataset:
+    """Image files decoded by Ray Data tasks. Few, large tasks: each costs about 0.1 s to schedule
+    on a busy 2-CPU machine, as long as decoding 300 small images. So a task takes up to 64 MB of
+    decoded pixels (from `shape`, the first image's), and there are at least 4 per CPU to keep
+    every CPU busy until the end."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(16, DECODED_BYTES_PER_TASK // max(1, math.prod(shape)))
+    tasks = min(len(files.paths), max(4 * cpus, -(-len(files.paths) // per_task)))
+    paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=tasks)
     return paths.map_batches(decode_images, fn_kwargs={"filesystem": files.filesystem, "mode": mode, "size": size,
-                                                       "problems": problems}, batch_size=batch_size, batch_format="numpy")
+                                                       "problems": problems},
+                             batch_size=-(-len(files.paths) // tasks), batch_format="numpy")
 
 
 def read_bundled(name: str, label_column: str) -> ray.data.Dataset:

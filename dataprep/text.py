@@ -21,7 +21,7 @@ import ray
 
 from dataprep import DataError, find_transform
 from dataprep.preprocess import row_keys, split_of
-from dataprep.sources import data_files
+from dataprep.sources import Files
 
 BYTE_VOCAB = 256
 # Pieces of 32 blocks: fine enough to split a small corpus, coarse enough that dropping each
@@ -34,8 +34,7 @@ def tokenizer_of(data: dict) -> dict:
     return find_transform(data["transforms"], "tokenize") or {"type": "tokenize", "tokenizer": "bytes", "vocab_size": BYTE_VOCAB}
 
 
-def preprocess_text(data: dict, seq_len: int, writer, out_dir: Path) -> dict:
-    files = data_files(data)
+def preprocess_text(data: dict, files: Files, seq_len: int, writer, out_dir: Path) -> dict:
     keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"],
              "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]}
     # Paths, not contents, go through the object store: each task reads its files itself, and
@@ -50,7 +49,7 @@ def preprocess_text(data: dict, seq_len: int, writer, out_dir: Path) -> dict:
         (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
     packed = paths.map_batches(_read_and_pack, fn_kwargs={"filesystem": files.filesystem, "seq_len": seq_len,
                                                           "tokenizer_json": tokenizer_json, **keyed}, **read_args)
-    rows = writer(packed)
+    rows, _ = writer(packed)
     for name, count in rows.items():
         if count == 0:
             raise DataError([f"data.{name}_fraction: the {name} split is empty ({sum(rows.values())} blocks of {seq_len + 1} "

@@ -1,24 +1,28 @@
 """The transforms of `data.transforms`, as functions Ray Data (preprocessing) and the training
 workers (augmentations) call on batches.
 
-Fitted transforms (standardize, minmax) learn their statistics from the train split with a Ray
-Data aggregation (`FeatureStats`): each block reduces to a few vectors, and only those reach the
-driver. Augmentations are drawn per row from a counter-based hash of (seed, epoch, row key), so a
-row's crop or flip in epoch 3 is the same whichever worker sees it, in whatever batch, before or
-after a resume; and different in epoch 4.
+Fitted transforms (standardize, minmax) learn their statistics from the train split with
+`FeatureStats`, a Ray Data aggregation: each write task reduces its rows to a few vectors, and only
+those reach the driver. They are applied as batches reach the model, after the augmentations.
+Augmentations are drawn per row from a counter-based hash of (seed, epoch, row key), so a row's
+crop or flip in epoch 3 is the same whichever worker sees it, in whatever batch, before or after
+a resume; and different in epoch 4.
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from ray.data.aggregate import AggregateFnV2
 from ray.data.block import BlockAccessor
 
 from dataprep import find_transform
+
+if TYPE_CHECKING:  # torch is imported where augmentations run: the preprocessing tasks never load it
+    import torch
 
 
 class FeatureStats(AggregateFnV2):
@@ -48,7 +52,10 @@ class FeatureStats(AggregateFnV2):
 
 def shift_and_scale(stats, method: str | None, per: str, shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature (or per-channel) shift and scale from `FeatureStats`, shaped to broadcast over a
-    row of `shape`; a constant feature gets scale 1 (it becomes 0, not NaN)."""
+    row of `shape`; a constant feature gets scale 1 (it becomes 0, not NaN). No method: 0 and 1."""
+    target = shape if per == "feature" else [shape[0]] + [1] * (len(shape) - 1)
+    if method is None:
+        return np.zeros(target, np.float32), np.ones(target, np.float32)
     count, total, squares, low, high = stats
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
@@ -57,13 +64,8 @@ def shift_and_scale(stats, method: str | None, per: str, shape: list[int]) -> tu
     elif method == "minmax":
         shift, scale = low, np.where(high - low > 1e-8, high - low, 1.0)
     else:
-        shift, scale = np.zeros_like(mean), np.ones_like(mean)
-    target = shape if per == "feature" else [shape[0]] + [1] * (len(shape) - 1)
+        raise ValueError(f"unknown normalization {method!r}")
     return shift.reshape(target).astype(np.float32), scale.reshape(target).astype(np.float32)
-
-
-def scale_features(batch: dict, shift: np.ndarray, scale: np.ndarray) -> dict:
-    return {**batch, "features": ((batch["features"] - shift) / scale).astype(np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,12 +87,13 @@ def uniform(keys: np.ndarray, seed: int, epoch: int, draw: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def augment(x: torch.Tensor, keys: np.ndarray, transforms: list[dict], seed: int, epoch: int,
-            shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Apply the augmentations among `transforms` to a batch of normalized images [n, C, H, W].
-    `shift`/`scale` are the fitted normalization, so brightness and the black fill of crops and
-    rotations act on the pixels as they were, not on their normalized values."""
-    black = -shift / scale
+def augment(x: torch.Tensor, keys: np.ndarray, transforms: list[dict], seed: int, epoch: int) -> torch.Tensor:
+    """Apply the augmentations among `transforms` to a batch of images [n, C, H, W] with pixels
+    in [0, 1], before normalization: brightness scales the pixels, and crops and rotations fill
+    with black (0)."""
+    import torch
+    import torch.nn.functional as F
+
     for draw, t in enumerate(transforms):
         u = lambda k: torch.as_tensor(uniform(keys, seed, epoch, 8 * draw + k), dtype=x.dtype, device=x.device)  # noqa: E731
         if t["type"] == "flip":
@@ -99,25 +102,27 @@ def augment(x: torch.Tensor, keys: np.ndarray, transforms: list[dict], seed: int
             if t["vertical"]:
                 x = torch.where((u(1) < 0.5)[:, None, None, None], x.flip(-2), x)
         elif t["type"] == "brightness":
-            factor = (1 + (2 * u(0) - 1) * t["max_delta"])[:, None, None, None]
-            x = x * factor + (factor - 1) * shift / scale
+            x = x * (1 + (2 * u(0) - 1) * t["max_delta"])[:, None, None, None]
         elif t["type"] == "rotate":
             angle = (2 * u(0) - 1) * math.radians(t["degrees"])
             cos, sin = torch.cos(angle), torch.sin(angle)
             zero = torch.zeros_like(cos)
             theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x - black, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + black
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         elif t["type"] == "random_crop":
-            x = _random_crop(x, t["size"], t["padding"], u(0), u(1), black)
+            x = _random_crop(x, t["size"], t["padding"], u(0), u(1))
     return x
 
 
-def _random_crop(x: torch.Tensor, size, padding: int, u_top: torch.Tensor, u_left: torch.Tensor, black) -> torch.Tensor:
+def _random_crop(x: torch.Tensor, size, padding: int, u_top: torch.Tensor, u_left: torch.Tensor) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     n, _, height, width = x.shape
     h, w = size
     if padding:
-        x = F.pad(x - black, (padding,) * 4) + black
+        x = F.pad(x, (padding,) * 4)
     top = (u_top * (height + 2 * padding - h + 1)).long()
     left = (u_left * (width + 2 * padding - w + 1)).long()
     rows = (top[:, None] + torch.arange(h, device=x.device))[:, :, None]

@@ -188,6 +188,10 @@ class DataConfig(Section):
                 raise ValueError(f"transforms: {kind} is listed {kinds.count(kind)} times; list it once")
         if "standardize" in kinds and "minmax" in kinds:
             raise ValueError("transforms: standardize and minmax both scale the features; keep one")
+        scaler = next((t for t in self.transforms if t.type in ("standardize", "minmax")), None)
+        if scaler is not None and scaler.per == "feature" and "random_crop" in kinds:
+            raise ValueError(f"transforms: {scaler.type} per feature fits one statistic per pixel position, which random_crop "
+                             f"moves every epoch; use {{type: {scaler.type}, per: channel}}")
         text = self.format == "text"
         wrong = [k for k in kinds if (k in TEXT_TRANSFORMS) != text or (text and k == "label_encode")]
         if wrong:

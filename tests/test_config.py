@@ -38,6 +38,11 @@ def _write(tmp_path: Path, doc: dict) -> Path:
         ({"tune": {"space": {"train.zero.stage": {"choice": [2, 5]}}}},
          "tune.space.train.zero.stage: value 5 is rejected: train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 5)"),
         ({"tune": {"space": {"train.lr": {"uniform": [0.1, 0.01]}}}}, "tune.space.train.lr: uniform needs low < high"),
+        ({"data": {"transforms": ["flip", "standardize"]}},
+         "data.transforms: standardize (entry 1) follows the augmentation flip (entry 0)"),
+        ({"data": {"transforms": ["standardize", {"type": "random_crop", "size": [6, 6]}]}},
+         "data.transforms: standardize per feature fits one statistic per pixel position, which random_crop moves every epoch; "
+         "use {type: standardize, per: channel}"),
     ],
 )
 def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path, capsys, doc, expected):

@@ -86,10 +86,15 @@ def test_standardize_is_fitted_on_the_train_split_only(ray_cluster, tmp_path):
 
     _write(_cancer(), tmp_path / "cancer.parquet", "parquet")
     meta, entry, _ = prepare(_data(str(tmp_path / "cancer.parquet"), transforms=["standardize"]), 128, tmp_path / "cache")
-    train = np.stack(_split(entry, "train")["features"])
+    shift, scale = np.array(meta["normalize"]["shift"]), np.array(meta["normalize"]["scale"])
+    raw = _split(entry, "train")
+    # The cache keeps the features as read; the fitted statistics apply as batches reach the model.
+    inputs = {tuple(row) for row in _cancer().drop(columns="diagnosis").to_numpy(np.float32)}
+    assert all(tuple(row) in inputs for row in np.stack(raw["features"]))
+    train = (np.stack(raw["features"]) - shift) / scale
     np.testing.assert_allclose(train.mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(train.std(0), 1, atol=1e-3)
-    val = np.stack(_split(entry, "val")["features"])
+    val = (np.stack(_split(entry, "val")["features"]) - shift) / scale
     assert np.abs(val.mean(0)).max() > 1e-3  # fitted on train, applied to val: not re-centred on val
     assert meta["normalize"]["train_rows"] == meta["rows"]["train"]
 
@@ -130,8 +135,9 @@ def test_image_folders_label_by_subfolder_and_resize(ray_cluster, tmp_path):
     assert meta["input_shape"] == [1, 8, 8] and [t["type"] for t in meta["augment"]] == ["random_crop", "flip"]
     assert sum(meta["rows"].values()) == 120
     train = np.stack(_split(entry, "train")["features"])
-    assert train.shape[1:] == (1, 12, 10)
-    np.testing.assert_allclose(train.mean(), 0, atol=1e-4)
+    assert train.shape[1:] == (1, 12, 10) and train.dtype == np.uint8  # cached as pixels
+    shift, scale = np.array(meta["normalize"]["shift"]), np.array(meta["normalize"]["scale"])
+    np.testing.assert_allclose(((train / 255 - shift) / scale).mean(), 0, atol=1e-4)
     # Changing only an augmentation reuses the cached images.
     data["transforms"][-1] = {"type": "rotate", "degrees": 10}
     again, entry_again, reused = prepare(data, 128, tmp_path / "cache")

@@ -1,9 +1,10 @@
 """What a model sees of a batch of a cached split: inputs and targets, augmented when training.
 
-A classifier's batch has `features` and `label`; a language model's has `tokens` (seq_len + 1 per
-row: the inputs are the first seq_len, the targets the last seq_len). Images trained with
-augmentations get a fresh draw per (seed, epoch, row key); evaluation sees the centre crop when
-training crops.
+A classifier's batch has `features` (images as uint8 pixels) and `label`; a language model's has
+`tokens` (seq_len + 1 per row: the inputs are the first seq_len, the targets the last seq_len).
+Pixels are scaled to [0, 1]; images trained with augmentations get a fresh draw per (seed, epoch,
+row key), and evaluation sees the centre crop when training crops; then the normalization
+fitted on the train split applies (`meta["normalize"]`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ def model_batch(batch: dict, meta: dict, epoch: int | None = None) -> tuple[torc
         tokens = batch["tokens"].long()
         return tokens[:, :-1], tokens[:, 1:]
     x, y = batch["features"], batch["label"]
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
     steps = meta.get("augment") or []
-    if not steps:
-        return x, y
-    if epoch is None:
-        crop = find_transform(steps, "random_crop")
-        return (center_crop(x, crop["size"]) if crop else x), y
-    shift = torch.tensor(meta["normalize"]["shift"], dtype=x.dtype, device=x.device)
-    scale = torch.tensor(meta["normalize"]["scale"], dtype=x.dtype, device=x.device)
-    return augment(x, batch["key"].cpu().numpy(), steps, meta["seed"], epoch, shift, scale), y
+    if steps and epoch is not None:
+        x = augment(x, batch["key"].cpu().numpy(), steps, meta["seed"], epoch)
+    elif steps and (crop := find_transform(steps, "random_crop")):
+        x = center_crop(x, crop["size"])
+    return normalized(x, meta["normalize"]), y
+
+
+def normalized(x: torch.Tensor, normalize: dict) -> torch.Tensor:
+    """`(x - shift) / scale` with the statistics fitted on the train split (per feature, or per
+    channel of an image); nothing when the data section has no standardize or minmax."""
+    if normalize["method"] == "none":
+        return x
+    shift = torch.tensor(normalize["shift"], dtype=x.dtype, device=x.device)
+    scale = torch.tensor(normalize["scale"], dtype=x.dtype, device=x.device)
+    return (x - shift) / scale
