@@ -103,8 +103,11 @@ def child_ray(case: str, source: Path, out: Path) -> dict:
     started = time.perf_counter()
     ray.init(log_to_driver=False, logging_level="ERROR", configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Ray Data's first execution on a fresh cluster starts its own actors (about 1.4 s here, then
-    # 0.1 s per execution): a fixed cost, reported with Ray's start-up, not in the rows/s.
+    # Start-up, reported apart from the rows/s: a worker process per CPU (a long-lived cluster has
+    # them; a fresh one starts them on first use, about 1.5 s each here) and Ray Data's own actors,
+    # started by its first execution (about 1.4 s, then 0.1 s per execution).
+    cpus = int(ray.cluster_resources()["CPU"])
+    ray.get([ray.remote(_pause).remote(1.0) for _ in range(cpus)])
     ray.data.range(1).map_batches(lambda batch: batch).materialize()
     startup = time.perf_counter() - started
     started = time.perf_counter()
@@ -122,6 +125,10 @@ def child_ray(case: str, source: Path, out: Path) -> dict:
         result.update(augment_s=time.perf_counter() - started, augment_checksum=total)
     ray.shutdown()
     return result
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def _augment_batch(batch: dict, meta: dict, epoch: int) -> dict:

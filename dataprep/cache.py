@@ -72,6 +72,11 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
     # "UDF failed to process a data block" that keeps only its text.
     raise_original = context.raise_original_map_exception
     context.raise_original_map_exception = True
+    # Preprocessing has the cluster to itself, and its work is one chain of fused map tasks. Ray
+    # Data's per-operator reservations only held it back: on 2 CPUs it ran one task at a time
+    # for the first 1.5 s (20k images: 4.3 s with them, 3.3 s without).
+    reservation = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
 
     def writer(dataset: ray.data.Dataset, fit: tuple[str, str] | None = None) -> tuple[dict[str, int], list | None]:
         """Write a dataset with a `split` column (0 train, 1 val, 2 test) in one pass as train/,
@@ -102,6 +107,7 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
         raise _unwrapped(exc) from None
     finally:
         context.raise_original_map_exception = raise_original
+        context.op_resource_reservation_enabled = reservation
         if ledger is not None:
             ray.kill(ledger)
     return with_augmentations(json.loads((entry / META).read_text()), data), entry, False

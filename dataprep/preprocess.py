@@ -64,11 +64,12 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
             # The class folders, known from the paths: no pass over the data.
             classes = keyed["classes"] or sorted({_folder(found.relative(p)) for p in found.paths}, key=_label_order)
             _check_classes(classes, label, sources)
-            ds = read_images(found, mode, shape, resize["size"] if resize else None, problems)
-            # One pass: decode, check, key, split and write, fitting the statistics as it writes.
+            ds = read_images(found, mode, shape, resize["size"] if resize else None, problems, data["seed"])
+            # One pass: decode, check, key, split and write, fitting the statistics as it writes. Each
+            # decoding task's block is encoded whole (a row count here would merge small tasks).
             encoded = ds.map_batches(_encode_images, fn_kwargs={"shape": shape, "relative": found.relative,
                                                                 "index": {c: i for i, c in enumerate(classes)}, **keyed},
-                                     batch_format="numpy", **map_args)
+                                     batch_format="numpy", batch_size=None, concurrency=data["concurrency"])
             features = None
         else:
             features = table_features(found, fmt, data)

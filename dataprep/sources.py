@@ -346,15 +346,18 @@ def read_tables(files: Files, fmt: str, problems: Problems) -> ray.data.Dataset:
 DECODED_BYTES_PER_TASK = 64 << 20  # pixels one image-decoding task makes, at most
 
 
-def read_images(files: Files, mode: str, shape: list[int], size, problems: Problems) -> ray.data.Dataset:
+def read_images(files: Files, mode: str, shape: list[int], size, problems: Problems, seed: int) -> ray.data.Dataset:
     """Image files decoded by Ray Data tasks. Few, large tasks: each costs about 0.1 s to schedule
     on a busy 2-CPU machine, as long as decoding 300 small images. So a task takes up to 64 MB of
     decoded pixels (from `shape`, the first image's), and there are at least 4 per CPU to keep
-    every CPU busy until the end."""
+    every CPU busy until the end. The files go in a seeded random order: listed, they are sorted
+    by class folder, and a task (so a cached file, streamed in order to training) would hold one
+    or two classes."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     per_task = max(16, DECODED_BYTES_PER_TASK // max(1, math.prod(shape)))
     tasks = min(len(files.paths), max(4 * cpus, -(-len(files.paths) // per_task)))
-    paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=tasks)
+    order = np.random.default_rng(seed).permutation(len(files.paths))
+    paths = ray.data.from_items([{"path": files.paths[i]} for i in order], override_num_blocks=tasks)
     return paths.map_batches(decode_images, fn_kwargs={"filesystem": files.filesystem, "mode": mode, "size": size,
                                                        "problems": problems},
                              batch_size=-(-len(files.paths) // tasks), batch_format="numpy")

@@ -157,13 +157,15 @@ class DataConfig(Section):
     on_bad_rows: Literal["fail", "skip"] = "fail"
     """A row that cannot be read (a non-numeric feature, an unknown label, an unreadable image): `fail` stops with the file and row; `skip` drops it and counts it per file in summary.json."""
     batch_size: int = Field(256, ge=1)
-    """Rows per Ray Data `map_batches` call while preprocessing."""
+    """Rows per Ray Data `map_batches` call while preprocessing tables. (Images go by size: up to 64 MB of decoded pixels per task, at least 4 tasks per CPU; text by 16 files per task.)"""
     concurrency: int | None = Field(None, ge=1)
     """Ray Data tasks preprocessing at once; null lets Ray Data decide from the cluster's CPUs."""
     cache_dir: str | None = None
     """Where preprocessed datasets are kept, keyed by their inputs and transforms; null is `.cache/data` beside output.dir."""
     ingest_memory_mb: int | None = Field(None, ge=1)
     """Object store memory Ray Data may hold while streaming the training data to the workers; null is Ray Data's default."""
+    shuffle_buffer: int = Field(10_000, ge=1)
+    """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory."""
 
     @field_validator("transforms", mode="before")
     @classmethod

@@ -67,7 +67,7 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
         raise ValueError(f"train.micro_batch_size: {data_meta['rows']['train']} train rows over {train['workers']} workers "
                          f"make no full optimizer step of {train['micro_batch_size']} x {train['grad_accum_steps']} rows")
     return {"model": model, "train": train, "data_meta": data_meta, "distill": distill,
-            "ingest_memory_mb": run["data"]["ingest_memory_mb"],
+            "ingest_memory_mb": run["data"]["ingest_memory_mb"], "shuffle_buffer": run["data"]["shuffle_buffer"],
             "metric": run["tune"]["metric"], "lr_path": lr_path, "steps_per_epoch": per_epoch,
             "deepspeed": deepspeed_config(train, hidden_size(model), per_epoch * train["epochs"], run.get("deepspeed_user"))}
 
@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
         started, since_report = time.perf_counter(), _Window()
         skip = position["micro_batch"] if epoch == position["epoch"] else 0
         batches = train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
-                                                 local_shuffle_buffer_size=4 * train["micro_batch_size"],
+                                                 local_shuffle_buffer_size=max(config["shuffle_buffer"], train["micro_batch_size"]),
                                                  local_shuffle_seed=train["seed"] * 1000 + epoch, device=engine.device)
         # Every rank walks the whole shard (equal row counts: the same number of batches), trains
         # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
