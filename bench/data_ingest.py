@@ -149,7 +149,10 @@ def child_single(case: str, source: Path, out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ray.data.extensions import ArrowTensorArray
+
     from dataprep.sources import data_files
+    from dataprep.stream import encode_tensors
     from dataprep.text import PIECE_BLOCKS, _pack, _pieces
     importlib.import_module("trainers.batches")  # torch, as on the Ray side
 
@@ -159,10 +162,13 @@ def child_single(case: str, source: Path, out: Path) -> dict:
         data = text_data(source)
         files = data_files(data)
         parts = []
-        for path in files.paths:
-            with open(path, "rb") as f:
-                content = f.read()
-            pieces = _pieces({"bytes": [content], "path": [path]}, files.relative, PIECE_BLOCKS * (SEQ_LEN + 1),
+        for start in range(0, len(files.paths), 16):  # 16 files per call, as each Ray Data task takes them
+            paths = files.paths[start:start + 16]
+            contents = []
+            for path in paths:
+                with open(path, "rb") as f:
+                    contents.append(f.read())
+            pieces = _pieces({"bytes": contents, "path": paths}, files.relative, PIECE_BLOCKS * (SEQ_LEN + 1),
                              data["seed"], data["val_fraction"], data["test_fraction"])
             parts.append(_pack(pieces, SEQ_LEN, None))
         tokens = np.concatenate([p["tokens"] for p in parts])
@@ -172,8 +178,8 @@ def child_single(case: str, source: Path, out: Path) -> dict:
         for number, name in enumerate(("train", "val", "test")):
             keep = splits == number
             (entry / name).mkdir(parents=True, exist_ok=True)
-            table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(tokens[keep].ravel(), SEQ_LEN + 1), "key": keys[keep]})
-            pq.write_table(table, entry / name / "part.parquet")
+            table = pa.table({"tokens": ArrowTensorArray.from_numpy(tokens[keep]), "key": keys[keep]})
+            pq.write_table(encode_tensors(table), entry / name / "part.parquet")
             rows[name] = int(keep.sum())
         return {"preprocess_s": time.perf_counter() - started, "rows": rows, "checksum": checksum(entry)}
 
@@ -199,9 +205,9 @@ def child_single(case: str, source: Path, out: Path) -> dict:
     for number, name in enumerate(("train", "val", "test")):
         keep = encoded["split"] == number
         (entry / name).mkdir(parents=True, exist_ok=True)
-        table = pa.table({"features": pa.FixedSizeListArray.from_arrays(encoded["features"][keep].ravel(), int(np.prod(shape))),
+        table = pa.table({"features": ArrowTensorArray.from_numpy(encoded["features"][keep]),
                           "label": encoded["label"][keep], "key": encoded["key"][keep]})
-        pq.write_table(table, entry / name / "part.parquet")
+        pq.write_table(encode_tensors(table), entry / name / "part.parquet")
         rows[name] = int(keep.sum())
     meta = {"normalize": {"method": "standardize", "per": "channel", "shift": shift.tolist(), "scale": scale.tolist(),
                           "train_rows": rows["train"]}, "augment": AUGMENT, "seed": data["seed"]}
@@ -238,14 +244,15 @@ def checksum(entry: Path) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from dataprep.stream import decode_tensors
+
     sums = {}
     for name in ("train", "val", "test"):
         total, rows = 0.0, 0
         for path in sorted((entry / name).rglob("*.parquet")):
-            table = pq.read_table(path)
+            table = decode_tensors(pq.read_table(path))
             column = table["tokens" if "tokens" in table.column_names else "features"].combine_chunks()
-            values = column.storage if hasattr(column, "storage") else column
-            total += float(np.asarray(values.flatten()).astype(np.float64).sum())
+            total += float(column.to_numpy().astype(np.float64).sum())
             rows += table.num_rows
         sums[name] = [rows, round(total, 1)]
     return sums

@@ -23,9 +23,10 @@ import ray.data
 
 from dataprep import AUGMENTATIONS, DataError, find_transform
 from dataprep.sources import BadRows, Files, Problems, data_files, sources_of
+from dataprep.stream import encode_tensors
 from dataprep.transforms import FeatureStats, model_input_shape
 
-VERSION = 3  # bump when the cached layout or the meaning of a setting changes
+VERSION = 4  # bump when the cached layout or the meaning of a setting changes
 META = "meta.json"
 SPLITS = ("train", "val", "test")
 # Settings that decide how rows are read and made, not how fast.
@@ -115,7 +116,7 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
 
 class SplitWriter(ray.data.Datasink):
     """Writes each write task's rows as one Parquet file per split (`train/part-000007.parquet`),
-    without the `split` column. Each task returns its row counts and, when fitting, the
+    without the `split` column, tensors as `dataprep.stream.encode_tensors` stores them. Each task returns its row counts and, when fitting, the
     `FeatureStats` of its train rows; the driver combines those few vectors. So the statistics a
     standardize or minmax needs come from the pass that writes, not from another pass over the data.
     A retried task rewrites the same file names, and only its successful return is counted."""
@@ -141,10 +142,10 @@ class SplitWriter(ray.data.Datasink):
             rows[number] = part.num_rows
             if not part.num_rows:
                 continue
-            os.makedirs(f"{self.root}/{name}", exist_ok=True)
-            pq.write_table(part, f"{self.root}/{name}/part-{ctx.task_idx:06d}.parquet")
             if number == 0 and self.fit:
                 stats = FeatureStats(*self.fit).aggregate_block(part)
+            os.makedirs(f"{self.root}/{name}", exist_ok=True)
+            pq.write_table(encode_tensors(part), f"{self.root}/{name}/part-{ctx.task_idx:06d}.parquet")
         return {"rows": rows, "stats": stats}
 
     def on_write_complete(self, write_result) -> None:

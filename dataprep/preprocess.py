@@ -74,7 +74,7 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
         else:
             features = table_features(found, fmt, data)
             shape = data["image_shape"] or [len(features)]
-            ds = read_tables(found, fmt, problems)
+            ds = read_tables(found, fmt, problems, data["batch_size"])
     if features is not None:
         if math.prod(shape) != len(features):
             raise DataError([f"data.image_shape: {shape} holds {math.prod(shape)} values but there are {len(features)} feature columns"])
@@ -82,7 +82,8 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
         encoded = ds.map_batches(_encode_table, fn_kwargs={"features": features, "label": label, "key": data["key_column"],
                                                            "all_columns": data["feature_columns"] is None,
                                                            "shape": shape, **keyed},
-                                 batch_format="pyarrow", **map_args).materialize()
+                                 # one read block (data.batch_size rows of one file) per call
+                                 batch_format="pyarrow", batch_size=None, concurrency=data["concurrency"]).materialize()
         if encoded.count() == 0:
             _no_rows(sources, problems)
         # Labels are values in the rows: one pass over the encoded rows finds them, then a second

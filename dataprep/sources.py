@@ -215,15 +215,20 @@ class Problems:
 
 
 class TableFiles(FileBasedDatasource):
-    """CSV (every column read as text; numbers are parsed later, row by row), JSONL or Parquet."""
+    """CSV (every column read as text; numbers are parsed later, row by row), JSONL or Parquet, in
+    blocks of `rows` rows. A block never holds rows of two files: the encoding takes one block at
+    a time, so a file whose columns differ from the others' is seen as it is, not with the other
+    files' columns filled in with nulls."""
 
-    def __init__(self, files: Files, fmt: str, problems: Problems):
+    def __init__(self, files: Files, fmt: str, problems: Problems, rows: int):
         super().__init__(files.paths, filesystem=files.filesystem)
-        self.fmt, self.problems = fmt, problems
+        self.fmt, self.problems, self.rows = fmt, problems, rows
 
     def _read_stream(self, f, path: str):
         reader = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}[self.fmt]
-        yield from reader(f, path, self.problems)
+        for table in reader(f, path, self.problems):
+            for start in range(0, table.num_rows, self.rows):
+                yield table.slice(start, self.rows)
 
 
 def _tagged(table: pa.Table, path: str, first_row: int) -> pa.Table:
@@ -339,8 +344,8 @@ def image_mode(files: Files) -> tuple[str, list[int]]:
         return mode, [1 if mode == "L" else 3, image.height, image.width]
 
 
-def read_tables(files: Files, fmt: str, problems: Problems) -> ray.data.Dataset:
-    return ray.data.read_datasource(TableFiles(files, fmt, problems))
+def read_tables(files: Files, fmt: str, problems: Problems, rows: int) -> ray.data.Dataset:
+    return ray.data.read_datasource(TableFiles(files, fmt, problems, rows))
 
 
 DECODED_BYTES_PER_TASK = 64 << 20  # pixels one image-decoding task makes, at most

@@ -262,16 +262,14 @@ def _quantize(run: Run) -> dict:
 
 
 def _evaluate(run: Run) -> dict:
-    import ray.data
-
+    from dataprep.stream import stream_folder
+    from trainers.batches import model_batch
     from trainers.checkpoint import WEIGHTS, load_model_dir
     from trainers.evaluate import measure
     from trainers.quantize import QUANTIZED_WEIGHTS, load_quantized_dir
 
-    from trainers.batches import model_batch
-
     test_dir = run.data_dir / "test"
-    first = next(iter(ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=1, device="cpu")))
+    first = next(iter(stream_folder(test_dir).iter_torch_batches(batch_size=1, device="cpu")))
     example = model_batch(first, run.data_meta)[0]
     for name, directory in run.models.items():
         if name == "quantized":

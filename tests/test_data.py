@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray.data
 
+from dataprep.stream import stream_split
 from launcher.cli import main
 
 pytestmark = pytest.mark.ray
@@ -55,7 +55,7 @@ def _preprocess_stage(tmp_path, run: str) -> dict:
 
 
 def _split(entry: Path, name: str) -> pd.DataFrame:
-    frame = ray.data.read_parquet(str(entry / name)).to_pandas()
+    frame = stream_split(entry, name).to_pandas()
     return frame.sort_values("key").reset_index(drop=True)
 
 
@@ -281,7 +281,7 @@ def test_bpe_tokenizer_round_trips_and_packs_fewer_blocks_than_bytes(ray_cluster
     assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 400 and meta["num_classes"] == 400
     tokenizer = Tokenizer.from_file(str(entry / "tokenizer.json"))
     assert tokenizer.get_vocab_size() == 400
-    block = ray.data.read_parquet(str(entry / "train")).take(1)[0]["tokens"]
+    block = stream_split(entry, "train").take(1)[0]["tokens"]
     assert block.shape == (65,) and block.max() < 400
     sources = "".join(p.read_text() for p in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")))
     assert tokenizer.decode(block.tolist()) in sources  # a block is a stretch of one file's real text

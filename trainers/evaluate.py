@@ -7,11 +7,11 @@ import statistics
 import time
 from pathlib import Path
 
-import ray.data
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataprep.stream import stream_folder
 from trainers.batches import model_batch
 from trainers.models import count_params
 
@@ -23,7 +23,7 @@ def test_metrics(model: nn.Module, test_dir: Path | str, meta: dict, batch_size:
     correct = total = 0
     loss_sum = 0.0
     lm = False
-    for batch in ray.data.read_parquet(str(test_dir)).iter_torch_batches(batch_size=batch_size, device="cpu"):
+    for batch in stream_folder(test_dir).iter_torch_batches(batch_size=batch_size, device="cpu"):
         x, labels = model_batch(batch, meta)
         logits = model(x)
         lm = logits.dim() == 3
