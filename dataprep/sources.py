@@ -90,7 +90,7 @@ def table_features(files: Files, fmt: str, data: dict) -> list[str]:
 
 
 def list_files(sources: list[str], pattern: str = "**/*", extensions: tuple[str, ...] | None = None) -> Files:
-    """Expand sources (files, folders, local globs, URIs) to a sorted list of files."""
+    """Expand sources (files, folders, globs; local paths or URIs) to a sorted list of files."""
     filesystem, paths, roots = None, [], []
     for source in sources:
         fs, found, root = _expand(source, pattern, extensions)
@@ -113,6 +113,8 @@ def _expand(source: str, pattern: str, extensions) -> tuple[pafs.FileSystem, lis
         for match in matches:
             files += _expand(match, pattern, extensions)[1]
         return pafs.LocalFileSystem(), files, os.path.abspath(os.path.dirname(source.split("*")[0]) or ".")
+    if "://" in source and globbing.has_magic(source):
+        return _expand_uri_glob(source, pattern, extensions)
     try:
         fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), os.path.abspath(source))
         info = fs.get_file_info(path)
@@ -131,6 +133,33 @@ def _expand(source: str, pattern: str, extensions) -> tuple[pafs.FileSystem, lis
         what = f"{', '.join(extensions)} files" if extensions else f"files matching {pattern!r}"
         raise DataError([f"data.source: the folder {source!r} holds no {what}"])
     return fs, files, path
+
+
+def _expand_uri_glob(source: str, pattern: str, extensions) -> tuple[pafs.FileSystem, list[str], str]:
+    """A glob in a URI (`s3://bucket/logs/2026-*/*.parquet`): list the folder above its first
+    wildcard and match the rest, as `glob` would; a matched folder contributes its files that
+    match `pattern`."""
+    cut = min(source.find(c) for c in "*?[" if c in source)
+    base = source[:source.rfind("/", 0, cut)]
+    try:
+        fs, root = pafs.FileSystem.from_uri(base)
+        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError([f"data.source: cannot open {source!r}: {exc}"]) from None
+    wanted, inside = glob_regex(source[len(base) + 1:].rstrip("/")), glob_regex(pattern)
+    files = []
+    for info in listed:
+        relative = info.path[len(root):].lstrip("/")
+        parts = relative.split("/")
+        if (info.type != pafs.FileType.File or _bookkeeping(relative)
+                or (extensions is not None and not relative.lower().endswith(extensions))):
+            continue
+        if wanted.fullmatch(relative) or any(wanted.fullmatch("/".join(parts[:k])) and inside.fullmatch("/".join(parts[k:]))
+                                              for k in range(1, len(parts))):
+            files.append(info.path)
+    if not files:
+        raise DataError([f"data.source: no file or folder matches {source!r}"])
+    return fs, sorted(files), root
 
 
 def _bookkeeping(relative: str) -> bool:

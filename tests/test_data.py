@@ -81,6 +81,19 @@ def test_parquet_csv_and_jsonl_give_the_same_splits(ray_cluster, tmp_path):
             np.testing.assert_allclose(np.stack(other["features"]), np.stack(parquet["features"]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_file_uri_glob_reads_the_same_rows_as_the_local_path(ray_cluster, tmp_path):
+    from dataprep.cache import prepare
+
+    frame = _cancer()
+    _write(frame.iloc[:300], tmp_path / "src" / "a.parquet", "parquet")
+    _write(frame.iloc[300:], tmp_path / "src" / "b.parquet", "parquet")
+    _, local, _ = prepare(_data(str(tmp_path / "src")), 128, tmp_path / "cache")
+    meta, remote, _ = prepare(_data(f"file://{tmp_path}/src/*.parquet"), 128, tmp_path / "cache")
+    assert meta["files"] == 2 and sum(meta["rows"].values()) == len(frame)
+    for name in ("train", "val", "test"):
+        assert (_split(local, name)["key"] == _split(remote, name)["key"]).all()
+
+
 def test_standardize_is_fitted_on_the_train_split_only(ray_cluster, tmp_path):
     from dataprep.cache import prepare
 
