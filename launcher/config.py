@@ -314,6 +314,9 @@ class TrainConfig(Section):
         return self.micro_batch_size * self.grad_accum_steps * self.workers, self.micro_batch_size, self.grad_accum_steps
 
 
+DOMAIN_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
+
+
 class SearchDomain(Section):
     choice: list[Any] | None = None
     """Pick one of these values."""
@@ -323,14 +326,17 @@ class SearchDomain(Section):
     """A float drawn log-uniformly from [low, high]."""
     randint: tuple[int, int] | None = None
     """An integer drawn from [low, high)."""
+    grid: list[Any] | None = None
+    """Every one of these values, each in its own trials (num_samples times over)."""
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> SearchDomain:
-        kinds = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        kinds = [k for k in DOMAIN_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError("give exactly one of choice, uniform, loguniform, randint")
-        if self.choice is not None and not self.choice:
-            raise ValueError("choice needs at least one value")
+            raise ValueError(f"give exactly one of {', '.join(DOMAIN_KINDS)}")
+        for kind in ("choice", "grid"):
+            if getattr(self, kind) is not None and not getattr(self, kind):
+                raise ValueError(f"{kind} needs at least one value")
         for kind in ("uniform", "loguniform", "randint"):
             bounds = getattr(self, kind)
             if bounds is not None and not bounds[0] < bounds[1]:
@@ -339,10 +345,14 @@ class SearchDomain(Section):
             raise ValueError("loguniform needs low > 0")
         return self
 
+    @property
+    def kind(self) -> str:
+        return next(k for k in DOMAIN_KINDS if getattr(self, k) is not None)
+
     def edge_values(self) -> list[Any]:
         """Values that must all pass the schema for every sample to pass it."""
-        if self.choice is not None:
-            return list(self.choice)
+        if self.choice is not None or self.grid is not None:
+            return list(self.choice if self.choice is not None else self.grid)
         low, high = self.uniform or self.loguniform or self.randint
         return [low, high - 1] if self.randint is not None else [low, high]
 
@@ -351,9 +361,15 @@ class TuneConfig(Section):
     enabled: bool = False
     """Run a hyperparameter sweep; its best trial becomes the teacher instead of a single train run."""
     num_samples: int = Field(4, ge=1)
-    """Trials to sample from the space."""
+    """Trials to sample from the space (random, optuna). With `grid` domains, Ray Tune's rule: each combination of grid values is run num_samples times; `search: grid` runs each combination once."""
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     """Validation metric the scheduler and the final pick go by."""
+    mode: Literal["max", "min"] | None = None
+    """Whether a higher or a lower metric is better; null: max for val_accuracy, min for val_loss."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """How trials' values are chosen: `random` samples the space (every `grid` value is still tried); `grid` tries every combination of the `choice`/`grid` values; `optuna` is Optuna's TPE, which learns from finished trials (no `grid` domains)."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting and running trials after this many seconds; the best so far wins. Null: no limit."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """`asha` stops weak trials early at rungs of epochs; `fifo` runs every trial to the end."""
     grace_period: int = Field(1, ge=1)
@@ -517,6 +533,15 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
             except ConfigError as exc:
                 problems += [f"{where}: value {value!r} is rejected: {p}" for p in exc.problems]
                 break
+    natural = "max" if cfg.tune.metric == "val_accuracy" else "min"
+    if cfg.tune.mode is not None and cfg.tune.mode != natural:
+        problems.append(f"tune.mode: {cfg.tune.metric} is better when {'higher' if natural == 'max' else 'lower'}, so mode "
+                        f"{cfg.tune.mode} would pick the worst trial; use {natural} or leave it out")
+    for path, domain in cfg.tune.space.items():
+        if cfg.tune.search == "grid" and domain.kind not in ("choice", "grid"):
+            problems.append(f"tune.space.{path}: tune.search grid tries every value, so it needs choice or grid (got {domain.kind})")
+        if cfg.tune.search == "optuna" and domain.kind == "grid":
+            problems.append(f"tune.space.{path}: Optuna samples each value itself; use choice instead of grid with tune.search optuna")
     if cfg.tune.enabled and not cfg.tune.space:
         problems.append("tune.space: empty; add at least one path to search, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
     if problems:

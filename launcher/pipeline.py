@@ -221,6 +221,8 @@ def _train(run: Run) -> dict:
 
 
 def _tune(run: Run) -> dict:
+    from launcher.report import print_trials
+    from tuning.results import write_trials
     from tuning.sweep import run_sweep
 
     cfg = run.cfg
@@ -228,12 +230,16 @@ def _tune(run: Run) -> dict:
     concurrent = cfg.tune.max_concurrent_trials or groups_that_fit(run.resources, demand)
     sweep = run_sweep(run.dump(), run.data_meta, run.data_dir, run.storage, concurrent, resume=run.resume)
     run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
+    files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, run.dump()["tune"]["space"])
+    print_trials(run.console, sweep.trials, cfg.tune.metric, list(cfg.tune.space))
     stopped = sum(t["status"] == "stopped early" for t in sweep.trials)
     failed = sum(t["status"] == "error" for t in sweep.trials)
     metric = cfg.tune.metric
     values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
     return {"trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
-            "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent,
+            "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent, **files,
+            "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
+            "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4),
             "line": f"{len(sweep.trials)} trials ({stopped} stopped early by {cfg.tune.scheduler}, {failed} failed); "
                     f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -46,6 +47,10 @@ def write_report(run_dir: Path, summary: dict) -> None:
         lines += ["## Sweep trials", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(t[k]) for k in keys) + " |" for t in trials]
         lines.append("")
+        if stages["tune"].get("plot"):
+            lines += [f"![metric against each searched value]({Path(stages['tune']['plot']).relative_to(run_dir)})",
+                      "", f"All trials: `{Path(stages['tune']['trials_file']).relative_to(run_dir)}`; "
+                      f"{stages['tune']['cpu_hours']:.3f} CPU-hours, {stages['tune']['gpu_hours']:.3f} GPU-hours in all.", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
 
 
@@ -78,3 +83,18 @@ def print_table(console: Console, summary: dict) -> None:
     for name, m in summary["models"].items():
         table.add_row(name, *(fmt.format(m[key]) for key, _, fmt in columns))
     console.print(table)
+
+
+def print_trials(console: Console, trials: list[dict], metric: str, searched: list[str]) -> None:
+    """The sweep's trials as a console table, best first."""
+    table = Table(title="Sweep trials")
+    for title in ("trial", *searched, metric, "epochs", "status", "CPU-h"):
+        table.add_column(title, justify="left" if title in ("trial", "status") else "right")
+    ranked = sorted(trials, key=lambda t: (t[metric] != t[metric], -t[metric] if metric != "val_loss" else t[metric]))
+    for t in ranked:
+        short = re.match(r"_trial_([0-9a-f]+_\d+)", t["trial"])
+        table.add_row(short.group(1) if short else t["trial"], *(_cell(t[p]) for p in searched),
+                      "" if t[metric] != t[metric] else f"{t[metric]:.4f}", str(t["epochs_run"]),
+                      t["status"] + (f": {t['error'][:60]}" if t["error"] else ""), f"{t['cpu_hours']:.3f}")
+    console.print(table)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import data_meta
@@ -43,3 +44,12 @@ def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, caps
     assert len(trials) == 2 and all(t["status"] != "error" for t in trials)
     best = max(t["val_accuracy"] for t in trials)
     assert summary["stages"]["tune"]["best_metrics"]["val_accuracy"] == best
+    # Every trial in tune/trials.parquet with its CPU-hours, the plot beside it, both in the report.
+    import pandas as pd
+
+    table = pd.read_parquet(run_dir / "tune" / "trials.parquet")
+    assert len(table) == 2 and {"train.lr", "model.width", "val_accuracy", "status", "cpu_hours"} <= set(table.columns)
+    assert (table["cpu_hours"] > 0).all() and summary["stages"]["tune"]["cpu_hours"] == pytest.approx(table["cpu_hours"].sum(), abs=1e-3)
+    assert (run_dir / "tune" / "metric_vs_params.png").stat().st_size > 10_000
+    report = (run_dir / "report.md").read_text()
+    assert "](tune/metric_vs_params.png)" in report and "Sweep trials" in out

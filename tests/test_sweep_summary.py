@@ -1,4 +1,5 @@
-"""Picking the sweep's winner from its trials' report histories (pure logic, no Ray)."""
+"""Picking the sweep's winner from its trials' report histories, and writing the trials table and
+plot (pure logic, no Ray)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from trainers.checkpoint import WEIGHTS
 from tuning.sweep import _summarize
 
-RUN = {"train": {"epochs": 3}}
+RUN = {"train": {"epochs": 3, "workers": 2, "cpus_per_worker": 1, "use_gpu": False}}
 
 
 def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> SimpleNamespace:
@@ -22,7 +23,8 @@ def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> Simp
             path.mkdir(parents=True)
             (path / WEIGHTS).write_bytes(b"weights")
         paths.append(str(path))
-    history = pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "val_accuracy": accuracies, CHECKPOINT_PATH_KEY: paths})
+    history = pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "val_accuracy": accuracies, CHECKPOINT_PATH_KEY: paths,
+                            "time_total_s": [900.0 * (e + 1) for e in range(len(accuracies))]})
     return SimpleNamespace(config={"train.lr": 0.1}, metrics_dataframe=history, path=str(tmp_path / name), error=None)
 
 
@@ -39,3 +41,23 @@ def test_the_best_trial_wins_and_its_reported_best_counts(tmp_path):
     assert sweep.best_trial == "b" and sweep.best_checkpoint == tmp_path / "b" / "checkpoint_1"
     rows = {t["trial"]: t for t in sweep.trials}
     assert rows["a"]["status"] == "completed" and rows["b"]["status"] == "stopped early"
+    assert rows["a"]["wall_s"] == 2700.0 and rows["a"]["cpu_hours"] == 1.5 and rows["a"]["gpu_hours"] == 0.0
+
+
+def test_trials_table_and_plot_are_written_with_every_trial(tmp_path):
+    from tuning.results import write_trials
+
+    trials = [{"trial": "a", "train.lr": 0.01, "train.zero.stage": 2, "val_accuracy": 0.9, "epochs_run": 3,
+               "status": "completed", "error": "", "cpu_hours": 0.1},
+              {"trial": "b", "train.lr": 0.1, "train.zero.stage": "auto", "val_accuracy": 0.8, "epochs_run": 1,
+               "status": "stopped early", "error": "", "cpu_hours": 0.03},
+              {"trial": "c", "train.lr": 10.0, "train.zero.stage": 3, "val_accuracy": float("nan"), "epochs_run": 0,
+               "status": "error", "error": "FloatingPointError: loss is nan", "cpu_hours": 0.01}]
+    space = {"train.lr": {"loguniform": [0.001, 20.0]}, "train.zero.stage": {"choice": [2, 3, "auto"]}}
+    files = write_trials(trials, tmp_path / "tune", "val_accuracy", space)
+    table = pd.read_parquet(files["trials_file"])
+    assert list(table["trial"]) == ["a", "b", "c"] and table["train.zero.stage"].tolist() == ["2", "auto", "3"]
+    assert table.loc[2, "error"].startswith("FloatingPointError")
+    png = (tmp_path / "tune" / "metric_vs_params.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+

@@ -8,8 +8,10 @@ from typing import Any
 from ray import tune
 
 
-def tune_domain(domain: dict):
-    """A Ray Tune sampler for one validated `tune.space` entry."""
+def tune_domain(domain: dict, search: str = "random"):
+    """A Ray Tune sampler for one validated `tune.space` entry; `search: grid` enumerates choices."""
+    if domain.get("grid") is not None or (search == "grid" and domain.get("choice") is not None):
+        return tune.grid_search(domain["grid"] if domain.get("grid") is not None else domain["choice"])
     if domain.get("choice") is not None:
         return tune.choice(domain["choice"])
     if domain.get("uniform") is not None:
@@ -36,6 +38,7 @@ def max_epochs(run: dict, space: dict) -> int:
     domain = space.get("train.epochs")
     if domain is None:
         return run["train"]["epochs"]
-    if domain.get("choice") is not None:
-        return max(domain["choice"])
+    for kind in ("choice", "grid"):
+        if domain.get(kind) is not None:
+            return max(domain[kind])
     return int(max(v for v in domain.values() if v is not None)[1])

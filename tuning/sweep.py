@@ -16,6 +16,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from cluster.resources import worker_group_demand
 from trainers.checkpoint import WEIGHTS
 from trainers.fit import build_trainer, fit, load_splits, metric_mode
 from trainers.loop import loop_config
@@ -34,7 +35,8 @@ class SweepFailed(Exception):
 @dataclass
 class SweepResult:
     trials: list[dict]
-    """One row per trial: id, status, epochs run, best metric, sampled values, error."""
+    """One row per trial: id, sampled values, epochs run, best metric, status, error, wall time,
+    CPU-hours and GPU-hours."""
     best_trial: str
     best_checkpoint: Path
     best_metrics: dict
@@ -71,15 +73,30 @@ def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, ma
         return _summarize(grid, run, metric, mode)
     tuner = tune.Tuner(
         trainable,
-        param_space={path: tune_domain(domain) for path, domain in settings["space"].items()},
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, num_samples=settings["num_samples"],
-                                    # Tune ignores max_concurrent_trials when given a search_alg instance.
-                                    search_alg=BasicVariantGenerator(random_state=run["train"]["seed"],
-                                                                     max_concurrent=max_concurrent)),
+        param_space={path: tune_domain(domain, settings["search"]) for path, domain in settings["space"].items()},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
+                                    num_samples=1 if settings["search"] == "grid" else settings["num_samples"],
+                                    search_alg=search_algorithm(settings["search"], metric, mode, run["train"]["seed"],
+                                                                max_concurrent),
+                                    time_budget_s=settings["time_budget_s"]),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0),
     )
     grid = tuner.fit()
     return _summarize(grid, run, metric, mode)
+
+
+def search_algorithm(search: str, metric: str, mode: str, seed: int, max_concurrent: int):
+    """Ray Tune's searcher for `tune.search`, limited to `max_concurrent` trials at once (Tune
+    ignores `TuneConfig.max_concurrent_trials` when given a searcher instance)."""
+    if search == "optuna":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed))
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
@@ -91,6 +108,7 @@ def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
         history = result.metrics_dataframe
         row = {"trial": Path(result.path).name, **values, "epochs_run": 0, metric: math.nan,
                "status": "error" if result.error else "completed", "error": _one_line(result.error)}
+        row.update(_usage(apply_overrides(run, values)["train"], history))
         if history is not None and len(history) and metric in history:
             scored = history.dropna(subset=[metric])
             top = scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
@@ -112,6 +130,15 @@ def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
     return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH_KEY]),
                        best_metrics={k: v for k, v in metrics.items() if k in (metric, "epoch", "val_loss", "val_accuracy")},
                        best_values=values)
+
+
+def _usage(train: dict, history) -> dict:
+    """A trial's wall time (Tune's `time_total_s` at its last report) and what its worker group
+    held for it: CPU-hours and GPU-hours."""
+    wall = float(history["time_total_s"].max()) if history is not None and "time_total_s" in history and len(history) else 0.0
+    demand = worker_group_demand(train["workers"], train["cpus_per_worker"], train["use_gpu"])
+    return {"wall_s": round(wall, 1), "cpu_hours": round(demand["CPU"] * wall / 3600, 4),
+            "gpu_hours": round(demand.get("GPU", 0.0) * wall / 3600, 4)}
 
 
 def _kept(checkpoint_path) -> bool:
