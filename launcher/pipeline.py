@@ -223,6 +223,7 @@ def _train(run: Run) -> dict:
 def _tune(run: Run) -> dict:
     from launcher.report import print_trials
     from tuning.results import write_trials
+    from tuning.space import apply_overrides
     from tuning.sweep import run_sweep
 
     cfg = run.cfg
@@ -231,6 +232,11 @@ def _tune(run: Run) -> dict:
     sweep = run_sweep(run.dump(), run.data_meta, run.data_dir, run.storage, concurrent, resume=run.resume)
     run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, run.dump()["tune"]["space"])
+    # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
+    best = RunConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), sweep.best_values))
+    best.tune.enabled = False
+    (run.run_dir / "tune" / "best_config.yaml").write_text(dump_yaml(best))
+    files["best_config"] = str(run.run_dir / "tune" / "best_config.yaml")
     print_trials(run.console, sweep.trials, cfg.tune.metric, list(cfg.tune.space))
     stopped = sum(t["status"] == "stopped early" for t in sweep.trials)
     failed = sum(t["status"] == "error" for t in sweep.trials)

@@ -53,3 +53,8 @@ def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, caps
     assert (run_dir / "tune" / "metric_vs_params.png").stat().st_size > 10_000
     report = (run_dir / "report.md").read_text()
     assert "](tune/metric_vs_params.png)" in report and "Sweep trials" in out
+    best_config = yaml.safe_load((run_dir / "tune" / "best_config.yaml").read_text())
+    best_values = summary["stages"]["tune"]["best_values"]
+    assert best_config["train"]["lr"] == best_values["train.lr"] and best_config["model"]["width"] == best_values["model.width"]
+    assert best_config["tune"]["enabled"] is False and best_config["train"]["epochs"] == 3
+
