@@ -185,7 +185,7 @@ def child_single(case: str, source: Path, out: Path) -> dict:
 
     from PIL import Image
 
-    from dataprep.preprocess import _encode_images, _folder, _label_order, pixel_stats
+    from dataprep.preprocess import _encode_images, class_folders, pixel_stats
     from dataprep.transforms import shift_and_scale
 
     data = image_data(source)
@@ -195,7 +195,7 @@ def child_single(case: str, source: Path, out: Path) -> dict:
         with Image.open(path) as image:
             images.append(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
     shape = list(images[0].shape)
-    classes = sorted({_folder(files.relative(p)) for p in files.paths}, key=_label_order)
+    classes = class_folders(files)
     encoded = _encode_images({"image": images, "__file": np.array(files.paths)}, shape, files.relative,
                              {c: i for i, c in enumerate(classes)}, data["seed"], data["val_fraction"], data["test_fraction"],
                              None, lambda entries: None)

@@ -7,6 +7,7 @@ import numpy as np
 
 from dataprep import AUGMENTATIONS, find_transform, label_classes
 from dataprep.sources import BUNDLED_IMAGE_SHAPES, data_files, format_of, image_mode, sources_of, table_features
+from dataprep.preprocess import class_folders
 from dataprep.transforms import model_input_shape
 
 
@@ -34,8 +35,7 @@ def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
         _, shape = image_mode(files)
         resize = find_transform(transforms, "resize")
         shape = [shape[0], *resize["size"]] if resize else shape
-        folders = {files.relative(p).rpartition("/")[0] for p in files.paths}
-        return model_input_shape(shape, augment), len(given or folders)
+        return model_input_shape(shape, augment), len(given or class_folders(files))
     features = table_features(files, fmt, data)
     shape = _shape(data["image_shape"] or [len(features)], augment)
     return shape, len(given) if given else _count_labels(files, fmt, data["label_column"])

@@ -24,9 +24,6 @@ from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, ROW, Files, Problems, 
                               read_images, read_tables, sources_of, table_features)
 from dataprep.transforms import shift_and_scale
 
-SPLITS = ("train", "val", "test")
-
-
 def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> dict:
     """Read and encode a table or image source (`files`, as `data_files` lists them; None for a
     bundled dataset); `writer(dataset, fit)` stores the splits (a `split`
@@ -49,12 +46,10 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
         ds = read_bundled(name, label)
         features = [c for c in ds.schema().names if c not in (label, FILE, ROW, data["key_column"])]
         shape = data["image_shape"] or BUNDLED_IMAGE_SHAPES.get(name) or [len(features)]
-        fmt, files = "bundled", 1
+        fmt = "bundled"
     else:
-        fmt = data["format"]
         found = files
-        fmt = format_of(found) if fmt == "auto" else fmt
-        files = len(found.paths)
+        fmt = format_of(found) if data["format"] == "auto" else data["format"]
         if fmt == "images":
             _check_class_folders(found)
             mode, shape = image_mode(found)
@@ -62,7 +57,7 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
                 shape = [shape[0], *resize["size"]]
             _check_per(scaler, per, shape)
             # The class folders, known from the paths: no pass over the data.
-            classes = keyed["classes"] or sorted({_folder(found.relative(p)) for p in found.paths}, key=_label_order)
+            classes = keyed["classes"] or class_folders(found)
             _check_classes(classes, label, sources)
             ds = read_images(found, mode, shape, resize["size"] if resize else None, problems, data["seed"])
             # One pass: decode, check, key, split and write, fitting the statistics as it writes. Each
@@ -107,7 +102,7 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
     shift, scale = shift_and_scale(stats, scaler["type"] if scaler else None, per, shape)
     return {
         "format": fmt,
-        "files": files,
+        "files": len(files.paths) if files is not None else 1,
         "task": "classify",
         "feature_columns": features,
         "label_column": label,
@@ -142,6 +137,11 @@ def _no_rows(sources: list[str], problems: Problems):
 def _folder(relative_path: str) -> str:
     """An image's class: the folder it is in, relative to the source root."""
     return relative_path.rpartition("/")[0]
+
+
+def class_folders(files: Files) -> list[str]:
+    """The classes of an image-folder source: its files' folders, in label order."""
+    return sorted({_folder(files.relative(p)) for p in files.paths}, key=_label_order)
 
 
 def pixel_stats(stats: list) -> list:

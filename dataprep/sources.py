@@ -340,10 +340,11 @@ def _jsonl(f, path: str, problems: Problems):
 
 def decode_images(batch: dict, filesystem, mode: str, size, problems: Problems) -> dict:
     """Decode a batch of image files with Pillow to `mode`, resized to `size` (height, width) if
-    given, as [C, H, W] uint8; the label is the name of the file's folder."""
+    given, as [C, H, W] uint8. (The label is the file's folder: `dataprep.preprocess` takes it from
+    the path.)"""
     from PIL import Image
 
-    images, labels, paths, bad = [], [], [], []
+    images, paths, bad = [], [], []
     for path in (str(p) for p in batch["path"]):
         try:
             with filesystem.open_input_stream(path) as f, Image.open(io.BytesIO(f.readall())) as image:
@@ -355,12 +356,11 @@ def decode_images(batch: dict, filesystem, mode: str, size, problems: Problems) 
             bad.append((path, 0, f"not a readable image ({type(exc).__name__}: {exc})"))
             continue
         images.append((pixels[:, :, None] if pixels.ndim == 2 else pixels).transpose(2, 0, 1))
-        labels.append(PurePosixPath(path).parent.name)
         paths.append(path)
     problems(bad)
     same = len({i.shape for i in images}) <= 1
     return {"image": np.stack(images) if same and images else np.array(images + [None], dtype=object)[:-1],
-            "label": np.array(labels, dtype=object), FILE: np.array(paths, dtype=object), ROW: np.ones(len(paths), np.int64)}
+            FILE: np.array(paths, dtype=object), ROW: np.ones(len(paths), np.int64)}
 
 
 def image_mode(files: Files) -> tuple[str, list[int]]:

@@ -36,7 +36,7 @@ def encode_tensors(table: pa.Table) -> pa.Table:
         if not isinstance(field.type, (ArrowTensorType, ArrowTensorTypeV2)):
             continue
         values = np.ascontiguousarray(table[field.name].combine_chunks().to_numpy())
-        width = values[0].nbytes if len(values) else int(np.prod(field.type.shape)) * values.dtype.itemsize
+        width = int(np.prod(field.type.shape)) * values.dtype.itemsize
         binary = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values)])
         table = table.set_column(index, field.name, binary)
         tensors[field.name] = {"dtype": values.dtype.str, "shape": list(field.type.shape)}
