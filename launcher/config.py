@@ -520,10 +520,19 @@ def _apply_deepspeed_json(cfg: RunConfig, raw: dict) -> RunConfig:
     return validate(resolved)  # the updated fields now agree with the file: no further updates
 
 
+def metric_mode(metric: str) -> str:
+    """Whether a larger value of a validation metric is better ("max") or worse ("min")."""
+    return "max" if metric == "val_accuracy" else "min"
+
+
 def _check_search_space(cfg: RunConfig, raw: dict) -> None:
     problems = []
     for path, domain in cfg.tune.space.items():
         where = f"tune.space.{path}"
+        if cfg.tune.search == "grid" and domain.kind not in ("choice", "grid"):
+            problems.append(f"{where}: tune.search grid tries every value, so it needs choice or grid (got {domain.kind})")
+        if cfg.tune.search == "optuna" and domain.kind == "grid":
+            problems.append(f"{where}: Optuna samples each value itself; use choice instead of grid with tune.search optuna")
         if path.split(".")[0] not in TUNABLE_SECTIONS:
             problems.append(f"{where}: only paths under {', '.join(TUNABLE_SECTIONS)} can be searched")
             continue
@@ -533,15 +542,10 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
             except ConfigError as exc:
                 problems += [f"{where}: value {value!r} is rejected: {p}" for p in exc.problems]
                 break
-    natural = "max" if cfg.tune.metric == "val_accuracy" else "min"
+    natural = metric_mode(cfg.tune.metric)
     if cfg.tune.mode is not None and cfg.tune.mode != natural:
         problems.append(f"tune.mode: {cfg.tune.metric} is better when {'higher' if natural == 'max' else 'lower'}, so mode "
                         f"{cfg.tune.mode} would pick the worst trial; use {natural} or leave it out")
-    for path, domain in cfg.tune.space.items():
-        if cfg.tune.search == "grid" and domain.kind not in ("choice", "grid"):
-            problems.append(f"tune.space.{path}: tune.search grid tries every value, so it needs choice or grid (got {domain.kind})")
-        if cfg.tune.search == "optuna" and domain.kind == "grid":
-            problems.append(f"tune.space.{path}: Optuna samples each value itself; use choice instead of grid with tune.search optuna")
     if cfg.tune.enabled and not cfg.tune.space:
         problems.append("tune.space: empty; add at least one path to search, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
     if problems:

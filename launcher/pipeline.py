@@ -229,9 +229,10 @@ def _tune(run: Run) -> dict:
     cfg = run.cfg
     demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     concurrent = cfg.tune.max_concurrent_trials or groups_that_fit(run.resources, demand)
-    sweep = run_sweep(run.dump(), run.data_meta, run.data_dir, run.storage, concurrent, resume=run.resume)
+    dump = run.dump()
+    sweep = run_sweep(dump, run.data_meta, run.data_dir, run.storage, concurrent, resume=run.resume)
     run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
-    files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, run.dump()["tune"]["space"])
+    files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
     # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
     best = RunConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), sweep.best_values))
     best.tune.enabled = False

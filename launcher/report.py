@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from launcher.config import metric_mode
+
 COLUMNS = (("accuracy", "test accuracy", "{:.4f}"), ("perplexity", "test perplexity", "{:.2f}"), ("params", "params", "{:,}"),
            ("size_bytes", "size (bytes)", "{:,}"), ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"))
 
@@ -90,7 +92,8 @@ def print_trials(console: Console, trials: list[dict], metric: str, searched: li
     table = Table(title="Sweep trials")
     for title in ("trial", *searched, metric, "epochs", "status", "CPU-h"):
         table.add_column(title, justify="left" if title in ("trial", "status") else "right")
-    ranked = sorted(trials, key=lambda t: (t[metric] != t[metric], -t[metric] if metric != "val_loss" else t[metric]))
+    sign = -1 if metric_mode(metric) == "max" else 1
+    ranked = sorted(trials, key=lambda t: (t[metric] != t[metric], sign * t[metric]))
     for t in ranked:
         short = re.match(r"_trial_([0-9a-f]+_\d+)", t["trial"])
         table.add_row(short.group(1) if short else t["trial"], *(_cell(t[p]) for p in searched),

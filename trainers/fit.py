@@ -12,16 +12,12 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.resources import describe, missing_resources, worker_group_demand
+from launcher.config import metric_mode
 from trainers.loop import train_loop_per_worker
 
 
 class WorkerGroupUnplaceable(RuntimeError):
     """The worker group could not be (re)started: the cluster no longer holds it."""
-
-
-def metric_mode(metric: str) -> str:
-    """Whether a larger value of a validation metric is better ("max") or worse ("min")."""
-    return "max" if metric == "val_accuracy" else "min"
 
 
 def load_splits(data_dir: Path | str) -> dict[str, ray.data.Dataset]:

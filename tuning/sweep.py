@@ -18,7 +18,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.resources import worker_group_demand
 from trainers.checkpoint import WEIGHTS
-from trainers.fit import build_trainer, fit, load_splits, metric_mode
+from launcher.config import metric_mode
+from trainers.fit import build_trainer, fit, load_splits
 from trainers.loop import loop_config
 from tuning.space import apply_overrides, max_epochs, tune_domain
 
