@@ -314,6 +314,12 @@ class TrainConfig(Section):
         return self.micro_batch_size * self.grad_accum_steps * self.workers, self.micro_batch_size, self.grad_accum_steps
 
 
+# What PBT may change between a trial's checkpoint and the trial that continues from it: values that
+# leave the model's parameters, the worker count (ZeRO shards), the batch layout and the length of
+# the run (the data position and the lr schedule) as they were.
+PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.min_lr_ratio",
+               "model.dropout")
+
 DOMAIN_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 
 
@@ -327,7 +333,7 @@ class SearchDomain(Section):
     randint: tuple[int, int] | None = None
     """An integer drawn from [low, high)."""
     grid: list[Any] | None = None
-    """Every one of these values, each in its own trials (num_samples times over)."""
+    """Every one of these values, each in its own trials (num_samples times over). Under pbt: the starting population's values, and the choices a perturbation moves between."""
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> SearchDomain:
@@ -370,12 +376,18 @@ class TuneConfig(Section):
     """How trials' values are chosen: `random` samples the space (every `grid` value is still tried); `grid` tries every combination of the `choice`/`grid` values; `optuna` is Optuna's TPE, which learns from finished trials (no `grid` domains)."""
     time_budget_s: float | None = Field(None, gt=0)
     """Stop starting and running trials after this many seconds; the best so far wins. Null: no limit."""
-    scheduler: Literal["asha", "fifo"] = "asha"
-    """`asha` stops weak trials early at rungs of epochs; `fifo` runs every trial to the end."""
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
+    """`asha` stops weak trials early at rungs of epochs; `fifo` runs every trial to the end; `pbt` (population based training) runs every trial to the end but, every `perturbation_interval` epochs, restarts the worst trials from a copy of a top trial's DeepSpeed checkpoint with its values perturbed (pbt can search train.lr, train.weight_decay, train.grad_clip, train.warmup_steps, train.min_lr_ratio and model.dropout)."""
     grace_period: int = Field(1, ge=1)
     """Epochs every trial gets before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1)
     """ASHA keeps the top 1/reduction_factor of trials at each rung."""
+    perturbation_interval: float = Field(1.0, gt=0)
+    """PBT: epochs between a trial's exploit/explore decisions."""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """PBT: the bottom fraction of trials copies the top fraction."""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """PBT: chance that a copied value is drawn afresh from its domain rather than scaled by 0.8 or 1.2 (or moved to a neighbouring choice)."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; null fits as many whole worker groups as the cluster's CPUs (or GPUs) hold."""
     space: dict[str, SearchDomain] = {}
@@ -533,6 +545,9 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
             problems.append(f"{where}: tune.search grid tries every value, so it needs choice or grid (got {domain.kind})")
         if cfg.tune.search == "optuna" and domain.kind == "grid":
             problems.append(f"{where}: Optuna samples each value itself; use choice instead of grid with tune.search optuna")
+        if cfg.tune.scheduler == "pbt" and path not in PBT_MUTABLE:
+            problems.append(f"{where}: pbt continues trials from other trials' checkpoints, so it can only change "
+                            f"{', '.join(PBT_MUTABLE)}; search {path} with scheduler asha or fifo")
         if path.split(".")[0] not in TUNABLE_SECTIONS:
             problems.append(f"{where}: only paths under {', '.join(TUNABLE_SECTIONS)} can be searched")
             continue
@@ -542,6 +557,9 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
             except ConfigError as exc:
                 problems += [f"{where}: value {value!r} is rejected: {p}" for p in exc.problems]
                 break
+    if cfg.tune.scheduler == "pbt" and cfg.tune.search != "random":
+        problems.append(f"tune.search: pbt chooses its own values (it copies and perturbs the best trials'), so it "
+                        f"needs search random (got {cfg.tune.search})")
     natural = metric_mode(cfg.tune.metric)
     if cfg.tune.mode is not None and cfg.tune.mode != natural:
         problems.append(f"tune.mode: {cfg.tune.metric} is better when {'higher' if natural == 'max' else 'lower'}, so mode "

@@ -230,7 +230,9 @@ def _tune(run: Run) -> dict:
     demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     concurrent = cfg.tune.max_concurrent_trials or groups_that_fit(run.resources, demand)
     dump = run.dump()
-    sweep = run_sweep(dump, run.data_meta, run.data_dir, run.storage, concurrent, resume=run.resume)
+    (run.run_dir / "tune").mkdir(exist_ok=True)
+    sweep = run_sweep(dump, run.data_meta, run.data_dir, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
+                      resume=run.resume)
     run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
     # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
@@ -239,15 +241,18 @@ def _tune(run: Run) -> dict:
     (run.run_dir / "tune" / "best_config.yaml").write_text(dump_yaml(best))
     files["best_config"] = str(run.run_dir / "tune" / "best_config.yaml")
     print_trials(run.console, sweep.trials, cfg.tune.metric, list(cfg.tune.space))
-    stopped = sum(t["status"] == "stopped early" for t in sweep.trials)
     failed = sum(t["status"] == "error" for t in sweep.trials)
+    if cfg.tune.scheduler == "pbt":
+        moved = f"{sum(bool(t.get('continued_from')) for t in sweep.trials)} continued from other trials' checkpoints by pbt"
+    else:
+        moved = f"{sum(t['status'] == 'stopped early' for t in sweep.trials)} stopped early by {cfg.tune.scheduler}"
     metric = cfg.tune.metric
     values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
     return {"trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
             "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent, **files,
             "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
             "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4),
-            "line": f"{len(sweep.trials)} trials ({stopped} stopped early by {cfg.tune.scheduler}, {failed} failed); "
+            "line": f"{len(sweep.trials)} trials ({moved}, {failed} failed); "
                     f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
 
 

@@ -25,6 +25,13 @@ def digits_data(ray_cluster, tmp_path_factory):
     return out, meta
 
 
+@pytest.fixture(scope="session")
+def quickstart_cache(tmp_path_factory):
+    """A data cache shared by the tests that run the quickstart's data (`--set data.cache_dir=`):
+    the first one preprocesses it, the rest reuse the entry."""
+    return tmp_path_factory.mktemp("quickstart-cache")
+
+
 def data_meta(run_dir) -> dict:
     """The metadata of the preprocessed data a run used (in the cache entry its data.json names)."""
     import json

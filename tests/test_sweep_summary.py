@@ -3,6 +3,7 @@ plot (pure logic, no Ray)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -15,7 +16,7 @@ RUN = {"train": {"epochs": 3, "workers": 2, "cpus_per_worker": 1, "use_gpu": Fal
 
 
 def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> SimpleNamespace:
-    """A finished trial whose reports had these val accuracies; only the `kept` checkpoints are on disk."""
+    """A finished trial (and its report history) whose reports had these val accuracies; only the `kept` checkpoints are on disk."""
     paths = []
     for epoch in range(len(accuracies)):
         path = tmp_path / name / f"checkpoint_{epoch}"
@@ -24,20 +25,24 @@ def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> Simp
             (path / WEIGHTS).write_bytes(b"weights")
         paths.append(str(path))
     history = pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "val_accuracy": accuracies, CHECKPOINT_PATH_KEY: paths,
-                            "time_total_s": [900.0 * (e + 1) for e in range(len(accuracies))]})
-    return SimpleNamespace(config={"train.lr": 0.1}, metrics_dataframe=history, path=str(tmp_path / name), error=None)
+                            "time_this_iter_s": [900.0] * len(accuracies)})
+    return SimpleNamespace(config={"train.lr": 0.1}, path=str(tmp_path / name), error=None), history
+
+
+def _summarize_trials(trials):
+    return _summarize([result for result, _ in trials], {Path(r.path).name: h for r, h in trials}, RUN, "val_accuracy", "max")
 
 
 def test_a_tie_picks_the_checkpoint_ray_kept(tmp_path):
     # Epochs 2 and 3 tie; Ray Train (keep 1 by score) kept the later one and deleted the earlier.
-    sweep = _summarize([_trial(tmp_path, "a", [0.90, 0.976, 0.976], kept={2})], RUN, "val_accuracy", "max")
+    sweep = _summarize_trials([_trial(tmp_path, "a", [0.90, 0.976, 0.976], kept={2})])
     assert sweep.best_checkpoint == tmp_path / "a" / "checkpoint_2"
     assert sweep.best_metrics["val_accuracy"] == 0.976
 
 
 def test_the_best_trial_wins_and_its_reported_best_counts(tmp_path):
     trials = [_trial(tmp_path, "a", [0.80, 0.85, 0.90], kept={2}), _trial(tmp_path, "b", [0.70, 0.95], kept={1})]
-    sweep = _summarize(trials, RUN, "val_accuracy", "max")
+    sweep = _summarize_trials(trials)
     assert sweep.best_trial == "b" and sweep.best_checkpoint == tmp_path / "b" / "checkpoint_1"
     rows = {t["trial"]: t for t in sweep.trials}
     assert rows["a"]["status"] == "completed" and rows["b"]["status"] == "stopped early"

@@ -14,6 +14,7 @@ consolidated fp32 model (`model.safetensors` + `model.json`) that later stages l
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -35,6 +36,7 @@ from trainers.models import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+POSITION = "position.json"
 
 
 def steps_per_epoch(train: dict, train_rows: int) -> int:
@@ -90,10 +92,15 @@ def train_loop_per_worker(config: dict) -> None:
     spec = model_spec(config["model"], meta)
 
     position = {"epoch": 0, "micro_batch": 0, "step": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart after a failure, or `--resume`: continue exactly where it stopped
+    checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
+    adopted = checkpoint is None and config.get("start_from") is not None
+    if adopted:  # PBT: another trial's checkpoint, continued with this trial's (perturbed) values
+        checkpoint = ray.train.Checkpoint(config["start_from"])
+    if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = _load_state(engine, Path(directory), rank)
+        if adopted:
+            _apply_optimizer_values(engine, config["deepspeed"])
 
     accum = train["grad_accum_steps"]
     micro_per_epoch = config["steps_per_epoch"] * accum
@@ -192,7 +199,7 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
     lm = config["data_meta"].get("task") == "lm"
     micro_per_epoch = config["steps_per_epoch"] * config["train"]["grad_accum_steps"]
     metrics.update(epoch=position["epoch"] + position["micro_batch"] / micro_per_epoch, step=position["step"],
-                   train_loss=totals[0] / max(totals[1], 1),
+                   train_loss=totals[0] / max(totals[1], 1), lr=float(engine.get_lr()[0]),
                    skipped_batches=window.skipped,  # the same on every rank: they skip together
                    **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
     if lm:
@@ -204,6 +211,8 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
         torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
         if rank == 0:
             save_model_dir(directory, state_dict, spec)
+            # Where in training this checkpoint is, readable without DeepSpeed (a sweep names the trial).
+            (directory / POSITION).write_text(json.dumps({"trial": config.get("trial"), **position}))
         _fault(config, rank, position["step"], "save")
         # Ray Train registers the checkpoint only once every rank has uploaded its part: a worker
         # that dies while saving leaves the previous checkpoint as the latest.
@@ -217,6 +226,22 @@ def _load_state(engine, directory: Path, rank: int) -> dict:
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return dict(client_state["position"])
+
+
+def _apply_optimizer_values(engine, deepspeed: dict) -> None:
+    """Loading a checkpoint restores the optimizer's hyperparameters with its state; a PBT trial
+    continuing another trial's checkpoint trains with its own: the lr its schedule gives at the
+    loaded step (the schedule's state is only its step count), its weight decay and betas."""
+    params = deepspeed.get("optimizer", {}).get("params", {})
+    groups = engine.optimizer.param_groups
+    scheduler = engine.lr_scheduler
+    lrs = scheduler.get_lr() if scheduler is not None and hasattr(scheduler, "get_lr") else [params.get("lr")] * len(groups)
+    for group, lr in zip(groups, lrs):
+        if lr is not None:
+            group["lr"] = lr
+        for key in ("weight_decay", "betas", "eps"):
+            if key in params:
+                group[key] = tuple(params[key]) if key == "betas" else params[key]
 
 
 def _rng_state() -> dict:

@@ -21,6 +21,11 @@ def tune_domain(domain: dict, search: str = "random"):
     return tune.randint(*domain["randint"])
 
 
+def mutation_domain(domain: dict):
+    """What PBT may move a `tune.space` entry to when it perturbs a trial: a grid's values are choices."""
+    return tune.choice(domain["grid"]) if domain.get("grid") is not None else tune_domain(domain)
+
+
 def apply_overrides(run: dict, sampled: dict[str, Any]) -> dict:
     """A copy of a resolved config dump with each `dotted.path: value` of a trial set."""
     run = copy.deepcopy(run)

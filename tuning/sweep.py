@@ -7,21 +7,24 @@ mid-run.
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.resources import worker_group_demand
 from trainers.checkpoint import WEIGHTS
 from launcher.config import metric_mode
 from trainers.fit import build_trainer, fit, load_splits
-from trainers.loop import loop_config
-from tuning.space import apply_overrides, max_epochs, tune_domain
+from trainers.loop import POSITION, loop_config
+from tuning.space import apply_overrides, max_epochs, mutation_domain, tune_domain
 
 # The trial function only waits on its TorchTrainer; the workers hold the real resources. It asks
 # for memory, not CPU: even 0.01 CPU would leave 1.99 of 2 CPUs, too few for a 2 x 1-CPU group.
@@ -44,34 +47,140 @@ class SweepResult:
     best_values: dict
 
 
-def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str) -> None:
+def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str, pbt: bool) -> None:
     config = loop_config(apply_overrides(run, sampled), data_meta)
     trial_id = tune.get_context().get_trial_id()
-    fit(build_trainer(config, datasets, storage_path, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]),
-        config["train"])
+    config["trial"] = trial_id
+    name, checkpoint, origin = f"trial-{trial_id}", tune.get_checkpoint(), ""
+    if checkpoint is not None:
+        # A Tune checkpoint: under PBT, a top trial's (an exploit) or this trial's own (PBT pauses
+        # running trials while another waits, and resumes them later). Training continues from it in
+        # a new Ray Train run named after it: a restart from the same checkpoint continues that run.
+        source = _position(checkpoint)
+        name = f"trial-{trial_id}-from-{source['trial']}-step{source['step']}"
+        config["start_from"] = checkpoint.path
+        if source["trial"] != trial_id:
+            origin = f"{source['trial']}@{source['step']}"
+    with _Forwarder(checkpoints=pbt, origin=origin) as forward:
+        fit(build_trainer(config, datasets, storage_path, name=name, callbacks=[forward.callback()]), config["train"])
+
+
+def _position(checkpoint) -> dict:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{POSITION}") as f:
+        return json.loads(f.read())
+
+
+class _Report(UserCallback):
+    """Runs in the trial's Ray Train controller: hands each report (rank 0's metrics, the
+    checkpoint's path) to the trial's `_Forwarder` through a Ray queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self.queue.put(item)  # waits while the previous report is still on its way to Tune
+
+
+class _Forwarder:
+    """Reports to Tune what the trial's training run reports, from a thread of the trial: the
+    metrics (so schedulers see every epoch), and under PBT the checkpoint too, which Tune then
+    keeps a copy of in the trial's directory for other trials to continue from. (Ray's own
+    `TuneReportCallback` forwards metrics only: PBT would find no checkpoint to exploit.)"""
+
+    _DONE = "__done__"
+
+    def __init__(self, checkpoints: bool, origin: str):
+        from ray.util.queue import Queue
+
+        self.checkpoints, self.origin, self.error = checkpoints, origin, None
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.thread = threading.Thread(target=self._forward, name="tune-forwarder", daemon=True)
+
+    def callback(self) -> _Report:
+        return _Report(self.queue)
+
+    def __enter__(self) -> _Forwarder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.thread.is_alive():
+            self.queue.put(self._DONE)  # after the last report: the thread forwards everything first
+            self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
+
+    def _forward(self) -> None:
+        while (item := self.queue.get()) != self._DONE:
+            if self.error is not None:
+                continue  # keep taking reports, or training would wait on the queue forever
+            item["origin"] = self.origin
+            path = item.get(CHECKPOINT_PATH_KEY)
+            try:
+                tune.report(item, checkpoint=tune.Checkpoint(path) if self.checkpoints and path else None)
+            except Exception as exc:  # e.g. the checkpoint could not be copied; raised when training ends
+                self.error = exc
+
+
+class ReportLog(tune.Callback):
+    """Every report of every trial, as Tune's driver receives it, one JSON line each (appended,
+    so a resumed sweep adds to it). The sweep's summary is read from here: Tune's own per-trial
+    result.json loses the reports before a restart when a trial is restored from a checkpoint
+    (PBT pauses and exploits), and a trial's config changes under PBT, so each line has its own."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        line = {"trial": Path(trial.path).name, **result}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+
+def read_reports(path: Path) -> dict:
+    """The report log as one DataFrame per trial (by trial directory name)."""
+    import pandas as pd
+
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    frame = pd.DataFrame(rows)
+    return {name: group.reset_index(drop=True) for name, group in frame.groupby("trial", sort=False)} if rows else {}
 
 
 def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int,
-              resume: bool = False) -> SweepResult:
+              reports: Path, resume: bool = False) -> SweepResult:
     """Sample `tune.num_samples` configs from `tune.space` and train each; returns every trial's
-    outcome and the best checkpoint by `tune.metric` over all epochs of all trials."""
+    outcome and the best checkpoint by `tune.metric` over all epochs of all trials. Every report
+    is logged to `reports` (JSON lines)."""
     settings = run["tune"]
     metric, mode = settings["metric"], metric_mode(settings["metric"])
     if settings["scheduler"] == "asha":
         # Time in epochs, not reports: with train.checkpoint_every a trial reports several times an epoch.
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs(run, settings["space"]),
                                   grace_period=settings["grace_period"], reduction_factor=settings["reduction_factor"])
+    elif settings["scheduler"] == "pbt":
+        # Time in epochs too. Tune keeps every checkpoint a trial reports (the default), so the one
+        # an exploit picks cannot be deleted while the exploiting trial starts from it.
+        scheduler = PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=settings["perturbation_interval"],
+            hyperparam_mutations={path: mutation_domain(domain) for path, domain in settings["space"].items()},
+            quantile_fraction=settings["quantile_fraction"], resample_probability=settings["resample_probability"],
+            log_config=False)
     else:
         scheduler = FIFOScheduler()
     trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=load_splits(data_dir),
-                                     storage_path=str(Path(storage_path).resolve()))
+                                     storage_path=str(Path(storage_path).resolve()), pbt=settings["scheduler"] == "pbt")
     trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     experiment = Path(storage_path).resolve() / "tune"
     if resume and tune.Tuner.can_restore(str(experiment)):
         # A sweep whose driver died: finished trials are kept, unfinished ones continue (each trial's
         # TorchTrainer finds its own checkpoints under the same name), errored ones run again.
         grid = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True).fit()
-        return _summarize(grid, run, metric, mode)
+        return _summarize(grid, read_reports(reports), run, metric, mode)
+    Path(reports).unlink(missing_ok=True)
     tuner = tune.Tuner(
         trainable,
         param_space={path: tune_domain(domain, settings["search"]) for path, domain in settings["space"].items()},
@@ -80,10 +189,11 @@ def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, ma
                                     search_alg=search_algorithm(settings["search"], metric, mode, run["train"]["seed"],
                                                                 max_concurrent),
                                     time_budget_s=settings["time_budget_s"]),
-        run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0,
+                                  callbacks=[ReportLog(Path(reports).resolve())]),
     )
     grid = tuner.fit()
-    return _summarize(grid, run, metric, mode)
+    return _summarize(grid, read_reports(reports), run, metric, mode)
 
 
 def search_algorithm(search: str, metric: str, mode: str, seed: int, max_concurrent: int):
@@ -100,16 +210,20 @@ def search_algorithm(search: str, metric: str, mode: str, seed: int, max_concurr
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
-def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
+def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> SweepResult:
+    """One row per trial of `grid` (its final config, error) from its reports in `histories`."""
     trials, best = [], None
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     for result in grid:
         values = dict(result.config)
         epochs_planned = values.get("train.epochs", run["train"]["epochs"])
-        history = result.metrics_dataframe
+        history = histories.get(Path(result.path).name)
         row = {"trial": Path(result.path).name, **values, "epochs_run": 0, metric: math.nan,
                "status": "error" if result.error else "completed", "error": _one_line(result.error)}
         row.update(_usage(apply_overrides(run, values)["train"], history))
+        # PBT: the checkpoints ("trial@step") of other trials this trial continued from, in order.
+        origins = history["origin"].dropna() if history is not None and "origin" in history else []
+        row["continued_from"] = " ".join(dict.fromkeys(o for o in origins if o))
         if history is not None and len(history) and metric in history:
             scored = history.dropna(subset=[metric])
             top = scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
@@ -134,9 +248,9 @@ def _summarize(grid, run: dict, metric: str, mode: str) -> SweepResult:
 
 
 def _usage(train: dict, history) -> dict:
-    """A trial's wall time (Tune's `time_total_s` at its last report) and what its worker group
-    held for it: CPU-hours and GPU-hours."""
-    wall = float(history["time_total_s"].max()) if history is not None and "time_total_s" in history and len(history) else 0.0
+    """A trial's wall time (the sum of Tune's `time_this_iter_s` over its reports: the time it
+    ran, restarts included) and what its worker group held for it: CPU-hours and GPU-hours."""
+    wall = float(history["time_this_iter_s"].sum()) if history is not None and "time_this_iter_s" in history else 0.0
     demand = worker_group_demand(train["workers"], train["cpus_per_worker"], train["use_gpu"])
     return {"wall_s": round(wall, 1), "cpu_hours": round(demand["CPU"] * wall / 3600, 4),
             "gpu_hours": round(demand.get("GPU", 0.0) * wall / 3600, 4)}

@@ -1,0 +1,106 @@
+"""Sweep schedulers on real trials: PBT continues the worst trial from a top trial's DeepSpeed
+checkpoint with its own values; ASHA stops weak trials before their last epoch, and a diverging
+trial is recorded while the sweep goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import data_meta
+from launcher.cli import main
+
+QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+
+
+def _config(tmp_path: Path, cache: Path, tune: dict, **train) -> str:
+    """The quickstart's data with a small MLP, 1-worker trials (two at a time on 2 CPUs)."""
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["data"]["cache_dir"] = str(cache)
+    raw["model"] = {"type": "mlp", "width": 32, "depth": 1}
+    raw["train"] |= {"workers": 1, "epochs": 3, "micro_batch_size": 64, "lr_schedule": "constant"} | train
+    raw["tune"] = {"enabled": True, "metric": "val_accuracy"} | tune
+    raw["output"] = {"dir": str(tmp_path / "run")}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _reports(run_dir: Path, trial: str) -> list[dict]:
+    """Every report Tune received from a trial (tune/reports.jsonl), in order."""
+    lines = (run_dir / "tune" / "reports.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["trial"] == trial]
+
+
+@pytest.mark.ray
+def test_pbt_continues_the_worst_trial_from_a_top_trials_deepspeed_checkpoint(ray_cluster, quickstart_cache, tmp_path, capsys):
+    config = _config(tmp_path, quickstart_cache, {"scheduler": "pbt", "num_samples": 1, "perturbation_interval": 1, "quantile_fraction": 0.5,
+                                "resample_probability": 0.0, "space": {"train.lr": {"grid": [1.0e-6, 3.0e-3]}}})
+    code = main(["run", config, "--stages", "preprocess,tune"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run_dir = tmp_path / "run"
+    table = pd.read_parquet(run_dir / "tune" / "trials.parquet")
+    assert len(table) == 2 and (table["status"] == "completed").all() and (table["epochs_run"] == 3).all()
+    # At least one exploit: a trial lists the checkpoint ("trial@step") it continued from.
+    moved = table[table["continued_from"] != ""]
+    assert len(moved) >= 1, table.to_string()
+    per_epoch = data_meta(run_dir)["rows"]["train"] // 64
+    continued = 0
+    for _, row in moved.iterrows():
+        trial_id = "_".join(row["trial"].split("_")[2:4])  # _trial_<experiment>_<index>_...
+        for origin in row["continued_from"].split():
+            source, step = origin.split("@")
+            assert source != trial_id and any(source in other for other in table["trial"])
+            # A new Ray Train run for the trial, started at the copied checkpoint's position: its first
+            # checkpoint is one epoch past the source's step, not one epoch from scratch.
+            run = run_dir / "ray" / f"trial-{trial_id}-from-{source}-step{step}"
+            positions = [json.loads(p.read_text()) for p in run.glob("checkpoint_*/position.json")]
+            if positions:  # none when the copied checkpoint was the source's last epoch
+                continued += 1
+                assert min(p["step"] for p in positions) == int(step) + per_epoch
+                assert {p["trial"] for p in positions} == {trial_id}
+    assert continued >= 1
+    for trial in table["trial"]:
+        reports = _reports(run_dir, trial)
+        epochs = [r["epoch"] for r in reports]  # an exploit continues at the source's epoch
+        assert epochs == sorted(epochs) and epochs[0] == 1 and epochs[-1] == 3
+        # The optimizer trained with the trial's own (perturbed) lr, not the one in the copied state.
+        assert reports[-1]["lr"] == pytest.approx(reports[-1]["config"]["train.lr"])
+    assert "continued from other trials' checkpoints by pbt" in " ".join(out.split())
+
+
+@pytest.mark.ray
+def test_asha_stops_weak_trials_early_and_a_diverging_trial_does_not_stop_the_sweep(ray_cluster, quickstart_cache,
+                                                                                    tmp_path, capsys):
+    # One trial at a time, in grid order, so ASHA's decisions are fixed: the good lr sets the bar at
+    # each rung, the tiny one falls below it at the first, and lr 1e30 overflows at its second step.
+    config = _config(tmp_path, quickstart_cache, {
+        "scheduler": "asha", "search": "grid", "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1,
+        "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6, 1.0e30]}}})
+    code = main(["run", config, "--stages", "preprocess,tune"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    table = pd.read_parquet(tmp_path / "run" / "tune" / "trials.parquet").sort_values("train.lr")
+    assert list(table["status"]) == ["stopped early", "completed", "error"], table.to_string()
+    assert list(table["epochs_run"])[:2] == [1, 3]
+    assert "training diverged" in table["error"].iloc[2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["stages"]["tune"]["best_values"] == {"train.lr": 3.0e-3}
+    assert "3 trials (1 stopped early by asha, 1 failed)" in " ".join(out.split())
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_every_trial_fails_fails_the_stage_with_each_reason(ray_cluster, quickstart_cache, tmp_path, capsys):
+    config = _config(tmp_path, quickstart_cache, {"scheduler": "fifo", "num_samples": 1,
+                                                  "space": {"train.lr": {"grid": [1.0e30]}}}, epochs=1)
+    assert main(["run", config, "--stages", "preprocess,tune"]) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "all 1 trials failed:" in error[0] and "training diverged" in error[0], error
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failed_stage"] == "tune" and "all 1 trials failed" in summary["error"]
+    assert not (tmp_path / "run" / "models" / "teacher").exists()
