@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.resources import describe, groups_that_fit, missing_resources, worker_group_demand
+from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session
 from launcher.config import ConfigError, RunConfig, dump_yaml
 from launcher.report import write_report, write_summary
@@ -82,7 +82,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     try:
         with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
             run.resources = resources
-            _check_worker_group_fits(cfg, resources)
+            _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
             if any(s in stages for s in ("train", "tune", "distill")):
                 _preflight(run, console)
             for current in stages:
@@ -128,8 +128,15 @@ def _restore(run: Run, name: str, result: dict) -> None:
     run.console.print(f"[dim]↷ {name:<10} finished before; kept[/]")
 
 
-def _check_worker_group_fits(cfg: RunConfig, resources: dict) -> None:
-    """Refuse a worker group the cluster can never hold, instead of waiting for it forever."""
+def _check_worker_group_fits(cfg: RunConfig, resources: dict, sweep: bool) -> None:
+    """Refuse a worker group the cluster can never hold (the configured one, or the largest a
+    sweep's trial can sample), instead of waiting for it forever."""
+    if sweep:
+        from tuning.packing import packing_problems
+
+        problems = packing_problems(cfg, resources)
+        if problems:
+            raise ConfigError(problems)
     demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     missing = missing_resources(resources, demand)
     if missing:
@@ -223,12 +230,14 @@ def _train(run: Run) -> dict:
 def _tune(run: Run) -> dict:
     from launcher.report import print_trials
     from tuning.results import write_trials
+    from tuning.packing import pack
     from tuning.space import apply_overrides
     from tuning.sweep import run_sweep
 
     cfg = run.cfg
-    demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
-    concurrent = cfg.tune.max_concurrent_trials or groups_that_fit(run.resources, demand)
+    packing = pack(cfg, run.resources)
+    concurrent = packing.concurrent
+    run.console.print(f"  sweep: {packing.line(cfg)}")
     dump = run.dump()
     (run.run_dir / "tune").mkdir(exist_ok=True)
     sweep = run_sweep(dump, run.data_meta, run.data_dir, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",

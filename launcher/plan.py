@@ -121,7 +121,13 @@ def print_plan(console: Console, cfg: RunConfig, plan: Plan) -> None:
                   f"{train.precision}")
     console.print(f"[bold]workers[/] {train.workers} x ({describe({k: v / train.workers for k, v in plan.demand.items()})}) "
                   f"= {describe(plan.demand)}; cluster has {describe({k: v for k, v in plan.cluster.items() if k in ('CPU', 'GPU')})}"
-                  f" -> {plan.concurrent_groups} worker group(s) at once (sweep trials in parallel)")
+                  f" -> {plan.concurrent_groups} worker group(s) at once")
+    if cfg.tune.enabled:
+        from tuning.packing import pack, packing_problems
+
+        console.print(f"[bold]sweep[/] {pack(cfg, plan.cluster).line(cfg)}")
+        for problem in packing_problems(cfg, plan.cluster):
+            console.print(f"[red]{problem}[/]")
     console.print(f"[bold]batch[/] {train.micro_batch_size} per worker x {train.grad_accum_steps} accumulation x "
                   f"{train.workers} workers = {train.batch_triple()[0]} per optimizer step")
     budget = _gib(plan.budget_bytes) if plan.budget_bytes is not None else "?"

@@ -104,3 +104,14 @@ def test_a_sweep_whose_every_trial_fails_fails_the_stage_with_each_reason(ray_cl
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_stage"] == "tune" and "all 1 trials failed" in summary["error"]
     assert not (tmp_path / "run" / "models" / "teacher").exists()
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_largest_trial_cannot_fit_is_refused_before_it_starts(ray_cluster, tmp_path, capsys):
+    code = main(["run", str(QUICKSTART), "--set", f"output.dir={tmp_path / 'run'}",
+                 "--set", "tune.space.train.workers={choice: [1, 4]}"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out
+    assert ("tune.space.train.workers: the largest trial the sweep can sample is a worker group of 4 CPU but the Ray "
+            "cluster has 2 CPU (short by 2 CPU)") in " ".join(captured.err.split())
+    assert "✓ preprocess" not in captured.out and not (tmp_path / "run" / "models").exists()
