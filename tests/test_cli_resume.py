@@ -19,16 +19,16 @@ ROOT = Path(__file__).parent.parent
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
-def _args(run_dir: Path) -> list[str]:
+def _args(run_dir: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "launcher", "run", QUICKSTART, "--stages", "preprocess,train",
-            "--set", f"output.dir={run_dir}", "--set", "train.epochs=3", "--set", "train.checkpoint_every=5",
+            "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={cache}", "--set", "train.epochs=2", "--set", "train.checkpoint_every=5",
             "--set", "train.keep_checkpoints=100", "--set", "model.width=8", "--set", "cluster.num_cpus=2"]
 
 
-def test_resume_continues_a_run_whose_driver_was_killed(tmp_path):
+def test_resume_continues_a_run_whose_driver_was_killed(quickstart_cache, tmp_path):
     run_dir = tmp_path / "run"
     # Its own process (and its own embedded Ray), killed like a driver whose machine went away.
-    driver = subprocess.Popen(_args(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    driver = subprocess.Popen(_args(run_dir, quickstart_cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + 300
     while len(list(run_dir.glob("ray/train/checkpoint_*/model.safetensors"))) < 2 and driver.poll() is None:
@@ -38,7 +38,7 @@ def test_resume_continues_a_run_whose_driver_was_killed(tmp_path):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
 
-    done = subprocess.run(_args(run_dir) + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_args(run_dir, quickstart_cache) + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = " ".join(done.stdout.split())
     assert "reused cached" in out and "continuing from the checkpoint at step" in out
@@ -48,7 +48,7 @@ def test_resume_continues_a_run_whose_driver_was_killed(tmp_path):
     steps = [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]  # ordered by score, not time
     assert len(steps) == len(set(steps))  # no step trained twice: it continued, it did not start over
     meta = data_meta(run_dir)
-    assert max(steps) == 3 * (meta["rows"]["train"] // 2 // 32)
+    assert max(steps) == 2 * (meta["rows"]["train"] // 2 // 32)
     assert (run_dir / "models" / "teacher" / "model.safetensors").exists()
 
 
@@ -60,3 +60,46 @@ def test_resume_refuses_a_changed_config_or_a_directory_without_a_run(tmp_path, 
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.5}}))
     assert main(["run", QUICKSTART, "--set", f"output.dir={run_dir}", "--resume"]) == 2
     assert "--resume: train.lr was 0.5 in" in capsys.readouterr().err
+
+
+def test_resume_continues_a_sweep_whose_driver_was_killed(quickstart_cache, tmp_path):
+    """Tuner.restore under `--resume`: the finished trial is kept as it was, the one that was running
+    continues from its last checkpoint."""
+    raw = yaml.safe_load(Path(QUICKSTART).read_text())
+    raw["data"]["cache_dir"] = str(quickstart_cache)
+    raw["model"] = {"type": "mlp", "width": 32, "depth": 1}
+    raw["train"] |= {"workers": 1, "epochs": 2, "micro_batch_size": 64, "checkpoint_every": 5, "keep_checkpoints": 100}
+    raw["tune"] = {"enabled": True, "search": "grid", "scheduler": "fifo", "max_concurrent_trials": 1,
+                   "space": {"train.lr": {"grid": [3.0e-3, 2.0e-3]}}}
+    run_dir = tmp_path / "run"
+    raw["output"] = {"dir": str(run_dir)}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    args = [sys.executable, "-m", "launcher", "run", str(tmp_path / "sweep.yaml"), "--stages", "preprocess,tune",
+            "--set", "cluster.num_cpus=2"]
+
+    driver = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("ray/trial-*_00001/checkpoint_*/model.safetensors")) and driver.poll() is None:
+        assert time.monotonic() < deadline, "the second trial saved no checkpoint within 300 s"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = next(run_dir.glob("ray/trial-*_00000"))
+    first_checkpoints = sorted(p.name for p in first.glob("checkpoint_*"))
+    reports = (run_dir / "tune" / "reports.jsonl").read_text().splitlines()
+    first_reports = [r for r in reports if "_00000_" in json.loads(r)["trial"]]
+
+    done = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trials = summary["stages"]["tune"]["trials"]
+    assert summary["status"] == "succeeded" and [t["status"] for t in trials] == ["completed", "completed"]
+    # The finished trial did not train again; the interrupted one continued, no step trained twice.
+    assert sorted(p.name for p in first.glob("checkpoint_*")) == first_checkpoints
+    after = [r for r in (run_dir / "tune" / "reports.jsonl").read_text().splitlines() if "_00000_" in json.loads(r)["trial"]]
+    assert after == first_reports
+    second = next(run_dir.glob("ray/trial-*_00001"))
+    snapshot = json.loads((second / "checkpoint_manager_snapshot.json").read_text())
+    steps = [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]
+    assert len(steps) == len(set(steps)) and max(steps) == 2 * (data_meta(run_dir)["rows"]["train"] // 64)
+    assert (run_dir / "models" / "teacher" / "model.safetensors").exists()

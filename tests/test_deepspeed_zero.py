@@ -1,4 +1,5 @@
-"""Every ZeRO stage trains a tiny model over 2 gloo workers under Ray Train, and the loss goes down."""
+"""Every ZeRO stage trains a tiny model over 2 gloo workers under Ray Train, and the loss goes down;
+ZeRO-3's gathered weights are the ones plain data parallelism reaches."""
 
 from __future__ import annotations
 
@@ -12,15 +13,29 @@ from trainers.fit import best_checkpoint, build_trainer, load_splits
 from trainers.loop import loop_config
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_trains_on_two_gloo_workers(stage, digits_data, tmp_path):
+@pytest.fixture(scope="module")
+def stage_runs(digits_data, tmp_path_factory):
+    """One training run per ZeRO stage, the same model, seed and data, made when first asked for."""
     data_dir, meta = digits_data
-    run = RunConfig.model_validate({
-        "model": {"type": "mlp", "width": 32, "depth": 1},
-        "train": {"workers": 2, "epochs": 3, "micro_batch_size": 32, "lr": 3e-3, "zero": {"stage": stage},
-                  "keep_checkpoints": 3},  # Result.metrics_dataframe has one row per kept checkpoint
-    }).model_dump(mode="json")
-    result = build_trainer(loop_config(run, meta), load_splits(data_dir), tmp_path, name=f"zero{stage}").fit()
+    runs = {}
+
+    def run(stage: int):
+        if stage not in runs:
+            config = RunConfig.model_validate({
+                "model": {"type": "mlp", "width": 32, "depth": 1},
+                "train": {"workers": 2, "epochs": 3, "micro_batch_size": 32, "lr": 3e-3, "zero": {"stage": stage},
+                          "keep_checkpoints": 3},  # Result.metrics_dataframe has one row per kept checkpoint
+            }).model_dump(mode="json")
+            runs[stage] = build_trainer(loop_config(config, meta), load_splits(data_dir), tmp_path_factory.mktemp("zero"),
+                                        name=f"zero{stage}").fit()
+        return runs[stage]
+
+    return run
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_trains_on_two_gloo_workers(stage, stage_runs):
+    result = stage_runs(stage)
     history = result.metrics_dataframe
     assert list(history["epoch"]) == [1, 2, 3]
     assert history["train_loss"].iloc[-1] < 0.7 * history["train_loss"].iloc[0]
@@ -30,23 +45,12 @@ def test_zero_stage_trains_on_two_gloo_workers(stage, digits_data, tmp_path):
     assert metrics["val_accuracy"] == history["val_accuracy"].max()
 
 
-def _mlp_run(stage, **train) -> dict:
-    return RunConfig.model_validate({
-        "model": {"type": "mlp", "width": 32, "depth": 1},
-        "train": {"workers": 2, "epochs": 2, "micro_batch_size": 64, "lr": 3e-3, "zero": {"stage": stage}} | train,
-    }).model_dump(mode="json")
-
-
-def test_zero3_consolidated_weights_equal_zero0_weights(digits_data, tmp_path):
+def test_zero3_consolidated_weights_equal_zero0_weights(stage_runs):
     """ZeRO-3 shards every parameter across the ranks; gathered into one model.safetensors after
     training they are the weights plain data parallelism (stage 0) reaches from the same seed and data."""
     from safetensors.torch import load_file
 
-    data_dir, meta = digits_data
-    weights = {}
-    for stage in (0, 3):
-        result = build_trainer(loop_config(_mlp_run(stage), meta), load_splits(data_dir), tmp_path, name=f"s{stage}").fit()
-        weights[stage] = load_file(str(Path(result.checkpoint.path) / "model.safetensors"))
+    weights = {stage: load_file(str(Path(stage_runs(stage).checkpoint.path) / "model.safetensors")) for stage in (0, 3)}
     assert weights[0].keys() == weights[3].keys()
     for name in weights[0]:
         torch.testing.assert_close(weights[3][name], weights[0][name], rtol=1e-5, atol=1e-6)
@@ -57,7 +61,11 @@ def test_rows_not_divisible_by_the_world_size_do_not_hang(digits_data, tmp_path)
     number of optimizer steps, and ZeRO-3's per-step collectives all complete."""
     data_dir, meta = digits_data
     assert meta["rows"]["train"] % 3 != 0
-    run = _mlp_run(3, workers=3, cpus_per_worker=0.5, micro_batch_size=50, grad_accum_steps=2)
+    run = RunConfig.model_validate({
+        "model": {"type": "mlp", "width": 32, "depth": 1},
+        "train": {"workers": 3, "cpus_per_worker": 0.5, "epochs": 2, "micro_batch_size": 50, "grad_accum_steps": 2,
+                  "lr": 3e-3, "zero": {"stage": 3}},
+    }).model_dump(mode="json")
     config = loop_config(run, meta)
     result = build_trainer(config, load_splits(data_dir), tmp_path, name="ragged").fit()
     assert config["steps_per_epoch"] == meta["rows"]["train"] // 3 // 50 // 2

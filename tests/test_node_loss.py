@@ -14,12 +14,12 @@ from pathlib import Path
 SCRIPT = Path(__file__).parent / "scripts" / "node_loss.py"
 
 
-def test_node_loss_recovers_or_fails_clearly(tmp_path):
+def test_node_loss_recovers_or_fails_clearly(digits_data, tmp_path):
     # Its own process (the suite's session Ray is a single node, and a process joins one cluster),
     # with its own Ray temp dir: `ray start`-style heads record themselves in TMPDIR/ray_current_cluster,
     # which a later plain `ray.init()` on this machine would try to join. Short path: Unix sockets.
     ray_tmp = tempfile.mkdtemp(prefix="rl-")
-    script = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path)], stdout=subprocess.PIPE,
+    script = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(digits_data[0])], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
                               env=os.environ | {"RAY_TMPDIR": ray_tmp}, start_new_session=True)
     try:

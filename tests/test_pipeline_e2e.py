@@ -14,9 +14,10 @@ from launcher.cli import main
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
 
-def test_quickstart_pipeline_produces_every_artifact(ray_cluster, tmp_path, capsys):
+def test_quickstart_pipeline_produces_every_artifact(ray_cluster, quickstart_cache, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}", "--set", "tune.num_samples=2",
+    code = main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={quickstart_cache}",
+                 "--set", "tune.num_samples=2",
                  "--set", "tune.grace_period=1", "--set", "train.epochs=3", "--set", "distill.epochs=4",
                  "--set", "distill.student.width=8"])
     out = capsys.readouterr().out

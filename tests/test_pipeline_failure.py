@@ -11,10 +11,11 @@ from launcher.cli import main
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
 
-def test_diverging_training_fails_the_run_with_its_reason(ray_cluster, tmp_path, capsys):
+def test_diverging_training_fails_the_run_with_its_reason(ray_cluster, quickstart_cache, tmp_path, capsys):
     run_dir = tmp_path / "run"
     # Adam moves every weight by ~lr on its first step: at 1e30 the next forward pass overflows.
     code = main(["run", str(QUICKSTART), "--stages", "preprocess,train", "--set", f"output.dir={run_dir}",
+                 "--set", f"data.cache_dir={quickstart_cache}",
                  "--set", "train.lr=1e30", "--set", "train.epochs=2", "--set", "train.checkpoint_every=1",
                  "--set", "train.keep_checkpoints=10"])
     captured = capsys.readouterr()

@@ -40,9 +40,10 @@ def test_the_searcher_follows_tune_search_and_caps_concurrency():
 
 
 @pytest.mark.ray
-def test_optuna_sweep_runs_its_trials_and_records_them(ray_cluster, tmp_path, capsys):
+def test_optuna_sweep_runs_its_trials_and_records_them(ray_cluster, quickstart_cache, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = main(["run", str(QUICKSTART), "--stages", "preprocess,tune", "--set", f"output.dir={run_dir}",
+                 "--set", f"data.cache_dir={quickstart_cache}",
                  "--set", "tune.search=optuna", "--set", "tune.num_samples=2", "--set", "tune.scheduler=fifo",
                  "--set", "train.epochs=1", "--set", "train.workers=1", "--set", "tune.time_budget_s=600"])
     out = capsys.readouterr().out
