@@ -115,3 +115,12 @@ def test_a_sweep_whose_largest_trial_cannot_fit_is_refused_before_it_starts(ray_
     assert ("tune.space.train.workers: the largest trial the sweep can sample is a worker group of 4 CPU but the Ray "
             "cluster has 2 CPU (short by 2 CPU)") in " ".join(captured.err.split())
     assert "✓ preprocess" not in captured.out and not (tmp_path / "run" / "models").exists()
+
+
+@pytest.mark.ray
+def test_a_time_budget_too_short_for_any_trial_fails_the_stage_naming_it(ray_cluster, quickstart_cache, tmp_path, capsys):
+    config = _config(tmp_path, quickstart_cache, {"scheduler": "fifo", "num_samples": 1, "time_budget_s": 2,
+                                                  "space": {"train.lr": {"grid": [3.0e-3]}}})
+    assert main(["run", config, "--stages", "preprocess,tune"]) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "tune.time_budget_s: the sweep's 2 s ran out before any trial reported val_accuracy" in error, error

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,7 @@ class _Forwarder:
         if self.thread.is_alive():
             self.queue.put(self._DONE)  # after the last report: the thread forwards everything first
             self.thread.join()
+        self.queue.shutdown(force=True)  # its actor: Tune may reuse this trial's process for another trial
         if self.error is not None and exc_type is None:
             raise self.error
 
@@ -192,8 +194,16 @@ def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, ma
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0,
                                   callbacks=[ReportLog(Path(reports).resolve())]),
     )
+    started = time.monotonic()
     grid = tuner.fit()
-    return _summarize(grid, read_reports(reports), run, metric, mode)
+    try:
+        return _summarize(grid, read_reports(reports), run, metric, mode)
+    except SweepFailed as exc:
+        budget = settings["time_budget_s"]
+        if budget is not None and time.monotonic() - started >= budget:
+            raise SweepFailed(f"tune.time_budget_s: the sweep's {budget:g} s ran out before any trial reported {metric} "
+                              f"(a trial needs its worker group started and one epoch); raise it. {exc}") from None
+        raise
 
 
 def search_algorithm(search: str, metric: str, mode: str, seed: int, max_concurrent: int):
@@ -215,7 +225,7 @@ def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> Swee
     trials, best = [], None
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     for result in grid:
-        values = dict(result.config)
+        values = _config_of(result)
         epochs_planned = values.get("train.epochs", run["train"]["epochs"])
         history = histories.get(Path(result.path).name)
         row = {"trial": Path(result.path).name, **values, "epochs_run": 0, metric: math.nan,
@@ -245,6 +255,15 @@ def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> Swee
     return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH_KEY]),
                        best_metrics={k: v for k, v in metrics.items() if k in (metric, "epoch", "val_loss", "val_accuracy")},
                        best_values=values)
+
+
+def _config_of(result) -> dict:
+    """A trial's (last) values. A trial that never reported (the time budget ran out first) has
+    none in its Result; Tune wrote them to params.json if it got as far as starting it."""
+    if result.config is not None:
+        return dict(result.config)
+    params = Path(result.path) / "params.json"
+    return json.loads(params.read_text()) if params.exists() else {}
 
 
 def _usage(train: dict, history) -> dict:
