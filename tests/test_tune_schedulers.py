@@ -67,8 +67,10 @@ def test_pbt_continues_the_worst_trial_from_a_top_trials_deepspeed_checkpoint(ra
     assert continued >= 1
     for trial in table["trial"]:
         reports = _reports(run_dir, trial)
-        epochs = [r["epoch"] for r in reports]  # an exploit continues at the source's epoch
-        assert epochs == sorted(epochs) and epochs[0] == 1 and epochs[-1] == 3
+        # An exploit continues at the source's epoch, so epochs can repeat (even after a trial's
+        # last report: PBT may still replace it with a copy of a better one, which then finishes).
+        epochs = [r["epoch"] for r in reports]
+        assert epochs[0] == 1 and epochs[-1] == max(epochs) == 3
         # The optimizer trained with the trial's own (perturbed) lr, not the one in the copied state.
         assert reports[-1]["lr"] == pytest.approx(reports[-1]["config"]["train.lr"])
     assert "continued from other trials' checkpoints by pbt" in " ".join(out.split())
