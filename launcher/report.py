@@ -91,7 +91,9 @@ def print_trials(console: Console, trials: list[dict], metric: str, searched: li
     """The sweep's trials as a console table, best first."""
     table = Table(title="Sweep trials")
     for title in ("trial", *searched, metric, "epochs", "status", "CPU-h"):
-        table.add_column(title, justify="left" if title in ("trial", "status") else "right")
+        # The trial id whole (a narrow console would cut every row to the same prefix).
+        table.add_column(title, justify="left" if title in ("trial", "status") else "right", no_wrap=title == "trial",
+                         min_width=11 if title == "trial" else None)
     sign = -1 if metric_mode(metric) == "max" else 1
     ranked = sorted(trials, key=lambda t: (t[metric] != t[metric], sign * t[metric]))
     for t in ranked:

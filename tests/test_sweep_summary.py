@@ -66,3 +66,17 @@ def test_trials_table_and_plot_are_written_with_every_trial(tmp_path):
     png = (tmp_path / "tune" / "metric_vs_params.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
+
+
+def test_the_console_table_keeps_every_trial_id_whole_on_a_narrow_console():
+    from rich.console import Console
+
+    from launcher.report import print_trials
+
+    trials = [{"trial": f"_trial_aa104_0000{i}_{i}_train_lr=0.002", "train.lr": 0.002, "model.width": 32,
+               "val_accuracy": 0.98 - i / 100, "epochs_run": 8, "status": "stopped early", "error": "", "cpu_hours": 0.03}
+              for i in range(3)]
+    console = Console(width=80, record=True)
+    print_trials(console, trials, "val_accuracy", ["train.lr", "model.width"])
+    text = console.export_text()
+    assert all(f"aa104_0000{i}" in text for i in range(3))
