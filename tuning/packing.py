@@ -65,13 +65,13 @@ def pack(cfg: RunConfig, cluster: dict[str, float]) -> Packing:
 
 def packing_problems(cfg: RunConfig, cluster: dict[str, float]) -> list[str]:
     """A sweep whose largest trial the cluster can never hold would wait for it forever: refused,
-    with the numbers."""
+    with the numbers. (Without a searched group path every trial is the configured group, which
+    the pipeline's own worker-group check covers.)"""
+    searched = [p for p in GROUP_PATHS if p in cfg.tune.space]
     demand = largest_demand(cfg)
     missing = missing_resources(cluster, demand)
-    if not missing:
+    if not searched or not missing:
         return []
-    searched = [p for p in GROUP_PATHS if p in cfg.tune.space]
-    where = f"tune.space.{searched[0]}" if searched else "train.workers"
-    return [f"{where}: the largest trial the sweep can sample is a worker group of {describe(demand)} but the Ray cluster "
-            f"has {describe({k: cluster.get(k, 0.0) for k in demand})} (short by {describe(missing)}); lower the "
-            f"{'largest value searched' if searched else 'worker group'} or add nodes"]
+    return [f"tune.space.{searched[0]}: the largest trial the sweep can sample is a worker group of {describe(demand)} "
+            f"but the Ray cluster has {describe({k: cluster.get(k, 0.0) for k in demand})} (short by {describe(missing)}); "
+            f"lower the largest value searched or add nodes"]
