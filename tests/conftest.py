@@ -38,3 +38,22 @@ def data_meta(run_dir) -> dict:
     from pathlib import Path
 
     return json.loads((Path(json.loads((Path(run_dir) / "data.json").read_text())["path"]) / "meta.json").read_text())
+
+
+def sweep_config(tmp_path, cache, tune: dict, **train) -> str:
+    """A sweep config file in `tmp_path`: the quickstart's data (cached in `cache`) with a small
+    MLP and 1-worker trials (two at a time on 2 CPUs); `tune` and `train` override its sections.
+    The run directory is `tmp_path / "run"`."""
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "configs" / "quickstart.yaml").read_text())
+    raw["data"]["cache_dir"] = str(cache)
+    raw["model"] = {"type": "mlp", "width": 32, "depth": 1}
+    raw["train"] |= {"workers": 1, "epochs": 3, "micro_batch_size": 64, "lr_schedule": "constant"} | train
+    raw["tune"] = {"enabled": True, "metric": "val_accuracy"} | tune
+    raw["output"] = {"dir": str(tmp_path / "run")}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)

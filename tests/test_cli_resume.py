@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import data_meta
+from conftest import data_meta, sweep_config
 from launcher.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -65,16 +65,11 @@ def test_resume_refuses_a_changed_config_or_a_directory_without_a_run(tmp_path, 
 def test_resume_continues_a_sweep_whose_driver_was_killed(quickstart_cache, tmp_path):
     """Tuner.restore under `--resume`: the finished trial is kept as it was, the one that was running
     continues from its last checkpoint."""
-    raw = yaml.safe_load(Path(QUICKSTART).read_text())
-    raw["data"]["cache_dir"] = str(quickstart_cache)
-    raw["model"] = {"type": "mlp", "width": 32, "depth": 1}
-    raw["train"] |= {"workers": 1, "epochs": 2, "micro_batch_size": 64, "checkpoint_every": 5, "keep_checkpoints": 100}
-    raw["tune"] = {"enabled": True, "search": "grid", "scheduler": "fifo", "max_concurrent_trials": 1,
-                   "space": {"train.lr": {"grid": [3.0e-3, 2.0e-3]}}}
+    config = sweep_config(tmp_path, quickstart_cache, {
+        "search": "grid", "scheduler": "fifo", "max_concurrent_trials": 1, "space": {"train.lr": {"grid": [3.0e-3, 2.0e-3]}}},
+        epochs=2, checkpoint_every=5, keep_checkpoints=100)
     run_dir = tmp_path / "run"
-    raw["output"] = {"dir": str(run_dir)}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
-    args = [sys.executable, "-m", "launcher", "run", str(tmp_path / "sweep.yaml"), "--stages", "preprocess,tune",
+    args = [sys.executable, "-m", "launcher", "run", config, "--stages", "preprocess,tune",
             "--set", "cluster.num_cpus=2"]
 
     driver = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -9,25 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import data_meta
+from conftest import data_meta, sweep_config
 from launcher.cli import main
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
-
-
-def _config(tmp_path: Path, cache: Path, tune: dict, **train) -> str:
-    """The quickstart's data with a small MLP, 1-worker trials (two at a time on 2 CPUs)."""
-    raw = yaml.safe_load(QUICKSTART.read_text())
-    raw["data"]["cache_dir"] = str(cache)
-    raw["model"] = {"type": "mlp", "width": 32, "depth": 1}
-    raw["train"] |= {"workers": 1, "epochs": 3, "micro_batch_size": 64, "lr_schedule": "constant"} | train
-    raw["tune"] = {"enabled": True, "metric": "val_accuracy"} | tune
-    raw["output"] = {"dir": str(tmp_path / "run")}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 def _reports(run_dir: Path, trial: str) -> list[dict]:
@@ -38,7 +24,7 @@ def _reports(run_dir: Path, trial: str) -> list[dict]:
 
 @pytest.mark.ray
 def test_pbt_continues_the_worst_trial_from_a_top_trials_deepspeed_checkpoint(ray_cluster, quickstart_cache, tmp_path, capsys):
-    config = _config(tmp_path, quickstart_cache, {"scheduler": "pbt", "num_samples": 1, "perturbation_interval": 1, "quantile_fraction": 0.5,
+    config = sweep_config(tmp_path, quickstart_cache, {"scheduler": "pbt", "num_samples": 1, "perturbation_interval": 1, "quantile_fraction": 0.5,
                                 "resample_probability": 0.0, "space": {"train.lr": {"grid": [1.0e-6, 3.0e-3]}}})
     code = main(["run", config, "--stages", "preprocess,tune"])
     out = capsys.readouterr().out
@@ -81,7 +67,7 @@ def test_asha_stops_weak_trials_early_and_a_diverging_trial_does_not_stop_the_sw
                                                                                     tmp_path, capsys):
     # One trial at a time, in grid order, so ASHA's decisions are fixed: the good lr sets the bar at
     # each rung, the tiny one falls below it at the first, and lr 1e30 overflows at its second step.
-    config = _config(tmp_path, quickstart_cache, {
+    config = sweep_config(tmp_path, quickstart_cache, {
         "scheduler": "asha", "search": "grid", "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1,
         "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6, 1.0e30]}}})
     code = main(["run", config, "--stages", "preprocess,tune"])
@@ -98,7 +84,7 @@ def test_asha_stops_weak_trials_early_and_a_diverging_trial_does_not_stop_the_sw
 
 @pytest.mark.ray
 def test_a_sweep_whose_every_trial_fails_fails_the_stage_with_each_reason(ray_cluster, quickstart_cache, tmp_path, capsys):
-    config = _config(tmp_path, quickstart_cache, {"scheduler": "fifo", "num_samples": 1,
+    config = sweep_config(tmp_path, quickstart_cache, {"scheduler": "fifo", "num_samples": 1,
                                                   "space": {"train.lr": {"grid": [1.0e30]}}}, epochs=1)
     assert main(["run", config, "--stages", "preprocess,tune"]) == 1
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -121,7 +107,7 @@ def test_a_sweep_whose_largest_trial_cannot_fit_is_refused_before_it_starts(ray_
 
 @pytest.mark.ray
 def test_a_time_budget_too_short_for_any_trial_fails_the_stage_naming_it(ray_cluster, quickstart_cache, tmp_path, capsys):
-    config = _config(tmp_path, quickstart_cache, {"scheduler": "fifo", "num_samples": 1, "time_budget_s": 2,
+    config = sweep_config(tmp_path, quickstart_cache, {"scheduler": "fifo", "num_samples": 1, "time_budget_s": 2,
                                                   "space": {"train.lr": {"grid": [3.0e-3]}}})
     assert main(["run", config, "--stages", "preprocess,tune"]) == 1
     error = " ".join(capsys.readouterr().err.split())
