@@ -1,4 +1,4 @@
-"""The `raylaunch` command line: `run`, `plan`, `config show`, `config reference`.
+"""The `raylaunch` command line: `run`, `plan`, `predict`, `config show`, `config reference`.
 
 Exit codes: 0 success, 1 the run failed, 2 bad config or input (one `path: problem` line each).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -33,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     plan.add_argument("--verbose", action="store_true")
 
+    predict = commands.add_parser("predict", help="run an exported model (any folder under RUN_DIR/models/) on raw input")
+    predict.add_argument("model_dir", help="a model directory: model.safetensors + model.json")
+    predict.add_argument("input", help="a classifier: a CSV, Parquet or JSONL file with the feature columns, an image "
+                                       "or a folder of images; a language model: a text file to continue")
+    predict.add_argument("--top-k", type=int, default=1, help="classes to show per row, most likely first (default 1)")
+    predict.add_argument("--max-new-tokens", type=int, default=64, help="tokens a language model generates (default 64)")
+    predict.add_argument("--output", help="also write the predictions as JSON lines to this file")
+    predict.add_argument("--verbose", action="store_true", help="show torch's and torchao's own logs")
+
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print the resolved config")
     show.add_argument("config")
@@ -55,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plan":
             return _plan(args, console)
+        if args.command == "predict":
+            return _predict(args, console, errors)
         return _run(args, console, errors)
     except configuration.ConfigError as exc:
         _print_problems(errors, exc.problems)
@@ -105,6 +117,47 @@ def _plan(args, console: Console) -> int:
         raise configuration.ConfigError(exc.problems) from None
     print_plan(console, cfg, plan)
     check_plan(plan)  # a model that cannot fit: the same error `run` would give, exit 2
+    return 0
+
+
+def _predict(args, console: Console, errors: Console) -> int:
+    import json
+    import logging
+
+    if not args.verbose:  # torchao logs each optional kernel library it cannot load
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    from rich.table import Table
+
+    from dataprep import DataError
+    from trainers.export import classify, decode, generate, load_model, read_inputs, read_spec
+
+    try:
+        if args.top_k < 1 or args.max_new_tokens < 1:
+            raise DataError(["--top-k and --max-new-tokens: at least 1"])
+        spec = read_spec(args.model_dir)
+        inputs, names = read_inputs(spec, args.input)
+        model, spec = load_model(args.model_dir)
+    except DataError as exc:
+        _print_problems(errors, exc.problems)
+        return 2
+    if spec["preprocess"]["task"] == "lm":
+        text = decode(spec, generate(model, spec, inputs, args.max_new_tokens))
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        records = [{"input": names[0], "generated": text}]
+    else:
+        predictions = classify(model, inputs, spec["classes"], args.top_k)
+        table = Table(title=f"{Path(args.model_dir).name}: {len(names)} prediction(s)")
+        table.add_column("input")
+        table.add_column("prediction" if args.top_k == 1 else f"top {args.top_k} (probability)")
+        for name, top in zip(names, predictions):
+            table.add_row(name, ", ".join(f"{c} ({p:.3f})" for c, p in top))
+        console.print(table)
+        records = [{"input": n, "class": top[0][0], "probability": top[0][1], "top": [list(t) for t in top]}
+                   for n, top in zip(names, predictions)]
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
     return 0
 
 

@@ -407,13 +407,32 @@ class DistillConfig(Section):
     """Student epochs; null uses train.epochs."""
     lr: float | None = Field(None, gt=0)
     """Student learning rate; null uses train.lr."""
+    teacher_outputs: Literal["live", "precompute"] = "live"
+    """`live`: every worker holds the frozen teacher and runs it on each batch. `precompute`: the teacher runs once over the train split (Ray Data batch inference, one model load per actor) and its logits are stored in Parquet beside the run, so the student's workers never hold it; needs data without random augmentations."""
+    top_k: int = Field(32, ge=1)
+    """With `precompute`, a language model's teacher keeps its top_k logits per token (the full vocabulary per token would not fit); the soft-target loss runs over those."""
+
+
+QuantMethod = Literal["int8_dynamic", "int8_weight_only", "static_int8", "int4_weight_only"]
 
 
 class QuantizeConfig(Section):
     enabled: bool = True
     """Quantize the final model (the student, or the teacher when there is none) after training."""
-    method: Literal["int8_dynamic", "int8_weight_only"] = "int8_dynamic"
-    """torchao method: int8 activations and weights, or int8 weights only."""
+    methods: list[QuantMethod] = Field(["int8_dynamic", "static_int8"], min_length=1)
+    """torchao methods, one quantized model each: `int8_dynamic` (int8 activations and weights of the linear layers), `int8_weight_only`, `static_int8` (PT2E for the x86 backend: convolutions too, activations calibrated on the validation split), `int4_weight_only` (skipped, with the reason, where torchao cannot run it on the CPU)."""
+    calibration_rows: int = Field(512, ge=1)
+    """Validation rows static_int8 calibrates its activation ranges on."""
+    max_drop: float = Field(0.02, ge=0, le=1)
+    """Accuracy gate: the most a quantized model may lose against its fp32 source on the test split, as a fraction (0.02 = 2 accuracy points; for a language model, 0.02 = 2% higher perplexity). A model over it fails the stage and is kept, marked rejected."""
+
+    @field_validator("methods")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({m for m in value if value.count(m) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice")
+        return value
 
 
 class OutputConfig(Section):
@@ -430,6 +449,14 @@ class RunConfig(Section):
     distill: DistillConfig = DistillConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _precompute_needs_fixed_inputs(self) -> RunConfig:
+        augment = [t.type for t in self.data.transforms if t.type in AUGMENTATIONS]
+        if self.distill.enabled and self.distill.teacher_outputs == "precompute" and augment:
+            raise ValueError(f"distill.teacher_outputs: precompute stores one teacher output per row, but "
+                             f"{', '.join(augment)} in data.transforms changes the rows every epoch; use live")
+        return self
 
     def default_stages(self) -> list[str]:
         """The stages a plain `raylaunch run` performs: a sweep replaces the single train run."""

@@ -6,9 +6,9 @@ the summary keeps. The run directory holds everything a run produces:
     config.yaml          the resolved config
     data.json            where the preprocessed splits are: the cache entry (see dataprep.cache)
     ray/                 Ray Train / Tune storage: every run's checkpoints
-    models/teacher/      model.safetensors + model.json
-    models/student/      model.safetensors + model.json
-    models/quantized/    model.pt (torchao state dict) + model.json
+    models/teacher/      model.safetensors + model.json (+ tokenizer.json for a BPE language model)
+    models/student/      the same
+    models/student-<method>/  each quantized model: its quantized tensors + model.json (trainers.quantize)
     summary.json         status, per-stage results, per-model numbers
     report.md            the same as tables
 """
@@ -102,28 +102,32 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     return run.summary
 
 
-# Where each stage leaves its output in the run directory, for a resumed run to pick up.
+# Where each training stage leaves its model in the run directory, for a resumed run to pick up
+# (the quantize stage lists its models in its result).
 _OUTPUTS = {"train": ("teacher", "models/teacher"), "tune": ("teacher", "models/teacher"),
-            "distill": ("student", "models/student"), "quantize": ("quantized", "models/quantized")}
+            "distill": ("student", "models/student")}
+
+
+def _stage_models(run_dir: Path, name: str, result: dict) -> dict[str, Path]:
+    if name == "quantize":
+        return {n: Path(m["path"]) for n, m in result.get("models", {}).items()}
+    role, path = _OUTPUTS[name]
+    return {role: run_dir / path}
 
 
 def _finished_stages(run_dir: Path) -> dict[str, dict]:
-    """The stages an earlier, interrupted run of this directory finished (evaluation always reruns)."""
+    """The stages an earlier, interrupted run of this directory finished (evaluation always reruns;
+    preprocessing too: it finds its cache entry, or rebuilds one that was removed)."""
     summary_file = run_dir / "summary.json"
     stages = json.loads(summary_file.read_text()).get("stages", {}) if summary_file.exists() else {}
-    done = {}
-    for name, result in stages.items():
-        output = _OUTPUTS.get(name)
-        if name == "preprocess":
-            continue  # always rerun: it finds its cache entry (or rebuilds one that was removed)
-        elif output and (run_dir / output[1]).exists():
-            done[name] = result
-    return done
+    return {name: result for name, result in stages.items()
+            if name in (*_OUTPUTS, "quantize") and all(p.exists() for p in _stage_models(run_dir, name, result).values())}
 
 
 def _restore(run: Run, name: str, result: dict) -> None:
-    role, path = _OUTPUTS[name]
-    run.models[role] = run.run_dir / path
+    run.models.update(_stage_models(run.run_dir, name, result))
+    if name == "quantize":
+        run.summary["models"].update({n: dict(m) for n, m in result["models"].items()})
     run.summary["stages"][name] = result
     run.console.print(f"[dim]↷ {name:<10} finished before; kept[/]")
 
@@ -223,7 +227,7 @@ def _train(run: Run) -> dict:
     resumed = _resume_point(run, "train")
     result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="train"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
-    run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher")
+    run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
     return _training_summary("teacher", metrics, run.cfg) | resumed
 
 
@@ -242,7 +246,7 @@ def _tune(run: Run) -> dict:
     (run.run_dir / "tune").mkdir(exist_ok=True)
     sweep = run_sweep(dump, run.data_meta, run.data_dir, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
                       resume=run.resume)
-    run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher")
+    run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
     # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
     best = RunConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), sweep.best_values))
@@ -273,41 +277,80 @@ def _distill(run: Run) -> dict:
     resumed = _resume_point(run, "distill")
     result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="distill"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
-    run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student")
+    run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student", run.data_dir)
     return _training_summary("student", metrics, run.cfg) | resumed
 
 
 def _quantize(run: Run) -> dict:
-    from trainers.quantize import quantize_model_dir
+    """Each method's quantized model of the final fp32 model, exported, then gated: one that loses
+    more than `quantize.max_drop` on the test split fails the stage and is kept, marked rejected."""
+    from trainers.evaluate import first_rows, quality_drop, test_metrics
+    from trainers.export import load_model
+    from trainers.quantize import quantize_model_dir, unsupported_reason
 
+    q = run.cfg.quantize
     source = "student" if "student" in run.models else "teacher"
-    target = run.run_dir / "models" / "quantized"
-    quantize_model_dir(run.models[source], target, run.cfg.quantize.method)
-    run.models["quantized"] = target
-    return {"source": source, "method": run.cfg.quantize.method,
-            "line": f"{source} -> {run.cfg.quantize.method} with torchao"}
+    test_dir = run.data_dir / "test"
+    baseline = test_metrics(load_model(run.models[source])[0], test_dir, run.data_meta)
+    calibration = (first_rows(run.data_dir / "val", run.data_meta, q.calibration_rows)
+                   if "static_int8" in q.methods else None)
+    made, skipped, rejected = {}, {}, []
+    for method in q.methods:
+        reason = unsupported_reason(method)
+        if reason:
+            skipped[method] = reason
+            run.console.print(f"  [yellow]{method} skipped[/]: {reason}")
+            continue
+        name = f"{source}-{method}"
+        target = run.run_dir / "models" / name
+        quantize_model_dir(run.models[source], target, method, calibration)
+        metrics = test_metrics(load_model(target)[0], test_dir, run.data_meta)
+        drop = quality_drop(baseline, metrics)
+        status = "rejected" if drop > q.max_drop else "accepted"
+        made[name] = {"method": method, "status": status, "drop": round(drop, 6), "path": str(target),
+                      **{k: metrics[k] for k in ("accuracy", "perplexity") if k in metrics}}
+        run.models[name] = target
+        # In the summary now: a rejection below fails the stage before its result is recorded.
+        run.summary["models"][name] = dict(made[name])
+        if status == "rejected":
+            rejected.append(name)
+    quality = "perplexity" if "perplexity" in baseline else "accuracy"
+    if rejected:
+        worst = ", ".join(f"{n} {made[n][quality]:.4f} ({_drop_words(made[n]['drop'], quality)})" for n in rejected)
+        raise QuantizationRejected(
+            f"quantize.max_drop: {worst} against the fp32 {source}'s test {quality} {baseline[quality]:.4f}, over the "
+            f"allowed {q.max_drop:g}; kept in models/ and marked rejected in summary.json. Raise quantize.max_drop, "
+            f"calibrate on more rows (quantize.calibration_rows) or choose another method")
+    parts = [f"{n} {m[quality]:.4f}" for n, m in made.items()]
+    parts += [f"{m} skipped" for m in skipped]
+    return {"source": source, "baseline": {quality: baseline[quality]}, "models": made,
+            "skipped": skipped, "line": f"{source} (test {quality} {baseline[quality]:.4f}) -> " + ", ".join(parts)}
+
+
+class QuantizationRejected(RuntimeError):
+    """A quantized model lost more than quantize.max_drop."""
+
+
+def _drop_words(drop: float, quality: str) -> str:
+    return f"{drop * 100:+.1f}% perplexity" if quality == "perplexity" else f"-{drop * 100:.1f} points"
 
 
 def _evaluate(run: Run) -> dict:
-    from dataprep.stream import stream_folder
-    from trainers.batches import model_batch
-    from trainers.checkpoint import WEIGHTS, load_model_dir
-    from trainers.evaluate import measure
-    from trainers.quantize import QUANTIZED_WEIGHTS, load_quantized_dir
+    from trainers.checkpoint import WEIGHTS
+    from trainers.evaluate import first_rows, measure
+    from trainers.export import load_model
 
     test_dir = run.data_dir / "test"
-    first = next(iter(stream_folder(test_dir).iter_torch_batches(batch_size=1, device="cpu")))
-    example = model_batch(first, run.data_meta)[0]
+    example = first_rows(test_dir, run.data_meta, 1)
+    models = {}
     for name, directory in run.models.items():
-        if name == "quantized":
-            model, _ = load_quantized_dir(directory)
-            weights = directory / QUANTIZED_WEIGHTS
-        else:
-            model, _ = load_model_dir(directory)
-            weights = directory / WEIGHTS
-        run.summary["models"][name] = {**measure(model, weights, test_dir, run.data_meta, example), "path": str(directory)}
-    models = run.summary["models"]
-    return {"line": "test accuracy " + ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in models.items())}
+        model, spec = load_model(directory)
+        numbers = measure(model, spec, directory / WEIGHTS, test_dir, run.data_meta, example)
+        gate = {k: v for k, v in run.summary["models"].get(name, {}).items() if k in ("method", "status", "drop")}
+        models[name] = {**numbers, **gate, "path": str(directory)}
+    run.summary["models"] = models
+    key = "perplexity" if all("perplexity" in m for m in models.values()) else "accuracy"
+    return {"line": f"test {key} " + ", ".join(f"{n} {m[key]:.4f}" for n, m in models.items())}
 
 
 def _resume_point(run: Run, name: str) -> dict:
@@ -323,16 +366,20 @@ def _resume_point(run: Run, name: str) -> dict:
     return {"resumed_from_step": latest["step"]}
 
 
-def _keep_model(checkpoint: Path, target: Path) -> Path:
+def _keep_model(checkpoint: Path, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
     storage into the run's models/ folder; the folder appears complete or not at all."""
     from trainers.checkpoint import SPEC, WEIGHTS
+    from trainers.export import TOKENIZER_FILE
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in (WEIGHTS, SPEC):
         shutil.copy2(checkpoint / name, tmp / name)
+    tokenizer = data_dir / TOKENIZER_FILE
+    if tokenizer.exists():  # a BPE model carries its tokenizer: `raylaunch predict` needs it
+        shutil.copy2(tokenizer, tmp / TOKENIZER_FILE)
     tmp.rename(target)
     return target
 

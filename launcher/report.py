@@ -12,13 +12,49 @@ from rich.table import Table
 
 from launcher.config import metric_mode
 
-COLUMNS = (("accuracy", "test accuracy", "{:.4f}"), ("perplexity", "test perplexity", "{:.2f}"), ("params", "params", "{:,}"),
-           ("size_bytes", "size (bytes)", "{:,}"), ("latency_ms_b1", "latency b1 (ms)", "{:.3f}"))
+COLUMNS = (("accuracy", "accuracy", "{:.4f}".format), ("perplexity", "perplexity", "{:.2f}".format),
+           ("params", "params", "{:,}".format), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
+           ("latency_ms_p50", "b1 p50 ms", "{:.3f}".format), ("latency_ms_p95", "b1 p95 ms", "{:.3f}".format),
+           ("rows_per_s_b64", "b64 rows/s", "{:,.0f}".format), ("status", "gate", str))
+CHART = "models.png"
 
 
 def _columns(models: dict) -> list[tuple[str, str, str]]:
-    """The columns every model has a number for (perplexity only for language models)."""
-    return [c for c in COLUMNS if all(c[0] in m for m in models.values())]
+    """The columns some model has a value for (perplexity only for language models, the gate only
+    for quantized models)."""
+    return [c for c in COLUMNS if any(c[0] in m for m in models.values())]
+
+
+def _row(model: dict, columns) -> list[str]:
+    return [fmt(model[key]) if key in model else "" for key, _, fmt in columns]
+
+
+def _chart(run_dir: Path, models: dict) -> str | None:
+    """Bar charts of quality, size and batch-1 latency per model, side by side (models.png)."""
+    if not all("latency_ms_p50" in m for m in models.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality = "perplexity" if all("perplexity" in m for m in models.values()) else "accuracy"
+    panels = ((quality, f"test {quality}"), ("size_bytes", "file size (KiB)"), ("latency_ms_p50", "batch-1 latency p50 (ms)"),
+              ("rows_per_s_b64", "batch-64 throughput (rows/s)"))
+    names = list(models)
+    colors = ["tab:red" if models[n].get("status") == "rejected" else "tab:blue" if "-" not in n else "tab:green" for n in names]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        values = [models[n][key] / (1024 if key == "size_bytes" else 1) for n in names]
+        ax.bar(range(len(names)), values, color=colors)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        if key == "accuracy":
+            ax.set_ylim(max(0.0, min(values) - 0.05), 1.0)
+    fig.tight_layout()
+    fig.savefig(run_dir / CHART, dpi=100)
+    plt.close(fig)
+    return CHART
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -41,8 +77,14 @@ def write_report(run_dir: Path, summary: dict) -> None:
         lines += ["## Models on the test split", "", "| model | " + " | ".join(c[1] for c in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
         for name, m in summary["models"].items():
-            lines.append(f"| {name} | " + " | ".join(fmt.format(m[key]) for key, _, fmt in columns) + " |")
+            lines.append(f"| {name} | " + " | ".join(_row(m, columns)) + " |")
         lines.append("")
+        skipped = stages.get("quantize", {}).get("skipped", {})
+        lines += [f"Not quantized with {method}: {reason}" for method, reason in skipped.items()]
+        lines += [""] if skipped else []
+        chart = _chart(run_dir, summary["models"])
+        if chart:
+            lines += [f"![quality, size, latency and throughput per model]({chart})", ""]
     if "tune" in stages:
         trials = stages["tune"]["trials"]
         keys = [k for k in trials[0] if k != "error"]
@@ -66,7 +108,7 @@ def _stage_result(name: str, stage: dict) -> str:
     if name == "preprocess":
         return ", ".join(f"{k} {v:,}" for k, v in stage["rows"].items())
     if name == "quantize":
-        return f"{stage['source']} -> {stage['method']}"
+        return f"{stage['source']} -> {', '.join(m['method'] for m in stage['models'].values())}"
     return ""
 
 
@@ -78,12 +120,12 @@ def print_table(console: Console, summary: dict) -> None:
     if not summary["models"]:
         return
     table = Table(title="Models on the held-out test split")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     columns = _columns(summary["models"])
     for _, title, _ in columns:
         table.add_column(title, justify="right")
     for name, m in summary["models"].items():
-        table.add_row(name, *(fmt.format(m[key]) for key, _, fmt in columns))
+        table.add_row(name, *_row(m, columns))
     console.print(table)
 
 

@@ -19,7 +19,7 @@ def test_quickstart_pipeline_produces_every_artifact(ray_cluster, quickstart_cac
     code = main(["run", str(QUICKSTART), "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={quickstart_cache}",
                  "--set", "tune.num_samples=2",
                  "--set", "tune.grace_period=1", "--set", "train.epochs=3", "--set", "distill.epochs=4",
-                 "--set", "distill.student.width=8"])
+                 "--set", "distill.student.width=8", "--set", "quantize.max_drop=0.2"])
     out = capsys.readouterr().out
     assert code == 0, out
     for stage in ("preprocess", "tune", "distill", "quantize", "evaluate"):
@@ -27,20 +27,39 @@ def test_quickstart_pipeline_produces_every_artifact(ray_cluster, quickstart_cac
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
-    assert set(summary["models"]) == {"teacher", "student", "quantized"}
-    files = {"teacher": "models/teacher/model.safetensors", "student": "models/student/model.safetensors",
-             "quantized": "models/quantized/model.pt"}
+    quantized = {f"student-{m}" for m in ("int8_dynamic", "int8_weight_only", "static_int8")}
+    assert set(summary["models"]) == {"teacher", "student"} | quantized
     for name, model in summary["models"].items():
         assert model["accuracy"] > 0.3, name  # chance is 0.1
-        assert model["size_bytes"] == (run_dir / files[name]).stat().st_size
-        assert model["latency_ms_b1"] > 0
+        assert model["size_bytes"] == (run_dir / "models" / name / "model.safetensors").stat().st_size
+        assert 0 < model["latency_ms_p50"] <= model["latency_ms_p95"] and model["rows_per_s_b64"] > 0
     models = summary["models"]
     # The sweep may pick a width-16 teacher (13.7k params); a width-8 student has 3.7k.
     assert models["student"]["params"] < models["teacher"]["params"] / 3
-    assert models["quantized"]["size_bytes"] < models["teacher"]["size_bytes"] / 3
+    assert all(models[q]["params"] == models["student"]["params"] and models[q]["status"] == "accepted" for q in quantized)
+    # static_int8 stores convolutions and linears in int8; the others quantize the linears only.
+    assert models["student-static_int8"]["size_bytes"] < models["student"]["size_bytes"] / 2.5
+    skipped = summary["stages"]["quantize"]["skipped"]
+    assert set(skipped) <= {"int4_weight_only"}
+    report = (run_dir / "report.md").read_text()
+    assert "| student-static_int8 |" in report and "](models.png)" in report
+    assert (run_dir / "models.png").stat().st_size > 10_000
+    if skipped:
+        assert f"Not quantized with int4_weight_only: {skipped['int4_weight_only']}" in report
+
+    # Every exported model predicts raw rows (the digits' own feature columns, unnormalized).
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = tmp_path / "rows.csv"
+    rows.write_text(",".join(digits.feature_names) + "\n" + "\n".join(",".join(f"{v:g}" for v in r) for r in digits.data[:50]))
+    for name in models:
+        written = tmp_path / f"{name}.jsonl"
+        assert main(["predict", str(run_dir / "models" / name), str(rows), "--output", str(written)]) == 0, name
+        predicted = [json.loads(line)["class"] for line in written.read_text().splitlines()]
+        assert sum(p == t for p, t in zip(predicted, digits.target[:50])) > 30, name
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
     assert data_meta(run_dir)["rows"]["test"] > 200
-    assert "| quantized |" in (run_dir / "report.md").read_text()
     trials = summary["stages"]["tune"]["trials"]
     assert len(trials) == 2 and all(t["status"] != "error" for t in trials)
     best = max(t["val_accuracy"] for t in trials)

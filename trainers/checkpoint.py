@@ -15,10 +15,17 @@ from trainers.models import build_model
 WEIGHTS, SPEC = "model.safetensors", "model.json"
 
 
+# What turns raw input into the model's input (trainers.export reads these for `raylaunch predict`).
+PREPROCESS_KEYS = ("task", "format", "feature_columns", "stored_shape", "normalize", "augment", "seed", "tokenizer",
+                   "vocab_size", "seq_len")
+
+
 def model_spec(model: dict, data_meta: dict) -> dict:
-    """What `load_model_dir` needs to rebuild a model: its config section and the data's shape."""
-    return {"model": model, "input_shape": data_meta["input_shape"], "num_classes": data_meta["num_classes"],
-            "classes": data_meta["classes"]}
+    """What rebuilds a model and feeds it: its config section, the data's shape and classes, and
+    the preprocessing its inputs went through (normalization statistics, tokenizer)."""
+    return {"format": "fp32", "model": model, "input_shape": data_meta["input_shape"],
+            "num_classes": data_meta["num_classes"], "classes": data_meta["classes"],
+            "preprocess": {k: data_meta[k] for k in PREPROCESS_KEYS if k in data_meta}}
 
 
 def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: dict) -> None:
@@ -26,11 +33,12 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: d
     so a reader never sees half a file."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic(directory / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
 
 
 def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
+    """The fp32 model in `directory`, in eval mode, and its spec."""
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
     model = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
@@ -38,7 +46,8 @@ def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
     return model.eval(), spec
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(temporary path)`, then rename it to `path`: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)

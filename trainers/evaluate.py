@@ -1,19 +1,19 @@
-"""Measuring a trained model on the held-out test split: accuracy, size and CPU latency."""
+"""Measuring a model on the held-out test split: accuracy (perplexity), size, CPU latency and throughput."""
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dataprep.stream import stream_folder
 from trainers.batches import model_batch
-from trainers.models import count_params
+from trainers.models import build_model, count_params
 
 
 @torch.inference_mode()
@@ -38,24 +38,54 @@ def test_metrics(model: nn.Module, test_dir: Path | str, meta: dict, batch_size:
 
 
 @torch.inference_mode()
-def latency_ms_b1(model: nn.Module, example: torch.Tensor, repeats: int = 300, warmup: int = 30) -> float:
-    """Median wall time of one forward pass on a single row, in milliseconds."""
-    x = example[:1]
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
+def latency(model: nn.Module, example: torch.Tensor, seconds: float = 1.0, batch_size: int = 64) -> dict:
+    """CPU latency of one forward pass on a single row (median and 95th percentile over about
+    `seconds` of repeats, after a warm-up) and throughput in rows/s at `batch_size`."""
+    one = example[:1]
+    batch = one.expand(batch_size, *one.shape[1:]).contiguous()
+    for _ in range(20):
+        model(one)
+    times, deadline = [], time.perf_counter() + seconds
+    while len(times) < 50 or (time.perf_counter() < deadline and len(times) < 20_000):
         start = time.perf_counter()
-        model(x)
+        model(one)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    model(batch)
+    batches, start = 0, time.perf_counter()
+    while batches < 5 or time.perf_counter() - start < seconds / 2:
+        model(batch)
+        batches += 1
+    elapsed = time.perf_counter() - start
+    p50, p95 = np.percentile(np.array(times) * 1e3, [50, 95])
+    return {"latency_ms_p50": float(p50), "latency_ms_p95": float(p95), "rows_per_s_b64": batches * batch_size / elapsed}
 
 
-def measure(model: nn.Module, weights_file: Path, test_dir: Path | str, meta: dict, example: torch.Tensor) -> dict:
-    """The numbers the report shows for one model."""
+def measure(model: nn.Module, spec: dict, weights_file: Path, test_dir: Path | str, meta: dict, example: torch.Tensor) -> dict:
+    """The numbers the report shows for one model. `params` counts the architecture's parameters
+    (a quantized model stores the same ones in fewer bytes)."""
+    architecture = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     return {
         **test_metrics(model, test_dir, meta),
-        "params": count_params(model),
+        "params": count_params(architecture),
         "size_bytes": weights_file.stat().st_size,
-        "latency_ms_b1": latency_ms_b1(model, example),
+        **latency(model, example),
     }
+
+
+def quality_drop(source: dict, quantized: dict) -> float:
+    """What quantization cost, as `quantize.max_drop` counts it: accuracy points lost (a fraction),
+    or for a language model the relative rise in perplexity."""
+    if "perplexity" in source:
+        return quantized["perplexity"] / source["perplexity"] - 1
+    return source["accuracy"] - quantized["accuracy"]
+
+
+def first_rows(folder: Path | str, meta: dict, rows: int) -> torch.Tensor:
+    """The model inputs of a split's first `rows` rows (as evaluated: no augmentation)."""
+    parts, have = [], 0
+    for batch in stream_folder(folder).iter_torch_batches(batch_size=min(rows, 256), device="cpu"):
+        parts.append(model_batch(batch, meta)[0])
+        have += len(parts[-1])
+        if have >= rows:
+            break
+    return torch.cat(parts)[:rows]

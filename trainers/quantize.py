@@ -1,55 +1,204 @@
-"""Post-training quantization with torchao, saved as a state dict beside its spec.
+"""Post-training quantization with torchao, and the quantized model's export.
 
-torch 2.13 deprecates `torch.ao.quantization` in favour of torchao's `quantize_`, which swaps
-each nn.Linear's weight for a quantized tensor subclass in place.
+Methods (torch 2.13 deprecates `torch.ao.quantization` in favour of torchao):
+- `int8_dynamic`, `int8_weight_only`, `int4_weight_only`: torchao's `quantize_`, which swaps each
+  nn.Linear's weight for a quantized tensor subclass in place (convolutions stay fp32);
+- `static_int8`: the PT2E flow: `torch.export` the model, insert observers for the x86 backend
+  (convolutions and linears, weights per channel, activations per tensor), calibrate them on rows
+  of the validation split, convert to quantize/dequantize ops around int8 weights. Eagerly the
+  program runs reference ops; `torch.compile` (inductor) lowers the patterns to int8 kernels.
+
+Export: `model.safetensors` holds only the quantized tensors (int8 data and its scales, never
+pickles), `model.json` the architecture and the method. Loading rebuilds the architecture, applies
+the same quantization to it (for PT2E: export, prepare and convert the same graph, calibrated on
+zeros) and then puts the saved tensors (and, for PT2E, the activation scales the graph holds as
+constants) in place. Saving checks that the loaded model gives the same outputs as the one saved.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainers.checkpoint import SPEC, load_model_dir
+from trainers.checkpoint import SPEC, WEIGHTS, atomic_write, load_model_dir
+from trainers.export import TOKENIZER_FILE
 from trainers.models import build_model
 
-QUANTIZED_WEIGHTS = "model.pt"
+METHODS = ("int8_dynamic", "int8_weight_only", "static_int8", "int4_weight_only")
+PT2E = "static_int8"
+_SEP = ":"  # a subclass tensor's inner tensors are saved as "<state dict key>:<inner name>"
 
 
 def _torchao_config(method: str):
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
-    return {"int8_dynamic": Int8DynamicActivationInt8WeightConfig, "int8_weight_only": Int8WeightOnlyConfig}[method]()
+    return {"int8_dynamic": Int8DynamicActivationInt8WeightConfig, "int8_weight_only": Int8WeightOnlyConfig,
+            "int4_weight_only": Int4WeightOnlyConfig}[method]()
 
 
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Quantize `model` in place with a torchao method; returns it."""
+def unsupported_reason(method: str) -> str | None:
+    """Why `method` cannot run on this machine's CPU with the installed torchao, or None: it is
+    tried on a small layer (int4 needs kernels torchao ships only for some devices and builds)."""
+    import torchao
     from torchao.quantization import quantize_
 
-    quantize_(model.eval(), _torchao_config(method))
+    if method == PT2E:
+        return None
+    probe = nn.Sequential(nn.Linear(256, 64)).eval()
+    try:
+        quantize_(probe, _torchao_config(method))
+        with torch.inference_mode():
+            probe(torch.randn(2, 256))
+    except (ImportError, NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+        return f"torchao {torchao.__version__} cannot run it on this CPU: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def quantize_model(model: nn.Module, method: str, calibration: torch.Tensor | None = None) -> nn.Module:
+    """`model` quantized by `method`: changed in place by `quantize_`, or for `static_int8` a new
+    program calibrated on `calibration` (model inputs, e.g. a slice of the validation split)."""
+    from torchao.quantization import quantize_
+
+    model.eval()
+    if method == PT2E:
+        if calibration is None:
+            raise ValueError("static_int8 needs calibration inputs")
+        return _pt2e(model, calibration)
+    quantize_(model, _torchao_config(method))
     return model
 
 
-def quantize_model_dir(source: Path, target: Path, method: str) -> nn.Module:
-    """Quantize the fp32 model in `source` and save it to `target` (its spec gains `quantization`)."""
+@torch.no_grad()
+def _pt2e(model: nn.Module, calibration: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    # The batch dimension stays dynamic: calibration, evaluation and serving use other batch sizes.
+    program = torch.export.export(model, (calibration[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    prepared = prepare_pt2e(program, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
+    for start in range(0, len(calibration), batch_size):
+        prepared(calibration[start:start + batch_size])
+    # `.eval()` on the program then works like on any module (it is already in inference form).
+    program = convert_pt2e(prepared)
+    allow_exported_model_train_eval(program)
+    return program
+
+
+def quantize_model_dir(source: Path, target: Path, method: str, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Quantize the fp32 model in `source` and export it to `target`; returns the quantized model."""
     model, spec = load_model_dir(source)
-    quantize_model(model, method)
+    quantized = quantize_model(model, method, calibration)
+    spec = {**spec, "format": "pt2e" if method == PT2E else "torchao",
+            "quantization": {"method": method, "source": spec.get("role", source.name),
+                             **({"calibration_rows": len(calibration)} if method == PT2E else {})}}
+    tensors, literals = _graph_state(quantized) if method == PT2E else (_flat_state(quantized), None)
+    if literals is not None:
+        spec["quantization"]["graph_constants"] = literals
     target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".{QUANTIZED_WEIGHTS}.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, target / QUANTIZED_WEIGHTS)
-    (target / SPEC).write_text(json.dumps({**spec, "quantization": method}, indent=1))
-    return model
+    if (source / TOKENIZER_FILE).exists():
+        shutil.copy2(source / TOKENIZER_FILE, target / TOKENIZER_FILE)
+    atomic_write(target / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    atomic_write(target / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
+    _check_round_trip(quantized, target, calibration if calibration is not None else _zeros(spec, 4))
+    return quantized
 
 
 def load_quantized_dir(directory: Path | str) -> tuple[nn.Module, dict]:
-    """Rebuild the architecture, apply the same quantization, then load the saved quantized tensors."""
+    """A quantized model exported by `quantize_model_dir`, ready for inference."""
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
-    model = quantize_model(build_model(spec["model"], spec["input_shape"], spec["num_classes"]), spec["quantization"])
-    # weights_only stays on: torchao registers its tensor subclasses as safe globals.
-    model.load_state_dict(torch.load(directory / QUANTIZED_WEIGHTS, weights_only=True), assign=True)
-    return model.eval(), spec
+    method = spec["quantization"]["method"]
+    # The architecture's own weights are replaced below; a fixed seed keeps loading deterministic.
+    torch.manual_seed(0)
+    fresh = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
+    saved = load_file(str(directory / WEIGHTS))
+    if method == PT2E:
+        model = _pt2e(fresh, _zeros(spec, 2))
+        _set_graph_state(model, saved, spec["quantization"]["graph_constants"], directory)
+    else:
+        model = quantize_model(fresh, method)
+        model.load_state_dict(_unflatten_state(model.state_dict(), saved), assign=True)
+    return model, spec
+
+
+def _zeros(spec: dict, rows: int) -> torch.Tensor:
+    """Inputs of the model's shape (token ids for a language model)."""
+    if spec["model"]["type"] == "gpt":
+        return torch.zeros(rows, *spec["input_shape"], dtype=torch.long)
+    return torch.zeros(rows, *spec["input_shape"])
+
+
+def _flat_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every torchao tensor subclass split into its plain inner tensors."""
+    flat = {}
+    for key, value in model.state_dict().items():
+        if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor and type(value) is not nn.Parameter:
+            names, _ = value.__tensor_flatten__()
+            flat.update({f"{key}{_SEP}{name}": getattr(value, name).detach().contiguous() for name in names})
+        else:
+            flat[key] = value.detach().contiguous()
+    return flat
+
+
+def _unflatten_state(template: dict[str, torch.Tensor], flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Saved inner tensors put back into subclass tensors shaped like the freshly quantized model's."""
+    state = {}
+    for key, value in template.items():
+        if key not in flat:  # saved as its inner tensors
+            names, context = value.__tensor_flatten__()
+            inner = {name: flat[f"{key}{_SEP}{name}"] for name in names}
+            state[key] = nn.Parameter(type(value).__tensor_unflatten__(inner, context, value.shape, value.stride()),
+                                      requires_grad=False)
+        else:
+            state[key] = flat[key]
+    return state
+
+
+def _graph_state(program: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
+    """What distinguishes one calibrated PT2E program from another of the same architecture: the
+    tensors its graph reads (int8 weights, their scales, biases) and the numbers its nodes hold
+    (activation scales and zero points are literal arguments of the quantize ops)."""
+    used = {node.target for node in program.graph.nodes if node.op == "get_attr"}
+    tensors = {}
+    for key, value in program.state_dict().items():
+        if key in used:
+            # zero points are int64 holding int8 values: stored small, cast back on load
+            small = value.to(torch.int8) if value.dtype == torch.int64 and value.abs().max() <= 127 else value
+            tensors[key] = small.detach().contiguous()
+    return tensors, [[str(node.target), _numbers(node.args)] for node in program.graph.nodes if node.op == "call_function"]
+
+
+def _numbers(args) -> list:
+    return [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
+
+
+def _set_graph_state(program: nn.Module, tensors: dict[str, torch.Tensor], literals: list, directory: Path) -> None:
+    nodes = [node for node in program.graph.nodes if node.op == "call_function"]
+    if [str(n.target) for n in nodes] != [target for target, _ in literals]:
+        raise ValueError(f"{directory / WEIGHTS}: the quantized graph differs from the one this torch/torchao builds; "
+                         f"quantize the fp32 model again with this version")
+    for node, (_, numbers) in zip(nodes, literals):
+        values = iter(numbers)
+        node.args = tuple(next(values) if isinstance(a, int | float) and not isinstance(a, bool) else a for a in node.args)
+    program.recompile()
+    current = program.state_dict()
+    for key, value in tensors.items():
+        owner, _, name = key.rpartition(".")
+        module = program.get_submodule(owner) if owner else program
+        setattr(module, name, type(getattr(module, name))(value.to(current[key].dtype))
+                if isinstance(getattr(module, name), nn.Parameter) else value.to(current[key].dtype))
+
+
+@torch.inference_mode()
+def _check_round_trip(quantized: nn.Module, target: Path, inputs: torch.Tensor) -> None:
+    loaded, _ = load_quantized_dir(target)
+    inputs = inputs[:64]
+    if not torch.allclose(loaded(inputs), quantized(inputs), atol=1e-5, rtol=1e-4):
+        raise RuntimeError(f"{target}: the exported quantized model does not reproduce the quantized model's outputs")

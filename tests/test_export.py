@@ -1,0 +1,188 @@
+"""Exports: every quantization method's model round-trips through its files, `load_model` loads
+each kind, and `raylaunch predict` runs each on raw input (table rows, images, text). The models
+are trained here with a few hundred plain PyTorch steps: what is under test is the export, not
+training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from launcher.cli import main
+from launcher.config import ModelConfig
+from trainers.checkpoint import WEIGHTS, save_model_dir
+from trainers.export import load_model
+from trainers.quantize import METHODS, quantize_model_dir, unsupported_reason
+from trainers.models import build_model
+
+COLUMNS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+
+
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 600) -> torch.nn.Module:
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        index = torch.randint(0, len(x), (64,))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _spec(model: dict, feature_columns, shape, normalize: dict) -> dict:
+    meta = {"input_shape": shape, "num_classes": 10, "classes": list(range(10)), "task": "classify", "format": "csv",
+            "feature_columns": feature_columns, "stored_shape": shape, "normalize": normalize, "augment": [], "seed": 0}
+    from trainers.checkpoint import model_spec
+
+    return model_spec(model, meta)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    bunch = load_digits()
+    return bunch.data.astype(np.float32), bunch.target
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, digits):
+    """A CNN trained on digits given as 64 feature columns (0-16), standardized, exported as fp32
+    and by every quantization method this machine can run."""
+    x, y = digits
+    mean, std = x[:1400].mean(0), x[:1400].std(0) + 1e-6
+    # as the preprocess stage stores them: one statistic per feature, in the stored shape
+    normalize = {"method": "standardize", "per": "feature", "shift": mean.reshape(1, 8, 8).tolist(),
+                 "scale": std.reshape(1, 8, 8).tolist()}
+    model_cfg = ModelConfig(type="cnn", width=8, depth=2).model_dump()
+    torch.manual_seed(0)
+    model = build_model(model_cfg, [1, 8, 8], 10)
+    inputs = torch.from_numpy((x - mean) / std).view(-1, 1, 8, 8)
+    _train(model, inputs[:1400], torch.from_numpy(y[:1400]))
+    root = tmp_path_factory.mktemp("models")
+    save_model_dir(root / "student", model.state_dict(), _spec(model_cfg, COLUMNS, [1, 8, 8], normalize))
+    dirs = {"fp32": root / "student"}
+    for method in METHODS:
+        if unsupported_reason(method) is None:
+            quantize_model_dir(root / "student", root / method, method, calibration=inputs[1400:1600])
+            dirs[method] = root / method
+    return dirs, inputs, y
+
+
+def test_each_quantized_export_loads_and_stays_close_to_fp32(exported):
+    dirs, inputs, y = exported
+    fp32, _ = load_model(dirs["fp32"])
+    test = inputs[1600:]
+    with torch.inference_mode():
+        reference = fp32(test)
+        accuracy = (reference.argmax(-1).numpy() == y[1600:]).mean()
+        assert accuracy > 0.9
+        for method, directory in dirs.items():
+            model, spec = load_model(directory)
+            out = model(test)
+            assert (out.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95, method
+            assert (out - reference).abs().max() < 0.15 * reference.abs().max(), method
+            if method != "fp32":
+                assert spec["quantization"]["method"] == method and spec["format"] in ("torchao", "pt2e")
+    fp32_bytes = (dirs["fp32"] / WEIGHTS).stat().st_size
+    # PT2E quantizes the convolutions too: the whole model is int8.
+    assert (dirs["static_int8"] / WEIGHTS).stat().st_size < fp32_bytes / 2.5
+    assert (dirs["int8_dynamic"] / WEIGHTS).stat().st_size < fp32_bytes
+
+
+def test_int4_runs_or_is_skipped_with_its_reason():
+    reason = unsupported_reason("int4_weight_only")
+    if reason is not None:  # this CPU build: torchao's int4 kernels need a package it cannot import
+        assert reason.startswith("torchao ") and "cannot run it on this CPU: " in reason
+    assert unsupported_reason("static_int8") is None and unsupported_reason("int8_dynamic") is None
+
+
+def test_predict_reads_table_rows_with_each_export(exported, digits, tmp_path, capsys):
+    """Raw feature values in a CSV, normalized by predict as in training: the same classes as the
+    model gives for the preprocessed rows."""
+    dirs, inputs, y = exported
+    x, _ = digits
+    rows = tmp_path / "rows.csv"
+    header = ",".join(COLUMNS)
+    rows.write_text(header + "\n" + "\n".join(",".join(f"{v:g}" for v in row) for row in x[1600:1700]) + "\n")
+    for method, directory in dirs.items():
+        out = tmp_path / f"{method}.jsonl"
+        assert main(["predict", str(directory), str(rows), "--output", str(out), "--top-k", "2"]) == 0, method
+        predictions = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(predictions) == 100 and len(predictions[0]["top"]) == 2
+        with torch.inference_mode():
+            expected = load_model(directory)[0](inputs[1600:1700]).argmax(-1).tolist()
+        assert [p["class"] for p in predictions] == expected, method
+        assert np.mean([p["class"] == label for p, label in zip(predictions, y[1600:1700])]) > 0.8, method
+    assert "row 100" in capsys.readouterr().out
+
+
+def test_predict_refuses_bad_input_in_one_line(exported, tmp_path, capsys):
+    dirs, _, _ = exported
+    missing = tmp_path / "few.csv"
+    missing.write_text("pixel_0_0,other\n1,2\n")
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    cases = [([str(dirs["fp32"]), str(missing)], "missing the feature column(s) pixel_0_1"),
+             ([str(dirs["fp32"]), str(tmp_path / "nope.csv")], "no such file or folder"),
+             ([str(not_a_model), str(missing)], "not a model directory (no model.json)"),
+             ([str(dirs["fp32"]), str(tmp_path)], "no image files in the folder")]
+    for args, message in cases:
+        assert main(["predict", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_predict_classifies_image_files(tmp_path, digits):
+    """A model trained on 8x8 greyscale images (pixels 0-255) predicts PNG files read from a folder."""
+    from PIL import Image
+
+    x, y = digits
+    pixels = (x * 255 / 16).round().astype(np.uint8).reshape(-1, 1, 8, 8)
+    model_cfg = ModelConfig(type="cnn", width=8, depth=2).model_dump()
+    torch.manual_seed(0)
+    model = _train(build_model(model_cfg, [1, 8, 8], 10), torch.from_numpy(pixels[:1400]).float() / 255, torch.from_numpy(y[:1400]))
+    spec = _spec(model_cfg, None, [1, 8, 8], {"method": "none"})
+    save_model_dir(tmp_path / "model", model.state_dict(), spec)
+    folder = tmp_path / "images"
+    for i in range(1600, 1640):
+        (folder / str(y[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i, 0]).save(folder / str(y[i]) / f"{i}.png")
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(tmp_path / "model"), str(folder), "--output", str(out)]) == 0
+    predictions = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(predictions) == 40
+    assert np.mean([str(p["class"]) == p["input"].split("/")[0] for p in predictions]) > 0.85
+
+
+@pytest.mark.parametrize("method", [None, "int8_dynamic", "static_int8"])
+def test_predict_continues_text_with_a_language_model(tmp_path, method, capsys):
+    """A byte-level GPT that learned one repeated sentence continues it, exported as fp32 or quantized."""
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    model_cfg = ModelConfig(type="gpt", n_layer=1, n_head=2, d_model=32, seq_len=16).model_dump()
+    torch.manual_seed(0)
+    model = build_model(model_cfg, [16], 256)
+    data = torch.tensor(list(text.encode()))
+    windows = data.unfold(0, 17, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        batch = windows[torch.randint(0, len(windows), (32,))]
+        optimizer.zero_grad()
+        F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+        optimizer.step()
+    meta = {"input_shape": [16], "num_classes": 256, "classes": None, "task": "lm", "format": "text",
+            "tokenizer": "bytes", "vocab_size": 256, "seq_len": 16, "augment": [], "seed": 0}
+    from trainers.checkpoint import model_spec
+
+    save_model_dir(tmp_path / "fp32", model.eval().state_dict(), model_spec(model_cfg, meta))
+    directory = tmp_path / "fp32"
+    if method:
+        directory = tmp_path / method
+        quantize_model_dir(tmp_path / "fp32", directory, method, calibration=windows[:64, :-1])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the quick brown fox jumps over the ")
+    assert main(["predict", str(directory), str(prompt), "--max-new-tokens", "9"]) == 0
+    assert capsys.readouterr().out.startswith("lazy dog.")
