@@ -20,7 +20,7 @@ from dataprep import AUGMENTATIONS
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
-TUNABLE_SECTIONS = ("model", "train", "distill", "quantize")
+TUNABLE_SECTIONS = ("model", "train", "distill")
 
 
 class ConfigError(Exception):
@@ -318,7 +318,7 @@ class TrainConfig(Section):
 # leave the model's parameters, the worker count (ZeRO shards), the batch layout and the length of
 # the run (the data position and the lr schedule) as they were.
 PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.min_lr_ratio",
-               "model.dropout")
+               "model.dropout", "distill.lr", "distill.temperature", "distill.alpha")
 
 DOMAIN_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -458,11 +458,20 @@ class RunConfig(Section):
                              f"{', '.join(augment)} in data.transforms changes the rows every epoch; use live")
         return self
 
+    @property
+    def sweeps_student(self) -> bool:
+        """A sweep of `distill` paths only: its trials distill the trained teacher into students."""
+        return self.tune.enabled and bool(self.tune.space) and all(p.startswith("distill.") for p in self.tune.space)
+
     def default_stages(self) -> list[str]:
-        """The stages a plain `raylaunch run` performs: a sweep replaces the single train run."""
-        stages = ["preprocess", "tune" if self.tune.enabled else "train"]
-        stages += [s for s in ("distill", "quantize") if getattr(self, s).enabled]
-        return stages + ["evaluate"]
+        """The stages a plain `raylaunch run` performs: a sweep replaces the single run it searches
+        (the teacher's training, or with only distill paths in its space, the distillation)."""
+        if self.sweeps_student:
+            stages = ["preprocess", "train", "tune"]
+        else:
+            stages = ["preprocess", "tune" if self.tune.enabled else "train"]
+            stages += ["distill"] if self.distill.enabled else []
+        return stages + (["quantize"] if self.quantize.enabled else []) + ["evaluate"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +602,13 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
                         f"{cfg.tune.mode} would pick the worst trial; use {natural} or leave it out")
     if cfg.tune.enabled and not cfg.tune.space:
         problems.append("tune.space: empty; add at least one path to search, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+    student = sorted(p for p in cfg.tune.space if p.startswith("distill."))
+    if student and len(student) < len(cfg.tune.space):
+        teacher = sorted(p for p in cfg.tune.space if not p.startswith("distill."))
+        problems.append(f"tune.space: {', '.join(student)} search the student and {', '.join(teacher)} the teacher; a sweep "
+                        f"trains one of them: search distill paths alone (the sweep distills the trained teacher) or none")
+    elif student and not cfg.distill.enabled:
+        problems.append(f"tune.space: {', '.join(student)} are searched by distilling students, but distill.enabled is false")
     if problems:
         raise ConfigError(problems)
 
@@ -674,7 +690,7 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
     for name in stages:
         if name not in STAGES:
             problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
-    problems += _stage_order_problems([s for s in stages if s in STAGES])
+    problems += _stage_order_problems([s for s in stages if s in STAGES], cfg.sweeps_student)
     run_dir = Path(cfg.output.dir)
     if resume:
         problems += _resume_problems(cfg, run_dir)
@@ -733,15 +749,18 @@ def _differences(before: Any, now: Any, path: str = "") -> list[tuple[str, Any, 
     return [] if before == now else [(path, before, now)]
 
 
-def _stage_order_problems(stages: list[str]) -> list[str]:
+def _stage_order_problems(stages: list[str], sweeps_student: bool = False) -> list[str]:
     needs = {
         "train": ("preprocess",),
-        "tune": ("preprocess",),
+        "tune": ("train",) if sweeps_student else ("preprocess",),
         "distill": ("train", "tune"),
         "quantize": ("distill", "train", "tune"),
         "evaluate": ("train", "tune"),
     }
     problems = []
+    if sweeps_student and "distill" in stages:
+        problems.append("--stages: tune.space searches distill paths, so the tune stage distills the student; leave "
+                        "distill out")
     if stages and stages[0] != "preprocess":
         problems.append("--stages: must start with preprocess (continuing an existing run directory is not supported yet)")
     for i, stage in enumerate(stages):

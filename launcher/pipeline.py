@@ -111,6 +111,9 @@ _OUTPUTS = {"train": ("teacher", "models/teacher"), "tune": ("teacher", "models/
 def _stage_models(run_dir: Path, name: str, result: dict) -> dict[str, Path]:
     if name == "quantize":
         return {n: Path(m["path"]) for n, m in result.get("models", {}).items()}
+    if name == "tune":  # a sweep of distill paths picks the student
+        role = result.get("role", "teacher")
+        return {role: run_dir / "models" / role}
     role, path = _OUTPUTS[name]
     return {role: run_dir / path}
 
@@ -232,7 +235,9 @@ def _train(run: Run) -> dict:
 
 
 def _tune(run: Run) -> dict:
+    from dataprep.stream import stream_split
     from launcher.report import print_trials
+    from trainers.fit import load_splits
     from tuning.results import write_trials
     from tuning.packing import pack
     from tuning.space import apply_overrides
@@ -244,9 +249,16 @@ def _tune(run: Run) -> dict:
     run.console.print(f"  sweep: {packing.line(cfg)}")
     dump = run.dump()
     (run.run_dir / "tune").mkdir(exist_ok=True)
-    sweep = run_sweep(dump, run.data_meta, run.data_dir, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
-                      resume=run.resume)
-    run.models["teacher"] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
+    # A sweep of distill paths distills the trained teacher in every trial; precomputed, its
+    # outputs are computed once for all of them.
+    role, teacher_dir, datasets = ("student" if cfg.sweeps_student else "teacher"), None, load_splits(run.data_dir)
+    if role == "student":
+        teacher_dir = str(run.models["teacher"])
+        if cfg.distill.teacher_outputs == "precompute":
+            datasets["train"] = stream_split(_precompute_teacher_outputs(run)["path"], "train")
+    sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
+                      resume=run.resume, teacher_dir=teacher_dir)
+    run.models[role] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / role, run.data_dir)
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
     # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
     best = RunConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), sweep.best_values))
@@ -261,24 +273,50 @@ def _tune(run: Run) -> dict:
         moved = f"{sum(t['status'] == 'stopped early' for t in sweep.trials)} stopped early by {cfg.tune.scheduler}"
     metric = cfg.tune.metric
     values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
-    return {"trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
+    return {"role": role, "trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
             "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent, **files,
             "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
             "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4),
-            "line": f"{len(sweep.trials)} trials ({moved}, {failed} failed); "
+            "line": f"{len(sweep.trials)} {role} trials ({moved}, {failed} failed); "
                     f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
 
 
 def _distill(run: Run) -> dict:
+    from dataprep.stream import stream_split
     from trainers.fit import best_checkpoint, build_trainer, fit, load_splits
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta, teacher_dir=str(run.models["teacher"]))
     resumed = _resume_point(run, "distill")
-    result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="distill"), config["train"])
+    splits, precomputed = load_splits(run.data_dir), {}
+    if run.cfg.distill.teacher_outputs == "precompute":
+        precomputed = _precompute_teacher_outputs(run)
+        splits["train"] = stream_split(precomputed["path"], "train")
+    result = fit(build_trainer(config, splits, run.storage, name="distill"), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student", run.data_dir)
-    return _training_summary("student", metrics, run.cfg) | resumed
+    summary = _training_summary("student", metrics, run.cfg) | resumed
+    return summary | ({"teacher_outputs": precomputed} if precomputed else {})
+
+
+def _precompute_teacher_outputs(run: Run) -> dict:
+    """The teacher's outputs on the train split, computed once by an actor pool (kept across a
+    resume: the teacher they came from is kept too)."""
+    from trainers.distill import precompute_teacher_outputs
+
+    target = run.run_dir / "distill" / "teacher_outputs"
+    if (target / "train").is_dir():
+        run.console.print(f"  teacher outputs: reusing {target}")
+        return {"path": str(target), "reused": True}
+    started = time.perf_counter()
+    actors = max(1, min(4, int(run.resources.get("CPU", 1))))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rows = precompute_teacher_outputs(str(run.models["teacher"]), run.data_dir, target, run.data_meta,
+                                      run.cfg.distill.top_k, actors)
+    seconds = time.perf_counter() - started
+    what = f"top {run.cfg.distill.top_k} logits per token" if run.data_meta["task"] == "lm" else "logits"
+    run.console.print(f"  teacher outputs: {what} for {rows:,} train rows by {actors} actor(s) in {seconds:.1f} s")
+    return {"path": str(target), "rows": rows, "actors": actors, "seconds": round(seconds, 1)}
 
 
 def _quantize(run: Run) -> dict:

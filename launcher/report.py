@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -16,13 +17,26 @@ COLUMNS = (("accuracy", "accuracy", "{:.4f}".format), ("perplexity", "perplexity
            ("params", "params", "{:,}".format), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
            ("latency_ms_p50", "b1 p50 ms", "{:.3f}".format), ("latency_ms_p95", "b1 p95 ms", "{:.3f}".format),
            ("rows_per_s_b64", "b64 rows/s", "{:,.0f}".format), ("status", "gate", str))
+# The console's narrower version (an 80-column terminal holds it): (key, title, format).
+CONSOLE_COLUMNS = (("accuracy", "acc", "{:.4f}".format), ("perplexity", "ppl", "{:.2f}".format),
+                   ("params", "params", lambda n: _compact(n)), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
+                   ("latency_ms_p50", "p50 ms", "{:.3f}".format), ("latency_ms_p95", "p95 ms", "{:.3f}".format),
+                   ("rows_per_s_b64", "b64/s", lambda r: _compact(r)),
+                   ("status", "gate", lambda s: "ok" if s == "accepted" else s))
 CHART = "models.png"
 
 
-def _columns(models: dict) -> list[tuple[str, str, str]]:
+def _compact(number: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if number >= limit:
+            return f"{number / limit:.1f}{suffix}"
+    return f"{number:.0f}"
+
+
+def _columns(models: dict, columns=COLUMNS) -> list[tuple]:
     """The columns some model has a value for (perplexity only for language models, the gate only
     for quantized models)."""
-    return [c for c in COLUMNS if any(c[0] in m for m in models.values())]
+    return [c for c in columns if any(c[0] in m for m in models.values())]
 
 
 def _row(model: dict, columns) -> list[str]:
@@ -117,15 +131,20 @@ def _cell(value) -> str:
 
 
 def print_table(console: Console, summary: dict) -> None:
-    if not summary["models"]:
+    models = summary["models"]
+    if not models:
         return
-    table = Table(title="Models on the held-out test split")
-    table.add_column("model", no_wrap=True)
-    columns = _columns(summary["models"])
-    for _, title, _ in columns:
-        table.add_column(title, justify="right")
-    for name, m in summary["models"].items():
-        table.add_row(name, *_row(m, columns))
+    columns = _columns(models, CONSOLE_COLUMNS)
+    rows = [[name, *_row(m, columns)] for name, m in models.items()]
+    titles = ["model", *(title for _, title, _ in columns)]
+    table = Table(title="Models on the held-out test split", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                  collapse_padding=True, show_edge=False)
+    for i, title in enumerate(titles):
+        # Each column as wide as its widest cell: rich would otherwise cut numbers to "0.8…".
+        table.add_column(title, justify="left" if i == 0 else "right", no_wrap=True,
+                         min_width=max(len(title), *(len(r[i]) for r in rows)))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

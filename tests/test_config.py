@@ -52,6 +52,17 @@ def _write(tmp_path: Path, doc: dict) -> Path:
          "tune.space.model.width: pbt continues trials from other trials' checkpoints, so it can only change train.lr, "),
         ({"tune": {"scheduler": "pbt", "search": "optuna", "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}},
          "tune.search: pbt chooses its own values (it copies and perturbs the best trials'), so it needs search random"),
+        ({"tune": {"space": {"distill.alpha": {"uniform": [0.1, 0.9]}, "train.lr": {"choice": [0.1]}}}},
+         "tune.space: distill.alpha search the student and train.lr the teacher; a sweep trains one of them"),
+        ({"tune": {"space": {"distill.temperature": {"choice": [2.0]}}}, "distill": {"enabled": False}},
+         "tune.space: distill.temperature are searched by distilling students, but distill.enabled is false"),
+        ({"tune": {"space": {"quantize.max_drop": {"choice": [0.1]}}}},
+         "tune.space.quantize.max_drop: only paths under model, train, distill can be searched"),
+        ({"data": {"transforms": [{"type": "random_crop", "size": [6, 6]}]}, "distill": {"teacher_outputs": "precompute"}},
+         "distill.teacher_outputs: precompute stores one teacher output per row, but random_crop in data.transforms "
+         "changes the rows every epoch; use live"),
+        ({"quantize": {"methods": ["static_int8", "int8_dynamic", "static_int8"]}}, "quantize.methods: static_int8 listed twice"),
+        ({"quantize": {"max_drop": 2}}, "quantize.max_drop: must be less than or equal to 1 (got 2)"),
         ({"data": {"transforms": ["flip", "standardize"]}},
          "data.transforms: standardize (entry 1) follows the augmentation flip (entry 0)"),
         ({"data": {"transforms": ["standardize", {"type": "random_crop", "size": [6, 6]}]}},
@@ -118,9 +129,13 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, capsys):
     ("preprocess,distill", "--stages: distill needs train or tune before it"),
     ("train", "--stages: must start with preprocess"),
     ("preprocess,trian", "--stages: unknown stage 'trian'"),
+    ("preprocess,tune --set tune.space={distill.alpha:{choice:[0.5]}}", "--stages: tune needs train before it"),
+    ("preprocess,train,tune,distill --set tune.space={distill.alpha:{choice:[0.5]}}",
+     "--stages: tune.space searches distill paths, so the tune stage distills the student; leave distill out"),
 ])
 def test_stage_lists_must_be_runnable(tmp_path, capsys, stages, expected):
-    assert main(["run", str(QUICKSTART), "--stages", stages, "--set", f"output.dir={tmp_path / 'o'}"]) == 2
+    stages, *more = stages.split(" ")
+    assert main(["run", str(QUICKSTART), "--stages", stages, "--set", f"output.dir={tmp_path / 'o'}", *more]) == 2
     assert expected in capsys.readouterr().err
 
 
@@ -137,3 +152,6 @@ def test_default_stages_replace_train_with_tune_when_sweeping():
     assert cfg.default_stages() == ["preprocess", "tune", "distill", "quantize", "evaluate"]
     cfg = configuration.load(QUICKSTART, ["tune.enabled=false", "distill.enabled=false"])
     assert cfg.default_stages() == ["preprocess", "train", "quantize", "evaluate"]
+    # Only distill paths searched: the sweep's trials are distillations of the trained teacher.
+    cfg = configuration.load(QUICKSTART, ["tune.space={distill.temperature: {choice: [2.0, 4.0]}, distill.alpha: {uniform: [0.3, 0.9]}}"])
+    assert cfg.sweeps_student and cfg.default_stages() == ["preprocess", "train", "tune", "quantize", "evaluate"]

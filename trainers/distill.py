@@ -1,6 +1,9 @@
-"""Knowledge distillation: the soft-target loss a student learns from its teacher with."""
+"""Knowledge distillation: the soft-target losses a student learns from its teacher with, and the
+teacher's outputs precomputed once over the train split (`distill.teacher_outputs: precompute`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,3 +16,79 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
                     F.log_softmax(teacher_logits / temperature, dim=-1), log_target=True, reduction="batchmean")
     return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def topk_distillation_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                           labels: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """The same loss against a teacher kept as its top-k logits per position (a language model's
+    precomputed outputs): the teacher's distribution renormalized over its k tokens, the
+    student's log-probabilities over the whole vocabulary read at those tokens."""
+    teacher = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    student = F.log_softmax(student_logits / temperature, dim=-1).gather(-1, teacher_indices.long())
+    soft = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# distill.teacher_outputs: precompute. The teacher runs once over the train split as Ray Data
+# batch inference; the student's workers read its outputs with the rows and never hold it.
+
+LOGITS, TOPK_VALUES, TOPK_INDICES = "teacher_logits", "teacher_topk_values", "teacher_topk_indices"
+
+
+class TeacherOutputs:
+    """A Ray Data actor: loads the teacher once, then adds its outputs to each batch of rows."""
+
+    def __init__(self, teacher_dir: str, meta: dict, top_k: int):
+        from trainers.checkpoint import load_model_dir
+
+        torch.set_num_threads(1)  # one actor per CPU
+        self.model, _ = load_model_dir(teacher_dir)
+        self.meta, self.top_k = meta, top_k
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        from trainers.batches import model_batch
+
+        x, _ = model_batch({k: torch.from_numpy(v) for k, v in batch.items() if k in ("features", "label", "tokens", "key")},
+                           self.meta)
+        logits = self.model(x).float()
+        if logits.dim() == 3:  # a language model: the top k per token
+            values, indices = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+            return {**batch, TOPK_VALUES: values.numpy(), TOPK_INDICES: indices.to(torch.int32).numpy(),
+                    "split": _train_split(batch)}
+        return {**batch, LOGITS: logits.numpy(), "split": _train_split(batch)}
+
+
+def _train_split(batch: dict):
+    import numpy as np
+
+    return np.zeros(len(next(iter(batch.values()))), dtype=np.int8)
+
+
+def precompute_teacher_outputs(teacher_dir: str, data_dir: Path, target: Path, meta: dict, top_k: int, actors: int) -> int:
+    """Write the train split with the teacher's outputs added to `target/train/` (Parquet, as the
+    cache stores splits); returns the rows written. The folder appears whole or not at all."""
+    import shutil
+
+    import ray.data
+
+    from dataprep.cache import SplitWriter
+    from dataprep.stream import stream_split
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # the rows in the train split's order
+    try:
+        outputs = stream_split(data_dir, "train").map_batches(
+            TeacherOutputs, fn_constructor_kwargs={"teacher_dir": teacher_dir, "meta": meta, "top_k": top_k},
+            batch_size=256, batch_format="numpy", concurrency=actors, num_cpus=1)
+        sink = SplitWriter(str(tmp), None)
+        outputs.write_datasink(sink)
+    finally:
+        context.execution_options.preserve_order = preserve
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return sink.rows["train"]

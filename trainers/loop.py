@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from trainers.batches import model_batch
 from trainers.checkpoint import load_model_dir, model_spec, save_model_dir
 from trainers.deepspeed_config import deepspeed_config
-from trainers.distill import distillation_loss
+from trainers.distill import LOGITS, TOPK_INDICES, TOPK_VALUES, distillation_loss, topk_distillation_loss
 from trainers.models import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +63,7 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
         train["lr"] = run["distill"]["lr"] or train["lr"]
         lr_path = "distill.lr" if run["distill"]["lr"] else lr_path
         distill = {"teacher_dir": teacher_dir, "temperature": run["distill"]["temperature"],
-                   "alpha": run["distill"]["alpha"]}
+                   "alpha": run["distill"]["alpha"], "teacher_outputs": run["distill"]["teacher_outputs"]}
     per_epoch = steps_per_epoch(train, data_meta["rows"]["train"])
     if per_epoch < 1:
         raise ValueError(f"train.micro_batch_size: {data_meta['rows']['train']} train rows over {train['workers']} workers "
@@ -86,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.activation_checkpointing = train["activation_checkpointing"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["deepspeed"])
     dtype = DTYPES[train["precision"]]
-    loss_fn, teacher = _loss_and_teacher(config["distill"], engine.device)
+    loss_fn = _loss(config["distill"], engine.device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     spec = model_spec(config["model"], meta)
@@ -119,9 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             x, y = model_batch(batch, meta, epoch)
             x = _model_input(x, dtype)
-            logits = engine(x).float()
-            loss = loss_fn(logits.flatten(0, -2), y.flatten(), teacher(_model_input(x, torch.float32)).flatten(0, -2)
-                           if teacher is not None else None)
+            loss = loss_fn(engine(x).float(), y, batch, x)
             if not _finite_everywhere(loss, engine.device):
                 if train["on_nan"] == "fail":
                     raise FloatingPointError(
@@ -182,13 +180,27 @@ def _finite_everywhere(loss: torch.Tensor, device) -> bool:
     return bad.item() == 0.0
 
 
-def _loss_and_teacher(distill: dict | None, device):
+def _loss(distill: dict | None, device):
+    """loss(logits, targets, batch, inputs): cross-entropy for a teacher; for a student, the
+    distillation loss against the frozen teacher run here (`live`) or its outputs stored with the
+    rows (`precompute`: all logits of a classifier, the top k per token of a language model)."""
     if distill is None:
-        return (lambda logits, labels, _teacher_logits: F.cross_entropy(logits, labels)), None
+        return lambda logits, y, batch, x: F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    kd = partial(distillation_loss, temperature=distill["temperature"], alpha=distill["alpha"])
+    if distill["teacher_outputs"] == "precompute":
+        topk = partial(topk_distillation_loss, temperature=distill["temperature"], alpha=distill["alpha"])
+
+        def stored(logits, y, batch, x):
+            if TOPK_VALUES in batch:
+                return topk(logits.flatten(0, -2), batch[TOPK_VALUES].flatten(0, -2), batch[TOPK_INDICES].flatten(0, -2),
+                            y.flatten())
+            return kd(logits, batch[LOGITS].float(), y)
+
+        return stored
     teacher, _ = load_model_dir(distill["teacher_dir"])
     teacher = teacher.to(device).requires_grad_(False)
-    kd = partial(distillation_loss, temperature=distill["temperature"], alpha=distill["alpha"])
-    return (lambda logits, labels, teacher_logits: kd(logits, teacher_logits, labels)), teacher
+    return lambda logits, y, batch, x: kd(logits.flatten(0, -2), teacher(_model_input(x, torch.float32)).flatten(0, -2),
+                                          y.flatten())
 
 
 def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict) -> None:

@@ -38,11 +38,27 @@ def apply_overrides(run: dict, sampled: dict[str, Any]) -> dict:
     return run
 
 
+def searches_student(space: dict) -> bool:
+    """Whether a sweep's trials distill students (only distill paths searched) rather than train teachers."""
+    return bool(space) and all(path.startswith("distill.") for path in space)
+
+
+def epochs_path(space: dict) -> str:
+    return "distill.epochs" if searches_student(space) else "train.epochs"
+
+
+def planned_epochs(run: dict, space: dict, values: dict) -> int:
+    """The epochs a trial with these sampled `values` trains (a student's default to train.epochs)."""
+    if epochs_path(space) in values:
+        return values[epochs_path(space)]
+    return (run["distill"]["epochs"] or run["train"]["epochs"]) if searches_student(space) else run["train"]["epochs"]
+
+
 def max_epochs(run: dict, space: dict) -> int:
     """The most epochs any trial can run: ASHA's max_t."""
-    domain = space.get("train.epochs")
+    domain = space.get(epochs_path(space))
     if domain is None:
-        return run["train"]["epochs"]
+        return planned_epochs(run, space, {})
     for kind in ("choice", "grid"):
         if domain.get(kind) is not None:
             return max(domain[kind])

@@ -1,8 +1,9 @@
 """The tune stage: a Ray Tune sweep in which every trial is a whole TorchTrainer run.
 
-Each trial function builds and fits a TorchTrainer; `TuneReportCallback` forwards the workers'
-per-epoch reports to Tune, so ASHA sees intermediate validation metrics and stops weak trials
-mid-run.
+Each trial function builds and fits a TorchTrainer; a Ray Train callback of ours forwards the
+workers' reports (under PBT with their checkpoints) to Tune, so ASHA sees intermediate validation
+metrics and stops weak trials mid-run. A sweep of teacher paths trains teachers; a sweep of
+distill paths only (temperature, alpha, the student) distills the trained teacher in every trial.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from cluster.resources import worker_group_demand
 from trainers.checkpoint import WEIGHTS
 from launcher.config import metric_mode
-from trainers.fit import build_trainer, fit, load_splits
+from trainers.fit import build_trainer, fit
 from trainers.loop import POSITION, loop_config
-from tuning.space import apply_overrides, max_epochs, mutation_domain, tune_domain
+from tuning.space import apply_overrides, max_epochs, mutation_domain, planned_epochs, tune_domain
 
 # The trial function only waits on its TorchTrainer; the workers hold the real resources. It asks
 # for memory, not CPU: even 0.01 CPU would leave 1.99 of 2 CPUs, too few for a 2 x 1-CPU group.
@@ -48,8 +49,9 @@ class SweepResult:
     best_values: dict
 
 
-def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str, pbt: bool) -> None:
-    config = loop_config(apply_overrides(run, sampled), data_meta)
+def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str, pbt: bool,
+           teacher_dir: str | None) -> None:
+    config = loop_config(apply_overrides(run, sampled), data_meta, teacher_dir=teacher_dir)
     trial_id = tune.get_context().get_trial_id()
     config["trial"] = trial_id
     name, checkpoint, origin = f"trial-{trial_id}", tune.get_checkpoint(), ""
@@ -152,11 +154,12 @@ def read_reports(path: Path) -> dict:
     return {name: group.reset_index(drop=True) for name, group in frame.groupby("trial", sort=False)} if rows else {}
 
 
-def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, max_concurrent: int,
-              reports: Path, resume: bool = False) -> SweepResult:
-    """Sample `tune.num_samples` configs from `tune.space` and train each; returns every trial's
-    outcome and the best checkpoint by `tune.metric` over all epochs of all trials. Every report
-    is logged to `reports` (JSON lines)."""
+def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, max_concurrent: int,
+              reports: Path, resume: bool = False, teacher_dir: str | None = None) -> SweepResult:
+    """Sample `tune.num_samples` configs from `tune.space` and train each on `datasets` (as
+    `trainers.fit.load_splits` gives them); returns every trial's outcome and the best checkpoint
+    by `tune.metric` over all epochs of all trials. With `teacher_dir`, each trial distills that
+    teacher into a student. Every report is logged to `reports` (JSON lines)."""
     settings = run["tune"]
     metric, mode = settings["metric"], metric_mode(settings["metric"])
     if settings["scheduler"] == "asha":
@@ -173,8 +176,9 @@ def run_sweep(run: dict, data_meta: dict, data_dir: Path, storage_path: Path, ma
             log_config=False)
     else:
         scheduler = FIFOScheduler()
-    trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=load_splits(data_dir),
-                                     storage_path=str(Path(storage_path).resolve()), pbt=settings["scheduler"] == "pbt")
+    trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=datasets,
+                                     storage_path=str(Path(storage_path).resolve()), pbt=settings["scheduler"] == "pbt",
+                                     teacher_dir=teacher_dir)
     trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     experiment = Path(storage_path).resolve() / "tune"
     if resume and tune.Tuner.can_restore(str(experiment)):
@@ -226,7 +230,7 @@ def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> Swee
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     for result in grid:
         values = _config_of(result)
-        epochs_planned = values.get("train.epochs", run["train"]["epochs"])
+        epochs_planned = planned_epochs(run, run["tune"]["space"], values)
         history = histories.get(Path(result.path).name)
         row = {"trial": Path(result.path).name, **values, "epochs_run": 0, metric: math.nan,
                "status": "error" if result.error else "completed", "error": _one_line(result.error)}

@@ -1,0 +1,48 @@
+"""A sweep of distill paths (temperature, alpha) runs after the teacher's training: each trial
+distills that teacher with its values, and the best trial's student is the run's student."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import yaml
+
+from conftest import sweep_config
+from launcher.cli import main
+
+
+def test_a_sweep_of_distill_paths_distills_the_trained_teacher_in_each_trial(ray_cluster, quickstart_cache, tmp_path,
+                                                                             capsys):
+    tune = {"search": "grid", "scheduler": "fifo", "space": {"distill.temperature": {"grid": [1.0, 8.0]}}}
+    config = sweep_config(tmp_path, quickstart_cache, tune, epochs=2)
+    raw = yaml.safe_load(open(config))
+    raw["distill"] = {"student": {"type": "mlp", "width": 16, "depth": 1}, "epochs": 3, "lr": 1.0e-2, "alpha": 0.9,
+                      "teacher_outputs": "precompute"}
+    raw["quantize"] = {"enabled": False}
+    with open(config, "w") as f:
+        yaml.safe_dump(raw, f)
+
+    assert main(["run", config]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["stages"]) == ["preprocess", "train", "tune", "evaluate"]
+    assert summary["stages"]["tune"]["role"] == "student" and "2 student trials" in out
+    # The teacher's outputs were computed once, for both trials.
+    assert out.count("teacher outputs: logits for") == 1
+    trials = pd.read_parquet(run_dir / "tune" / "trials.parquet")
+    assert sorted(trials["distill.temperature"]) == [1.0, 8.0] and (trials["status"] == "completed").all()
+    # Each trial trained the same student from the same seed on the same batches, with its own
+    # temperature: only that can make their losses differ.
+    reports = [json.loads(line) for line in (run_dir / "tune" / "reports.jsonl").read_text().splitlines()]
+    first = {}
+    for r in reports:
+        first.setdefault(r["config"]["distill.temperature"], r["train_loss"])  # epoch 1's
+    assert abs(first[8.0] - first[1.0]) > 0.01
+    student = json.loads((run_dir / "models" / "student" / "model.json").read_text())
+    assert student["model"]["width"] == 16 and json.loads((run_dir / "models" / "teacher" / "model.json").read_text())["model"]["width"] == 32
+    assert set(summary["models"]) == {"teacher", "student"} and summary["models"]["student"]["accuracy"] > 0.3
+    best = yaml.safe_load((run_dir / "tune" / "best_config.yaml").read_text())
+    assert best["distill"]["temperature"] == summary["stages"]["tune"]["best_values"]["distill.temperature"]
+    assert best["tune"]["enabled"] is False
