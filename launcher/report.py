@@ -13,7 +13,7 @@ from rich.table import Table
 
 from launcher.config import metric_mode
 
-COLUMNS = (("accuracy", "accuracy", "{:.4f}".format), ("perplexity", "perplexity", "{:.2f}".format),
+COLUMNS = (("accuracy", "test accuracy", "{:.4f}".format), ("perplexity", "test perplexity", "{:.2f}".format),
            ("params", "params", "{:,}".format), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
            ("latency_ms_p50", "b1 p50 ms", "{:.3f}".format), ("latency_ms_p95", "b1 p95 ms", "{:.3f}".format),
            ("rows_per_s_b64", "b64 rows/s", "{:,.0f}".format), ("status", "gate", str))

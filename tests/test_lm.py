@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +48,13 @@ def test_lm_config_trains_a_gpt_on_text_files(ray_cluster, tmp_path, capsys):
                  "--set", "model.seq_len=32", "--set", "model.d_model=32", "--set", "model.n_layer=1",
                  "--set", "model.n_head=2", "--set", "train.epochs=4", "--set", "train.warmup_steps=5",
                  "--set", "train.checkpoint_every=20", "--set", "data.val_fraction=0.1", "--set", "data.test_fraction=0.1",
-                 "--set", "train.activation_checkpointing=true"])
+                 "--set", "train.activation_checkpointing=true",
+                 # the final stage, token-level: a narrower GPT distilled from the teacher's stored
+                 # top-16 logits per token, quantized two ways, each gated on relative perplexity
+                 "--set", "distill.enabled=true", "--set", "distill.teacher_outputs=precompute", "--set", "distill.top_k=16",
+                 "--set", "distill.student={type: gpt, n_layer: 1, n_head: 2, d_model: 16, seq_len: 32}",
+                 "--set", "distill.epochs=2", "--set", "quantize.enabled=true",
+                 "--set", "quantize.methods=[int8_dynamic, static_int8]", "--set", "quantize.max_drop=0.5"])
     out = capsys.readouterr().out
     assert code == 0, out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -62,3 +69,22 @@ def test_lm_config_trains_a_gpt_on_text_files(ray_cluster, tmp_path, capsys):
     deepspeed = json.loads((run_dir / "deepspeed.json").read_text())
     assert deepspeed["gradient_clipping"] == 1.0 and deepspeed["scheduler"]["type"] == "WarmupCosineLR"
     assert "test perplexity" in (run_dir / "report.md").read_text()
+
+    assert "teacher outputs: top 16 logits per token for" in out
+    student = summary["models"]["student"]
+    # Two epochs of a 16-wide GPT: far from the teacher, far below uniform guessing's 256.
+    assert student["params"] < teacher["params"] / 2 and student["perplexity"] < 128
+    quantize = summary["stages"]["quantize"]
+    assert set(quantize["baseline"]) == {"perplexity"}  # the gate compares perplexities
+    for method in ("int8_dynamic", "static_int8"):
+        quantized = summary["models"][f"student-{method}"]
+        assert quantized["status"] == "accepted"
+        assert quantized["drop"] == pytest.approx(quantized["perplexity"] / quantize["baseline"]["perplexity"] - 1, abs=1e-3)
+    # The exported students continue text.
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("import json\n\n\ndef ")
+    for name in ("student", "student-static_int8"):
+        written = tmp_path / f"{name}.jsonl"
+        assert main(["predict", str(run_dir / "models" / name), str(prompt), "--max-new-tokens", "12",
+                     "--output", str(written)]) == 0
+        assert len(json.loads(written.read_text())["generated"]) > 0
