@@ -8,7 +8,7 @@ issue 6's targets:
     has at least 2x lower batch-1 CPU latency than the teacher,
     and a file at least 3.5x smaller than the fp32 student's.
 Latencies are the evaluate stage's: eager PyTorch, the models as `load_model` returns them, p50 of
-about a second of batch-1 calls. Measured here as well, in this process: every model compiled with
+0.6 s of batch-1 calls (1 s when the figures in RESULTS.md were taken). Measured here as well, in this process: every model compiled with
 torch.compile (inductor), which is how a PT2E static_int8 program is meant to run (eagerly it
 executes reference quantize/dequantize ops), batch-1 latency and batch-64 throughput.
 

@@ -158,26 +158,32 @@ def test_predict_classifies_image_files(tmp_path, digits):
     assert np.mean([str(p["class"]) == p["input"].split("/")[0] for p in predictions]) > 0.85
 
 
-@pytest.mark.parametrize("method", [None, "int8_dynamic", "static_int8"])
-def test_predict_continues_text_with_a_language_model(tmp_path, method, capsys):
-    """A byte-level GPT that learned one repeated sentence continues it, exported as fp32 or quantized."""
-    text = "the quick brown fox jumps over the lazy dog. " * 40
-    model_cfg = ModelConfig(type="gpt", n_layer=1, n_head=2, d_model=32, seq_len=16).model_dump()
+def _save_lm(directory, ids: torch.Tensor, vocab: int, seq_len: int, tokenizer: str) -> torch.Tensor:
+    """A one-layer GPT that learned the token stream `ids`, saved as the train stage saves one;
+    returns its training windows."""
+    from trainers.checkpoint import model_spec
+
+    model_cfg = ModelConfig(type="gpt", n_layer=1, n_head=2, d_model=32, seq_len=seq_len).model_dump()
     torch.manual_seed(0)
-    model = build_model(model_cfg, [16], 256)
-    data = torch.tensor(list(text.encode()))
-    windows = data.unfold(0, 17, 1)
+    model = build_model(model_cfg, [seq_len], vocab)
+    windows = ids.unfold(0, seq_len + 1, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         batch = windows[torch.randint(0, len(windows), (32,))]
         optimizer.zero_grad()
         F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
         optimizer.step()
-    meta = {"input_shape": [16], "num_classes": 256, "classes": None, "task": "lm", "format": "text",
-            "tokenizer": "bytes", "vocab_size": 256, "seq_len": 16, "augment": [], "seed": 0}
-    from trainers.checkpoint import model_spec
+    meta = {"input_shape": [seq_len], "num_classes": vocab, "classes": None, "task": "lm", "format": "text",
+            "tokenizer": tokenizer, "vocab_size": vocab, "seq_len": seq_len, "augment": [], "seed": 0}
+    save_model_dir(directory, model.eval().state_dict(), model_spec(model_cfg, meta))
+    return windows
 
-    save_model_dir(tmp_path / "fp32", model.eval().state_dict(), model_spec(model_cfg, meta))
+
+@pytest.mark.parametrize("method", [None, "int8_dynamic", "static_int8"])
+def test_predict_continues_text_with_a_language_model(tmp_path, method, capsys):
+    """A byte-level GPT that learned one repeated sentence continues it, exported as fp32 or quantized."""
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    windows = _save_lm(tmp_path / "fp32", torch.tensor(list(text.encode())), 256, 16, "bytes")
     directory = tmp_path / "fp32"
     if method:
         directory = tmp_path / method
@@ -186,3 +192,23 @@ def test_predict_continues_text_with_a_language_model(tmp_path, method, capsys):
     prompt.write_text("the quick brown fox jumps over the ")
     assert main(["predict", str(directory), str(prompt), "--max-new-tokens", "9"]) == 0
     assert capsys.readouterr().out.startswith("lazy dog.")
+
+
+def test_predict_uses_the_bpe_tokenizer_a_model_carries(tmp_path, capsys):
+    """A BPE language model's folder holds its tokenizer.json; predict encodes and decodes with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "def add(a, b):\n    return a + b\n\n" * 60
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                             show_progress=False))
+    _save_lm(tmp_path / "model", torch.tensor(tokenizer.encode(text).ids), tokenizer.get_vocab_size(), 8, "bpe")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def add(a, b):\n    return")
+    assert main(["predict", str(tmp_path / "model"), str(prompt), "--max-new-tokens", "4"]) == 2  # no tokenizer.json yet
+    assert "tokenizer.json) is missing" in capsys.readouterr().err
+    tokenizer.save(str(tmp_path / "model" / "tokenizer.json"))
+    assert main(["predict", str(tmp_path / "model"), str(prompt), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(" a + b")

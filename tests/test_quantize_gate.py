@@ -27,7 +27,7 @@ def test_a_quantized_model_over_max_drop_fails_the_stage_and_is_kept_marked_reje
     raw = yaml.safe_load(QUICKSTART.read_text())
     raw["data"]["cache_dir"] = str(quickstart_cache)
     raw["model"] = {"type": "mlp", "width": 32, "depth": 1}
-    raw["train"] |= {"workers": 1, "epochs": 2, "micro_batch_size": 64}
+    raw["train"] |= {"workers": 1, "epochs": 1, "micro_batch_size": 64}
     raw["tune"] = {"enabled": False}
     raw["distill"] = {"enabled": False}
     raw["quantize"] = {"methods": ["int8_weight_only"], "max_drop": 0.02}

@@ -12,7 +12,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from trainers.checkpoint import WEIGHTS
 from tuning.sweep import _summarize
 
-RUN = {"train": {"epochs": 3, "workers": 2, "cpus_per_worker": 1, "use_gpu": False}}
+RUN = {"train": {"epochs": 3, "workers": 2, "cpus_per_worker": 1, "use_gpu": False},
+       "tune": {"space": {"train.lr": {"choice": [0.1, 0.01]}}}}
 
 
 def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> SimpleNamespace:

@@ -79,7 +79,7 @@ def test_asha_stops_weak_trials_early_and_a_diverging_trial_does_not_stop_the_sw
     assert "training diverged" in table["error"].iloc[2]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["stages"]["tune"]["best_values"] == {"train.lr": 3.0e-3}
-    assert "3 trials (1 stopped early by asha, 1 failed)" in " ".join(out.split())
+    assert "3 teacher trials (1 stopped early by asha, 1 failed)" in " ".join(out.split())
 
 
 @pytest.mark.ray

@@ -1,4 +1,4 @@
-"""A sweep of distill paths (temperature, alpha) runs after the teacher's training: each trial
+"""A sweep of distill paths (alpha, temperature) runs after the teacher's training: each trial
 distills that teacher with its values, and the best trial's student is the run's student."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from launcher.cli import main
 
 def test_a_sweep_of_distill_paths_distills_the_trained_teacher_in_each_trial(ray_cluster, quickstart_cache, tmp_path,
                                                                              capsys):
-    tune = {"search": "grid", "scheduler": "fifo", "space": {"distill.temperature": {"grid": [1.0, 8.0]}}}
-    config = sweep_config(tmp_path, quickstart_cache, tune, epochs=2)
+    tune = {"search": "grid", "scheduler": "fifo",
+            "space": {"distill.alpha": {"grid": [0.0, 1.0]}, "distill.temperature": {"grid": [2.0]}}}
+    config = sweep_config(tmp_path, quickstart_cache, tune, epochs=1)
     raw = yaml.safe_load(open(config))
-    raw["distill"] = {"student": {"type": "mlp", "width": 16, "depth": 1}, "epochs": 3, "lr": 1.0e-2, "alpha": 0.9,
+    raw["distill"] = {"student": {"type": "mlp", "width": 16, "depth": 1}, "epochs": 3, "lr": 1.0e-2,
                       "teacher_outputs": "precompute"}
     raw["quantize"] = {"enabled": False}
     with open(config, "w") as f:
@@ -32,17 +33,17 @@ def test_a_sweep_of_distill_paths_distills_the_trained_teacher_in_each_trial(ray
     # The teacher's outputs were computed once, for both trials.
     assert out.count("teacher outputs: logits for") == 1
     trials = pd.read_parquet(run_dir / "tune" / "trials.parquet")
-    assert sorted(trials["distill.temperature"]) == [1.0, 8.0] and (trials["status"] == "completed").all()
-    # Each trial trained the same student from the same seed on the same batches, with its own
-    # temperature: only that can make their losses differ.
+    assert sorted(trials["distill.alpha"]) == [0.0, 1.0] and (trials["status"] == "completed").all()
+    # Each trial trained the same student from the same seed on the same batches with its own
+    # alpha (0: the labels only, 1: the teacher only): only that can make their losses differ.
     reports = [json.loads(line) for line in (run_dir / "tune" / "reports.jsonl").read_text().splitlines()]
     first = {}
     for r in reports:
-        first.setdefault(r["config"]["distill.temperature"], r["train_loss"])  # epoch 1's
-    assert abs(first[8.0] - first[1.0]) > 0.01
+        first.setdefault(r["config"]["distill.alpha"], r["train_loss"])  # epoch 1's
+    assert abs(first[1.0] - first[0.0]) > 0.1
     student = json.loads((run_dir / "models" / "student" / "model.json").read_text())
     assert student["model"]["width"] == 16 and json.loads((run_dir / "models" / "teacher" / "model.json").read_text())["model"]["width"] == 32
     assert set(summary["models"]) == {"teacher", "student"} and summary["models"]["student"]["accuracy"] > 0.3
     best = yaml.safe_load((run_dir / "tune" / "best_config.yaml").read_text())
-    assert best["distill"]["temperature"] == summary["stages"]["tune"]["best_values"]["distill.temperature"]
+    assert best["distill"]["alpha"] == summary["stages"]["tune"]["best_values"]["distill.alpha"]
     assert best["tune"]["enabled"] is False

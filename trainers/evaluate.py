@@ -38,7 +38,7 @@ def test_metrics(model: nn.Module, test_dir: Path | str, meta: dict, batch_size:
 
 
 @torch.inference_mode()
-def latency(model: nn.Module, example: torch.Tensor, seconds: float = 1.0, batch_size: int = 64) -> dict:
+def latency(model: nn.Module, example: torch.Tensor, seconds: float = 0.6, batch_size: int = 64) -> dict:
     """CPU latency of one forward pass on a single row (median and 95th percentile over about
     `seconds` of repeats, after a warm-up) and throughput in rows/s at `batch_size`."""
     one = example[:1]

@@ -28,12 +28,13 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def read_spec(directory: Path | str) -> dict:
+    """A model directory's `model.json`, with the directory it came from (`directory`)."""
     directory = Path(directory)
     for name in (SPEC, WEIGHTS):
         if not (directory / name).is_file():
             raise DataError([f"{directory}: not a model directory (no {name}); give a folder under RUN_DIR/models/"])
     try:
-        return json.loads((directory / SPEC).read_text())
+        return {**json.loads((directory / SPEC).read_text()), "directory": str(directory.resolve())}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError([f"{directory / SPEC}: not valid JSON ({exc}); export the model again"]) from None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from trainers.checkpoint import SPEC, WEIGHTS, atomic_write, load_model_dir
 from trainers.export import TOKENIZER_FILE
@@ -139,7 +140,7 @@ def _flat_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every torchao tensor subclass split into its plain inner tensors."""
     flat = {}
     for key, value in model.state_dict().items():
-        if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor and type(value) is not nn.Parameter:
+        if is_traceable_wrapper_subclass(value):
             names, _ = value.__tensor_flatten__()
             flat.update({f"{key}{_SEP}{name}": getattr(value, name).detach().contiguous() for name in names})
         else:
@@ -172,11 +173,12 @@ def _graph_state(program: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
             # zero points are int64 holding int8 values: stored small, cast back on load
             small = value.to(torch.int8) if value.dtype == torch.int64 and value.abs().max() <= 127 else value
             tensors[key] = small.detach().contiguous()
-    return tensors, [[str(node.target), _numbers(node.args)] for node in program.graph.nodes if node.op == "call_function"]
+    return tensors, [[str(node.target), [a for a in node.args if _is_number(a)]]
+                     for node in program.graph.nodes if node.op == "call_function"]
 
 
-def _numbers(args) -> list:
-    return [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
+def _is_number(arg) -> bool:
+    return isinstance(arg, int | float) and not isinstance(arg, bool)
 
 
 def _set_graph_state(program: nn.Module, tensors: dict[str, torch.Tensor], literals: list, directory: Path) -> None:
@@ -186,14 +188,14 @@ def _set_graph_state(program: nn.Module, tensors: dict[str, torch.Tensor], liter
                          f"quantize the fp32 model again with this version")
     for node, (_, numbers) in zip(nodes, literals):
         values = iter(numbers)
-        node.args = tuple(next(values) if isinstance(a, int | float) and not isinstance(a, bool) else a for a in node.args)
+        node.args = tuple(next(values) if _is_number(a) else a for a in node.args)
     program.recompile()
-    current = program.state_dict()
     for key, value in tensors.items():
         owner, _, name = key.rpartition(".")
         module = program.get_submodule(owner) if owner else program
-        setattr(module, name, type(getattr(module, name))(value.to(current[key].dtype))
-                if isinstance(getattr(module, name), nn.Parameter) else value.to(current[key].dtype))
+        fresh = getattr(module, name)
+        value = value.to(fresh.dtype)
+        setattr(module, name, nn.Parameter(value, requires_grad=False) if isinstance(fresh, nn.Parameter) else value)
 
 
 @torch.inference_mode()
