@@ -440,6 +440,12 @@ class OutputConfig(Section):
     """Run directory; it must not exist yet or be empty (or, with `--resume`, hold the run to continue)."""
 
 
+def searches_student(space: dict) -> bool:
+    """Whether a search space holds only `distill` paths: its trials distill students rather than
+    train teachers."""
+    return bool(space) and all(path.startswith("distill.") for path in space)
+
+
 class RunConfig(Section):
     cluster: ClusterConfig = ClusterConfig()
     data: DataConfig = DataConfig()
@@ -461,7 +467,7 @@ class RunConfig(Section):
     @property
     def sweeps_student(self) -> bool:
         """A sweep of `distill` paths only: its trials distill the trained teacher into students."""
-        return self.tune.enabled and bool(self.tune.space) and all(p.startswith("distill.") for p in self.tune.space)
+        return self.tune.enabled and searches_student(self.tune.space)
 
     def default_stages(self) -> list[str]:
         """The stages a plain `raylaunch run` performs: a sweep replaces the single run it searches
@@ -603,7 +609,7 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
     if cfg.tune.enabled and not cfg.tune.space:
         problems.append("tune.space: empty; add at least one path to search, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
     student = sorted(p for p in cfg.tune.space if p.startswith("distill."))
-    if student and len(student) < len(cfg.tune.space):
+    if student and not searches_student(cfg.tune.space):
         teacher = sorted(p for p in cfg.tune.space if not p.startswith("distill."))
         problems.append(f"tune.space: {', '.join(student)} search the student and {', '.join(teacher)} the teacher; a sweep "
                         f"trains one of them: search distill paths alone (the sweep distills the trained teacher) or none")

@@ -7,6 +7,8 @@ from typing import Any
 
 from ray import tune
 
+from launcher.config import searches_student
+
 
 def tune_domain(domain: dict, search: str = "random"):
     """A Ray Tune sampler for one validated `tune.space` entry; `search: grid` enumerates choices."""
@@ -36,11 +38,6 @@ def apply_overrides(run: dict, sampled: dict[str, Any]) -> dict:
             node = node[part]
         node[leaf] = value
     return run
-
-
-def searches_student(space: dict) -> bool:
-    """Whether a sweep's trials distill students (only distill paths searched) rather than train teachers."""
-    return bool(space) and all(path.startswith("distill.") for path in space)
 
 
 def epochs_path(space: dict) -> str:
