@@ -102,20 +102,18 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     return run.summary
 
 
-# Where each training stage leaves its model in the run directory, for a resumed run to pick up
-# (the quantize stage lists its models in its result).
-_OUTPUTS = {"train": ("teacher", "models/teacher"), "tune": ("teacher", "models/teacher"),
-            "distill": ("student", "models/student")}
+# The model each training stage leaves in models/<role>/, for a resumed run to pick up (a sweep
+# records its role: a sweep of distill paths picks the student; the quantize stage lists its
+# models in its result).
+_ROLES = {"train": "teacher", "distill": "student"}
+_RESUMABLE = ("train", "tune", "distill", "quantize")
 
 
 def _stage_models(run_dir: Path, name: str, result: dict) -> dict[str, Path]:
     if name == "quantize":
         return {n: Path(m["path"]) for n, m in result.get("models", {}).items()}
-    if name == "tune":  # a sweep of distill paths picks the student
-        role = result.get("role", "teacher")
-        return {role: run_dir / "models" / role}
-    role, path = _OUTPUTS[name]
-    return {role: run_dir / path}
+    role = result.get("role", "teacher") if name == "tune" else _ROLES[name]
+    return {role: run_dir / "models" / role}
 
 
 def _finished_stages(run_dir: Path) -> dict[str, dict]:
@@ -124,7 +122,7 @@ def _finished_stages(run_dir: Path) -> dict[str, dict]:
     summary_file = run_dir / "summary.json"
     stages = json.loads(summary_file.read_text()).get("stages", {}) if summary_file.exists() else {}
     return {name: result for name, result in stages.items()
-            if name in (*_OUTPUTS, "quantize") and all(p.exists() for p in _stage_models(run_dir, name, result).values())}
+            if name in _RESUMABLE and all(p.exists() for p in _stage_models(run_dir, name, result).values())}
 
 
 def _restore(run: Run, name: str, result: dict) -> None:
