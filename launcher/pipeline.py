@@ -45,6 +45,8 @@ class Run:
     resume: bool = False
     data_dir: Path | None = None
     """The cache entry holding the preprocessed splits."""
+    test_metrics: dict[str, dict] = field(default_factory=dict)
+    """Test-split metrics an earlier stage of this run measured (the quantize gate), by model name."""
 
     @property
     def cache_root(self) -> Path:
@@ -327,7 +329,7 @@ def _quantize(run: Run) -> dict:
     q = run.cfg.quantize
     source = "student" if "student" in run.models else "teacher"
     test_dir = run.data_dir / "test"
-    baseline = test_metrics(load_model(run.models[source])[0], test_dir, run.data_meta)
+    baseline = run.test_metrics[source] = test_metrics(load_model(run.models[source])[0], test_dir, run.data_meta)
     # Rows of the validation split: static_int8 calibrates on them, and every export is checked
     # to reproduce its quantized model on them.
     calibration = first_rows(run.data_dir / "val", run.data_meta, q.calibration_rows)
@@ -341,7 +343,7 @@ def _quantize(run: Run) -> dict:
         name = f"{source}-{method}"
         target = run.run_dir / "models" / name
         quantize_model_dir(run.models[source], target, method, calibration)
-        metrics = test_metrics(load_model(target)[0], test_dir, run.data_meta)
+        metrics = run.test_metrics[name] = test_metrics(load_model(target)[0], test_dir, run.data_meta)
         drop = quality_drop(baseline, metrics)
         status = "rejected" if drop > q.max_drop else "accepted"
         made[name] = {"method": method, "status": status, "drop": round(drop, 6), "path": str(target),
@@ -374,7 +376,7 @@ def _drop_words(drop: float, quality: str) -> str:
 
 def _evaluate(run: Run) -> dict:
     from trainers.checkpoint import WEIGHTS
-    from trainers.evaluate import first_rows, measure
+    from trainers.evaluate import first_rows, measure, test_metrics
     from trainers.export import load_model
 
     test_dir = run.data_dir / "test"
@@ -382,7 +384,9 @@ def _evaluate(run: Run) -> dict:
     models = {}
     for name, directory in run.models.items():
         model, spec = load_model(directory)
-        numbers = measure(model, spec, directory / WEIGHTS, test_dir, run.data_meta, example)
+        # The quantize stage has measured the final model and its quantized ones on the test split.
+        quality = run.test_metrics.get(name) or test_metrics(model, test_dir, run.data_meta)
+        numbers = measure(model, spec, directory / WEIGHTS, quality, example)
         gate = {k: v for k, v in run.summary["models"].get(name, {}).items() if k in ("method", "status", "drop")}
         models[name] = {**numbers, **gate, "path": str(directory)}
     run.summary["models"] = models

@@ -60,12 +60,12 @@ def latency(model: nn.Module, example: torch.Tensor, seconds: float = 0.6, batch
     return {"latency_ms_p50": float(p50), "latency_ms_p95": float(p95), "rows_per_s_b64": batches * batch_size / elapsed}
 
 
-def measure(model: nn.Module, spec: dict, weights_file: Path, test_dir: Path | str, meta: dict, example: torch.Tensor) -> dict:
-    """The numbers the report shows for one model. `params` counts the architecture's parameters
-    (a quantized model stores the same ones in fewer bytes)."""
+def measure(model: nn.Module, spec: dict, weights_file: Path, quality: dict, example: torch.Tensor) -> dict:
+    """The numbers the report shows for one model, given its `test_metrics`. `params` counts the
+    architecture's parameters (a quantized model stores the same ones in fewer bytes)."""
     architecture = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     return {
-        **test_metrics(model, test_dir, meta),
+        **quality,
         "params": count_params(architecture),
         "size_bytes": weights_file.stat().st_size,
         **latency(model, example),
