@@ -126,10 +126,13 @@ def test_predict_refuses_bad_input_in_one_line(exported, tmp_path, capsys):
     missing.write_text("pixel_0_0,other\n1,2\n")
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
     cases = [([str(dirs["fp32"]), str(missing)], "missing the feature column(s) pixel_0_1"),
              ([str(dirs["fp32"]), str(tmp_path / "nope.csv")], "no such file or folder"),
              ([str(not_a_model), str(missing)], "not a model directory (no model.json)"),
-             ([str(dirs["fp32"]), str(tmp_path)], "no image files in the folder")]
+             ([str(dirs["fp32"]), str(not_a_model)], "no image files in the folder"),
+             ([str(dirs["fp32"]), str(broken)], "broken.png: not a readable image")]
     for args, message in cases:
         assert main(["predict", *args]) == 2
         err = capsys.readouterr().err.strip()

@@ -100,24 +100,23 @@ def _table(path: Path, fmt: str, prep: dict) -> tuple[np.ndarray, list[str]]:
 
 
 def _images(source: Path, shape: list[int]) -> tuple[np.ndarray, list[str]]:
-    from PIL import Image
+    import pyarrow.fs as pafs
+
+    from dataprep.sources import decode_images
 
     files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
     if not files:
         raise DataError([f"{source}: no image files in the folder"])
+
+    def refuse(bad: list[tuple[str, int, str]]) -> None:
+        if bad:
+            raise DataError([f"{bad[0][0]}: {bad[0][2]}"])
+
+    # Decoded as the preprocess stage decodes them, resized to the model's input as its resize does.
     channels, height, width = shape
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                if image.size != (width, height):  # as the preprocess stage's resize transform does
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            raise DataError([f"{path}: not a readable image ({exc})"]) from None
-        images.append((pixels[:, :, None] if pixels.ndim == 2 else pixels).transpose(2, 0, 1))
-    return np.stack(images), [str(p.relative_to(source)) if source.is_dir() else p.name for p in files]
+    decoded = decode_images({"path": [str(p.resolve()) for p in files]}, pafs.LocalFileSystem(),
+                            "L" if channels == 1 else "RGB", (height, width), refuse)
+    return decoded["image"], [str(p.relative_to(source)) if source.is_dir() else p.name for p in files]
 
 
 def _text_input(spec: dict, path: Path) -> torch.Tensor:
