@@ -56,7 +56,8 @@ def _chart(run_dir: Path, models: dict) -> str | None:
     panels = ((quality, f"test {quality}"), ("size_bytes", "file size (KiB)"), ("latency_ms_p50", "batch-1 latency p50 (ms)"),
               ("rows_per_s_b64", "batch-64 throughput (rows/s)"))
     names = list(models)
-    colors = ["tab:red" if models[n].get("status") == "rejected" else "tab:blue" if "-" not in n else "tab:green" for n in names]
+    # fp32 models blue; quantized ones (those the gate judged) green, or red when rejected
+    colors = [{"rejected": "tab:red", "accepted": "tab:green"}.get(models[n].get("status"), "tab:blue") for n in names]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         values = [models[n][key] / (1024 if key == "size_bytes" else 1) for n in names]

@@ -97,7 +97,7 @@ def quantize_model_dir(source: Path, target: Path, method: str, calibration: tor
     model, spec = load_model_dir(source)
     quantized = quantize_model(model, method, calibration)
     spec = {**spec, "format": "pt2e" if method == PT2E else "torchao",
-            "quantization": {"method": method, "source": spec.get("role", source.name),
+            "quantization": {"method": method, "source": source.name,
                              **({"calibration_rows": len(calibration)} if method == PT2E else {})}}
     tensors, literals = _graph_state(quantized) if method == PT2E else (_flat_state(quantized), None)
     if literals is not None:
