@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,11 +51,32 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
             logging_level=logging.INFO if verbose else logging.ERROR,
         )
     _quiet_ray_data(verbose)
+    previous = None
+    if started_here and threading.current_thread() is threading.main_thread():
+        # ray.init's own handler exits with SystemExit (code 15 or 1, by where the signal lands);
+        # `raylaunch stop` / `ray job stop` should end the run like Ctrl-C, summary written.
+        previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         yield ray.cluster_resources()
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if started_here:
             ray.shutdown()
+
+
+_received: list[str] = []
+
+
+def _stopped(signum, frame):
+    _received.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+def stop_signal() -> str | None:
+    """The signal that stopped this driver, if one did: Ray re-raises a KeyboardInterrupt of its own
+    on its way out of a run, so the exception itself no longer says."""
+    return _received[-1] if _received else None
 
 
 def _quiet_ray_data(verbose: bool) -> None:

@@ -1,6 +1,9 @@
-"""The `raylaunch` command line: `run`, `plan`, `predict`, `config show`, `config reference`.
+"""The `raylaunch` command line: `run`, `plan`, `predict`, `submit`, `status`, `logs`, `stop`,
+`config show`, `config reference`.
 
 Exit codes: 0 success, 1 the run failed, 2 bad config or input (one `path: problem` line each).
+`submit` exits with the job's outcome: 0 succeeded, the job's own code when it failed (1 or 2), 3
+stopped; a cluster it cannot reach or that refuses its token is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="also write the predictions as JSON lines to this file")
     predict.add_argument("--verbose", action="store_true", help="show torch's and torchao's own logs")
 
+    submit = commands.add_parser("submit", help="run a config as a Ray job on a running cluster, following it to its end")
+    submit.add_argument("config", help="YAML config file; validated here, then uploaded resolved")
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a config field (repeatable)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following the job")
+    submit.add_argument("--stages", help="as for run")
+    submit.add_argument("--resume", action="store_true", help="as for run: continue the run in output.dir")
+    submit.add_argument("--verbose", action="store_true", help="the job shows Ray's, DeepSpeed's and the workers' own logs")
+    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a running job")):
+        job = commands.add_parser(name, help=text)
+        job.add_argument("job_id", help="the id `raylaunch submit` printed")
+        job.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+        if name == "logs":
+            job.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
     config = commands.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print the resolved config")
     show.add_argument("config")
@@ -67,9 +86,29 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args, console)
         if args.command == "predict":
             return _predict(args, console, errors)
+        if args.command in ("submit", "status", "logs", "stop"):
+            return _job_command(args, console, errors)
         return _run(args, console, errors)
     except configuration.ConfigError as exc:
         _print_problems(errors, exc.problems)
+        return 2
+
+
+def _job_command(args, console: Console, errors: Console) -> int:
+    from cluster.jobs import JobError
+    from launcher import jobs
+
+    try:
+        if args.command == "submit":
+            return jobs.submit(args.config, args.overrides, args.address, args.no_wait, args.stages, args.resume,
+                               args.verbose, console, errors)
+        if args.command == "status":
+            return jobs.status(args.job_id, args.address, console)
+        if args.command == "logs":
+            return jobs.logs(args.job_id, args.address, args.follow, console)
+        return jobs.stop(args.job_id, args.address, console)
+    except JobError as exc:
+        errors.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         return 2
 
 
@@ -90,7 +129,7 @@ def _run(args, console: Console, errors: Console) -> int:
         _print_problems(errors, exc.problems)
         return 2
     except KeyboardInterrupt:
-        errors.print("raylaunch: interrupted")
+        errors.print("raylaunch: interrupted; continue with --resume", highlight=False)
         return 130
     except Exception as exc:  # the run failed: one line here, the whole story with --verbose
         if args.verbose:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,6 +36,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+class JobConfig(Section):
+    pip: list[str] | str | None = None
+    """For `raylaunch submit`: packages the job installs on the cluster first (a list of requirements, or a requirements file); null: the cluster's Python already has raylaunch's dependencies."""
+    image_uri: str | None = None
+    """For `raylaunch submit`: a container image whose Python runs the job (Ray's `image_uri` runtime env); not together with `pip`."""
+    excludes: list[str] = []
+    """For `raylaunch submit`: more paths (gitignore syntax) left out of the uploaded working directory, beyond .venv, .git, runs and caches."""
+    env_vars: dict[str, str] = {}
+    """For `raylaunch submit`: environment variables of the job's processes."""
+
+    @model_validator(mode="after")
+    def _one_python(self):
+        if self.pip and self.image_uri:
+            raise ValueError("pip and image_uri: give one; the image's Python already has its packages (bake them into the image)")
+        return self
+
+
 class ClusterConfig(Section):
     address: str | None = None
     """Ray address to join (`auto`, `ray://host:10001`); null starts an embedded local Ray, or joins the cluster a `ray job submit` runs in."""
@@ -44,6 +62,8 @@ class ClusterConfig(Section):
     """Memory of one GPU, for the preflight plan and `train.zero.stage: auto`; null detects it (GPU workers only)."""
     worker_memory_gb: float | None = Field(None, gt=0)
     """Memory one CPU worker may use, for the plan and `zero.stage: auto` on CPU; null divides the cluster's memory among the workers."""
+    job: JobConfig = JobConfig()
+    """How `raylaunch submit` runs this config as a Ray job."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +458,11 @@ class QuantizeConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/run"
     """Run directory; it must not exist yet or be empty (or, with `--resume`, hold the run to continue)."""
+
+
+def is_uri(path: str) -> bool:
+    """Whether an output path is a URI (`s3://`, `gs://`, `file://`, ...) rather than a local path."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
 
 
 def searches_student(space: dict) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cluster.resources import describe, missing_resources, worker_group_demand
-from cluster.session import ray_session
+from cluster.session import ray_session, stop_signal
 from launcher.config import ConfigError, RunConfig, dump_yaml
 from launcher.report import write_report, write_summary
 
@@ -185,8 +185,10 @@ def _stage(run: Run, name: str):
 def failure_line(exc: BaseException) -> str:
     """One line saying why a run failed: the innermost error of a worker's traceback, which Ray
     wraps (WorkerGroupError, TrainingFailedError) with the whole remote traceback above it."""
-    if isinstance(exc, ConfigError | KeyboardInterrupt):
-        return str(exc) or type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return f"stopped by {stop_signal()}" if stop_signal() else "interrupted"
+    if isinstance(exc, ConfigError):
+        return str(exc)
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__

@@ -1,9 +1,20 @@
-"""One local Ray cluster for the whole suite (2 CPUs, like CI), started lazily by tests that need it."""
+"""One local Ray cluster for the whole suite (2 CPUs, like CI), started lazily by tests that need it,
+and a Ray head in processes of its own for the tests that submit jobs to it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import ray
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -12,6 +23,72 @@ def ray_cluster():
     ray.init(num_cpus=2, log_to_driver=False, logging_level="error")
     yield ray.cluster_resources()
     ray.shutdown()
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head on loopback, as `raylaunch submit` finds one on a cluster: token auth on (its token
+    in a file of its own, not ~/.ray), 2 CPUs, ports of its own beside the in-process cluster's.
+    `ray start --block` keeps every process it starts in its process group, stopped by that group."""
+    root = tmp_path_factory.mktemp("head")
+    token = root / "token"
+    token.write_text(os.urandom(16).hex())
+    gcs, dashboard, agent, agent_grpc, runtime_env_port, metrics, client = _free_ports(7)
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                        # SIGTERM at teardown stops it at once (it would drain the node for 30 s)
+                        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_port}",
+         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--num-cpus=2",
+         "--object-store-memory=400000000", "--disable-usage-stats", f"--temp-dir={root / 'ray'}"],
+        env=env, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    import requests
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token.read_text()}"},
+                            timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield {"address": address, "token": token, "root": root}
+    process.terminate()  # `ray start --block` stops the processes it started
+    try:
+        process.wait(timeout=30)
+    finally:
+        try:  # and whatever of its group outlived it
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+@pytest.fixture
+def client_env(ray_head, monkeypatch):
+    """The client side: the head's token where Ray looks for it, and no RAY_AUTH_MODE."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(ray_head["token"]))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(Path(__file__).parent.parent)  # submit from the checkout, as the README shows
+    return ray_head["address"]
 
 
 @pytest.fixture(scope="session")
