@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import ray
 
 # Loggers that print progress chatter on the driver during normal operation.
-_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch")
+_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch", "mlflow",
+                   "alembic")
 
 
 def quiet_driver_logs(verbose: bool) -> None:

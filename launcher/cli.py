@@ -139,7 +139,8 @@ def _run(args, console: Console, errors: Console) -> int:
                      markup=False, highlight=False, soft_wrap=True)
         return 1
     print_table(console, summary)
-    console.print(f"summary: {cfg.output.dir}/summary.json, report: {cfg.output.dir}/report.md")
+    console.print(f"summary: {cfg.output.dir}/summary.json, report: {cfg.output.dir}/report.html (and report.md), "
+                  f"curves: tensorboard --logdir {cfg.output.dir}/tensorboard", soft_wrap=True)
     return 0
 
 

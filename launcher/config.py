@@ -458,6 +458,10 @@ class QuantizeConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs/run"
     """Run directory; it must not exist yet or be empty (or, with `--resume`, hold the run to continue)."""
+    tensorboard: bool = True
+    """Write every training run's metrics (per step: loss, lr; per report: validation metric, throughput) as TensorBoard event files under `tensorboard/<run>/` in the run directory."""
+    mlflow: bool | str = False
+    """Also log them to MLflow: `true` keeps an MLflow store in the run directory (`mlflow.db`, SQLite), a string is a tracking URI (`http://mlflow:5000`); one MLflow run per pipeline run, a nested run per training run."""
 
 
 def is_uri(path: str) -> bool:

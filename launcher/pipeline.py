@@ -28,6 +28,7 @@ from rich.console import Console
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session, stop_signal
 from launcher.config import ConfigError, RunConfig, dump_yaml
+from launcher.live import Live
 from launcher.report import write_report, write_summary
 
 
@@ -47,6 +48,8 @@ class Run:
     """The cache entry holding the preprocessed splits."""
     test_metrics: dict[str, dict] = field(default_factory=dict)
     """Test-split metrics an earlier stage of this run measured (the quantize gate), by model name."""
+    live: Live | None = None
+    """Progress bars and the metric logs (TensorBoard, MLflow)."""
 
     @property
     def cache_root(self) -> Path:
@@ -81,6 +84,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
                        "quantize": _quantize, "evaluate": _evaluate}
     current = None
+    run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, cfg.model_dump(mode="json"), verbose)
     try:
         with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
             run.resources = resources
@@ -100,7 +104,9 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
         raise
     finally:
         write_summary(run.run_dir, run.summary)
-        write_report(run.run_dir, run.summary)
+        files = write_report(run.run_dir, run.summary)
+        run.live.finish(run.summary, [run.run_dir / "summary.json", *files])
+        run.live.close()
     return run.summary
 
 
@@ -171,7 +177,7 @@ def _preflight(run: Run, console: Console) -> None:
 @contextmanager
 def _stage(run: Run, name: str):
     started = time.perf_counter()
-    with run.console.status(f"[bold]{name}[/] running..."):
+    with run.live.stage(name):
         try:
             yield
         except BaseException:
@@ -230,7 +236,9 @@ def _train(run: Run) -> dict:
     config = loop_config(run.dump(), run.data_meta)
     (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
     resumed = _resume_point(run, "train")
-    result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="train"), config["train"])
+    with _reports(run, "teacher", config) as reports:
+        result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="train",
+                                   callbacks=[reports.callback()]), config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
     return _training_summary("teacher", metrics, run.cfg) | resumed
@@ -241,8 +249,9 @@ def _tune(run: Run) -> dict:
     from launcher.report import print_trials
     from trainers.fit import load_splits
     from tuning.results import write_trials
-    from tuning.packing import pack
-    from tuning.space import apply_overrides
+    from launcher.live import SweepProgress
+    from tuning.packing import pack, trial_count
+    from tuning.space import apply_overrides, max_epochs
     from tuning.sweep import run_sweep
 
     cfg = run.cfg
@@ -258,8 +267,9 @@ def _tune(run: Run) -> dict:
         teacher_dir = str(run.models["teacher"])
         if cfg.distill.teacher_outputs == "precompute":
             datasets["train"] = stream_split(_precompute_teacher_outputs(run)["path"], "train")
+    progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
     sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
-                      resume=run.resume, teacher_dir=teacher_dir)
+                      resume=run.resume, teacher_dir=teacher_dir, callbacks=[progress])
     run.models[role] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / role, run.data_dir)
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
     # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
@@ -294,11 +304,21 @@ def _distill(run: Run) -> dict:
     if run.cfg.distill.teacher_outputs == "precompute":
         precomputed = _precompute_teacher_outputs(run)
         splits["train"] = stream_split(precomputed["path"], "train")
-    result = fit(build_trainer(config, splits, run.storage, name="distill"), config["train"])
+    with _reports(run, "student", config) as reports:
+        result = fit(build_trainer(config, splits, run.storage, name="distill", callbacks=[reports.callback()]),
+                     config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student", run.data_dir)
     summary = _training_summary("student", metrics, run.cfg) | resumed
     return summary | ({"teacher_outputs": precomputed} if precomputed else {})
+
+
+def _reports(run: Run, role: str, config: dict):
+    """The training run's reports, as they come, to its progress bar and the metric logs."""
+    from trainers.fit import ReportStream
+
+    epochs = config["train"]["epochs"]
+    return ReportStream(run.live.training(role, config["steps_per_epoch"] * epochs, epochs))
 
 
 def _precompute_teacher_outputs(run: Run) -> dict:

@@ -78,7 +78,10 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     os.replace(tmp, run_dir / "summary.json")
 
 
-def write_report(run_dir: Path, summary: dict) -> None:
+def write_report(run_dir: Path, summary: dict) -> list[Path]:
+    """Write report.md and report.html (with their charts); returns the two."""
+    from launcher.report_html import CURVES, write_html
+
     lines = [f"# raylaunch run: {summary['status']}", ""]
     if summary.get("error"):
         lines += [f"Failed in stage `{summary.get('failed_stage')}`: {summary['error']}", ""]
@@ -87,12 +90,15 @@ def write_report(run_dir: Path, summary: dict) -> None:
         lines += ["## Stages", "", "| stage | seconds | result |", "|---|---:|---|"]
         lines += [f"| {name} | {s.get('seconds', '')} | {_stage_result(name, s)} |" for name, s in stages.items()]
         lines.append("")
+    stage_rows = [[name, s.get("seconds", ""), _stage_result(name, s)] for name, s in stages.items()]
+    model_header, model_rows = ["model"], []
     if summary["models"]:
         columns = _columns(summary["models"])
         lines += ["## Models on the test split", "", "| model | " + " | ".join(c[1] for c in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
-        for name, m in summary["models"].items():
-            lines.append(f"| {name} | " + " | ".join(_row(m, columns)) + " |")
+        model_header += [title for _, title, _ in columns]
+        model_rows = [[name, *_row(m, columns)] for name, m in summary["models"].items()]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, *cells in model_rows]
         lines.append("")
         skipped = stages.get("quantize", {}).get("skipped", {})
         lines += [f"Not quantized with {method}: {reason}" for method, reason in skipped.items()]
@@ -110,7 +116,11 @@ def write_report(run_dir: Path, summary: dict) -> None:
             lines += [f"![metric against each searched value]({Path(stages['tune']['plot']).relative_to(run_dir)})",
                       "", f"All trials: `{Path(stages['tune']['trials_file']).relative_to(run_dir)}`; "
                       f"{stages['tune']['cpu_hours']:.3f} CPU-hours, {stages['tune']['gpu_hours']:.3f} GPU-hours in all.", ""]
+    page = write_html(run_dir, summary, stage_rows, model_header, model_rows)  # draws the curves too
+    if (run_dir / CURVES).exists():
+        lines += ["## Training curves", "", f"![training loss per step, validation metric per report]({CURVES})", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
+    return [run_dir / "report.md", page]
 
 
 def _stage_result(name: str, stage: dict) -> str:

@@ -1,9 +1,13 @@
-"""The quickstart end to end at a tiny scale, submitted as a Ray job to a real head (token auth
-on) the way a cluster runs it: every artifact, and numbers that are real."""
+"""The quickstart end to end at a tiny scale, submitted with `raylaunch submit` to a real Ray head
+(token auth on) the way a cluster runs it: every artifact, numbers that are real, the metric logs
+(TensorBoard, MLflow) and report.html as Chromium renders it."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,22 +16,35 @@ import yaml
 from conftest import data_meta
 from launcher.cli import main
 
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+ROOT = Path(__file__).parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
-def test_quickstart_submitted_as_a_job_produces_every_artifact(client_env, quickstart_cache, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    code = main(["submit", str(QUICKSTART), "--address", client_env, "--set", f"output.dir={run_dir}",
-                 "--set", f"data.cache_dir={quickstart_cache}", "--set", "tune.num_samples=2",
-                 "--set", "tune.grace_period=1", "--set", "train.epochs=3", "--set", "distill.epochs=4",
-                 "--set", "distill.student.width=8", "--set", "quantize.max_drop=0.2"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+@pytest.fixture(scope="module")
+def quickstart_job(ray_head, quickstart_cache, tmp_path_factory):
+    """The tiny quickstart run as a job (once for this module's tests): (run_dir, stdout, stderr)."""
+    run_dir = tmp_path_factory.mktemp("quickstart-job") / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(ray_head["token"])
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "raylaunch"), "submit", str(QUICKSTART), "--address", ray_head["address"],
+         "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={quickstart_cache}", "--set", "tune.num_samples=2",
+         "--set", "tune.grace_period=1", "--set", "train.epochs=3", "--set", "distill.epochs=4",
+         "--set", "distill.student.width=8", "--set", "quantize.max_drop=0.2", "--set", "output.mlflow=true"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_dir, done.stdout, done.stderr
+
+
+def test_quickstart_submitted_as_a_job_produces_every_artifact(quickstart_job, tmp_path):
+    run_dir, out, err = quickstart_job
     job_id = out.split()[1]
     assert f"job {job_id} succeeded" in out
     for stage in ("preprocess", "tune", "distill", "quantize", "evaluate"):
         assert f"✓ {stage}" in out
-    assert "Failed to query" not in out and "INFO" not in out.split("Running entrypoint")[-1]  # Ray's chatter stays hidden
+    # Ray's, DeepSpeed's and MLflow's own chatter stays hidden.
+    assert "Failed to query" not in out and "INFO" not in out.split("Running entrypoint")[-1] and not err.strip()
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
@@ -82,3 +99,51 @@ def test_quickstart_submitted_as_a_job_produces_every_artifact(client_env, quick
     assert best_config["train"]["lr"] == best_values["train.lr"] and best_config["model"]["width"] == best_values["model.width"]
     assert best_config["tune"]["enabled"] is False and best_config["train"]["epochs"] == 3
 
+
+
+def test_training_metrics_reach_tensorboard_and_mlflow(quickstart_job):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _, _ = quickstart_job
+    summary = json.loads((run_dir / "summary.json").read_text())
+    student = summary["stages"]["distill"]
+    trials = [f"trial-{t['trial'].split('_')[2]}_{t['trial'].split('_')[3]}" for t in summary["stages"]["tune"]["trials"]]
+    # TensorBoard: one event directory per training run, the loss and lr at every optimizer step.
+    assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == sorted(["student", *trials])
+    events = EventAccumulator(str(run_dir / "tensorboard" / "student")).Reload()
+    assert {"train/loss", "train/lr", "val/accuracy", "train/samples_per_s", "epoch"} <= set(events.Tags()["scalars"])
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(1, student["step"] + 1))  # every step, once (the best epoch is the last here)
+    accuracy = {e.step: e.value for e in events.Scalars("val/accuracy")}
+    assert accuracy[student["step"]] == pytest.approx(student["val_accuracy"], abs=1e-6)
+    assert all(e.value > 0 for e in events.Scalars("train/lr"))
+    # MLflow (output.mlflow: true -> the run directory's own store): a run for the pipeline with the
+    # config and the final numbers, a nested run per training run with the same curves.
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(run_dir.name)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {run_dir.name, "student", *trials}
+    parent = runs[run_dir.name]
+    assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "3"
+    assert parent.data.metrics["student_accuracy"] == pytest.approx(summary["models"]["student"]["accuracy"])
+    assert all(runs[n].data.tags["mlflow.parentRunId"] == parent.info.run_id for n in ("student", *trials))
+    history = client.get_metric_history(runs["student"].info.run_id, "train_loss_step")
+    assert sorted(m.step for m in history) == steps
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "report.html", "report.md"} <= artifacts
+
+
+def test_report_html_renders_in_chromium_with_its_images(quickstart_job, tmp_path):
+    from chromium import CHROMIUM, render
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium: `make test` installs Debian's package where it can (apt-get as root)")
+    run_dir, _, _ = quickstart_job
+    page = render(run_dir / "report.html", tmp_path / "report.png")
+    assert page["title"] == "raylaunch report"
+    assert page["headings"] == ["Stages", "Training curves", "Sweep trials", "Models on the test split"]
+    # Training curves, the sweep's plot and the models chart, each decoded to its full size.
+    assert len(page["images"]) == 3 and all(i["complete"] and i["width"] >= 800 for i in page["images"]), page["images"]
+    assert page["tables"] == 3 and page["text"] > 800
+    assert (tmp_path / "report.png").stat().st_size > 50_000

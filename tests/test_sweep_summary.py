@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from trainers.fit import CHECKPOINT_PATH
 
 from trainers.checkpoint import WEIGHTS
 from tuning.sweep import _summarize
@@ -25,7 +25,7 @@ def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> Simp
             path.mkdir(parents=True)
             (path / WEIGHTS).write_bytes(b"weights")
         paths.append(str(path))
-    history = pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "val_accuracy": accuracies, CHECKPOINT_PATH_KEY: paths,
+    history = pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "val_accuracy": accuracies, CHECKPOINT_PATH: paths,
                             "time_this_iter_s": [900.0] * len(accuracies)})
     return SimpleNamespace(config={"train.lr": 0.1}, path=str(tmp_path / name), error=None), history
 

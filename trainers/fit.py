@@ -3,17 +3,77 @@ pick of its best checkpoint. Used by the train and distill stages and by every s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray.data
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 
 from cluster.resources import describe, missing_resources, worker_group_demand
 from launcher.config import metric_mode
 from trainers.loop import train_loop_per_worker
+
+
+CHECKPOINT_PATH = "checkpoint_path"
+"""The key a `ReportStream` item holds the reported checkpoint's path under."""
+
+
+class _QueueReport(UserCallback):
+    """Runs in the run's Ray Train controller: hands each report (rank 0's metrics, the
+    checkpoint's path) to a `ReportStream` through a Ray queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item[CHECKPOINT_PATH] = checkpoint.path
+        self.queue.put(item)  # waits while the previous report is still being handled
+
+
+class ReportStream:
+    """Each report of a training run, as the run makes it, handed to `on_report` in a thread of
+    this process (the driver's progress and metric logs; a sweep trial's reports to Tune). An
+    error in `on_report` is raised when the run ends; reports keep being taken until then, or
+    training would wait on the queue forever."""
+
+    _DONE = "__done__"
+
+    def __init__(self, on_report: Callable[[dict], None]):
+        from ray.util.queue import Queue
+
+        self.on_report, self.error = on_report, None
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.thread = threading.Thread(target=self._drain, name="report-stream", daemon=True)
+
+    def callback(self) -> UserCallback:
+        return _QueueReport(self.queue)
+
+    def __enter__(self) -> ReportStream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.thread.is_alive():
+            self.queue.put(self._DONE)  # after the last report: the thread handles everything first
+            self.thread.join()
+        self.queue.shutdown(force=True)  # its actor: a Tune trial's process may be reused for another trial
+        if self.error is not None and exc_type is None:
+            raise self.error
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) != self._DONE:
+            if self.error is not None:
+                continue
+            try:
+                self.on_report(item)
+            except Exception as exc:  # raised in the run's thread when it ends
+                self.error = exc
 
 
 class WorkerGroupUnplaceable(RuntimeError):

@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
             if (index + 1) % accum:
                 continue
             position["step"] += 1
+            since_report.step_done(position["step"], float(engine.get_lr()[0]))
             _fault(config, rank, position["step"], "step")
             last_step_of_epoch = index + 1 == micro_per_epoch
             if every and position["step"] % every == 0 and not last_step_of_epoch:
@@ -162,9 +163,17 @@ class _Window:
 
     def __init__(self):
         self.loss_sum, self.micro_batches, self.items, self.skipped, self.seconds = 0.0, 0, 0, 0, 0.0
+        self.steps: list[list[float]] = []
+        """[step, loss, lr] per optimizer step: this rank's mean loss over the step's micro batches."""
+        self._step_loss, self._step_micro = 0.0, 0
 
     def add(self, loss: float, items: int) -> None:
         self.loss_sum, self.micro_batches, self.items = self.loss_sum + loss, self.micro_batches + 1, self.items + items
+        self._step_loss, self._step_micro = self._step_loss + loss, self._step_micro + 1
+
+    def step_done(self, step: int, lr: float) -> None:
+        self.steps.append([step, self._step_loss / max(self._step_micro, 1), lr])
+        self._step_loss, self._step_micro = 0.0, 0
 
 
 def _model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,6 +222,8 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
     metrics.update(epoch=position["epoch"] + position["micro_batch"] / micro_per_epoch, step=position["step"],
                    train_loss=totals[0] / max(totals[1], 1), lr=float(engine.get_lr()[0]),
                    skipped_batches=window.skipped,  # the same on every rank: they skip together
+                   # Per step since the last report, for TensorBoard/MLflow (rank 0's is the one kept).
+                   step_log=window.steps,
                    **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
     if lm:
         metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray import tune
-from ray.train.v2.api.callback import UserCallback
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cluster.resources import worker_group_demand
 from trainers.checkpoint import WEIGHTS
 from launcher.config import metric_mode
-from trainers.fit import build_trainer, fit
+from trainers.fit import CHECKPOINT_PATH, ReportStream, build_trainer, fit
 from trainers.loop import POSITION, loop_config
 from tuning.space import apply_overrides, max_epochs, mutation_domain, planned_epochs, tune_domain
 
@@ -64,8 +62,8 @@ def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_pa
         config["start_from"] = checkpoint.path
         if source["trial"] != trial_id:
             origin = f"{source['trial']}@{source['step']}"
-    with _Forwarder(checkpoints=pbt, origin=origin) as forward:
-        fit(build_trainer(config, datasets, storage_path, name=name, callbacks=[forward.callback()]), config["train"])
+    with ReportStream(_to_tune(pbt, origin)) as reports:
+        fit(build_trainer(config, datasets, storage_path, name=name, callbacks=[reports.callback()]), config["train"])
 
 
 def _position(checkpoint) -> dict:
@@ -73,60 +71,18 @@ def _position(checkpoint) -> dict:
         return json.loads(f.read())
 
 
-class _Report(UserCallback):
-    """Runs in the trial's Ray Train controller: hands each report (rank 0's metrics, the
-    checkpoint's path) to the trial's `_Forwarder` through a Ray queue."""
+def _to_tune(pbt: bool, origin: str) -> Callable[[dict], None]:
+    """Reports to Tune what the trial's training run reports: the metrics (so schedulers see every
+    epoch), and under PBT the checkpoint too, which Tune then keeps a copy of in the trial's
+    directory for other trials to continue from. (Ray's own `TuneReportCallback` forwards metrics
+    only: PBT would find no checkpoint to exploit.)"""
 
-    def __init__(self, queue):
-        self.queue = queue
+    def report(item: dict) -> None:
+        item["origin"] = origin
+        path = item.get(CHECKPOINT_PATH)
+        tune.report(item, checkpoint=tune.Checkpoint(path) if pbt and path else None)
 
-    def after_report(self, run_context, metrics, checkpoint):
-        item = dict(metrics[0])
-        if checkpoint is not None:
-            item[CHECKPOINT_PATH_KEY] = checkpoint.path
-        self.queue.put(item)  # waits while the previous report is still on its way to Tune
-
-
-class _Forwarder:
-    """Reports to Tune what the trial's training run reports, from a thread of the trial: the
-    metrics (so schedulers see every epoch), and under PBT the checkpoint too, which Tune then
-    keeps a copy of in the trial's directory for other trials to continue from. (Ray's own
-    `TuneReportCallback` forwards metrics only: PBT would find no checkpoint to exploit.)"""
-
-    _DONE = "__done__"
-
-    def __init__(self, checkpoints: bool, origin: str):
-        from ray.util.queue import Queue
-
-        self.checkpoints, self.origin, self.error = checkpoints, origin, None
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-        self.thread = threading.Thread(target=self._forward, name="tune-forwarder", daemon=True)
-
-    def callback(self) -> _Report:
-        return _Report(self.queue)
-
-    def __enter__(self) -> _Forwarder:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if self.thread.is_alive():
-            self.queue.put(self._DONE)  # after the last report: the thread forwards everything first
-            self.thread.join()
-        self.queue.shutdown(force=True)  # its actor: Tune may reuse this trial's process for another trial
-        if self.error is not None and exc_type is None:
-            raise self.error
-
-    def _forward(self) -> None:
-        while (item := self.queue.get()) != self._DONE:
-            if self.error is not None:
-                continue  # keep taking reports, or training would wait on the queue forever
-            item["origin"] = self.origin
-            path = item.get(CHECKPOINT_PATH_KEY)
-            try:
-                tune.report(item, checkpoint=tune.Checkpoint(path) if self.checkpoints and path else None)
-            except Exception as exc:  # e.g. the checkpoint could not be copied; raised when training ends
-                self.error = exc
+    return report
 
 
 class ReportLog(tune.Callback):
@@ -155,11 +111,13 @@ def read_reports(path: Path) -> dict:
 
 
 def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, max_concurrent: int,
-              reports: Path, resume: bool = False, teacher_dir: str | None = None) -> SweepResult:
+              reports: Path, resume: bool = False, teacher_dir: str | None = None,
+              callbacks: Sequence[tune.Callback] = ()) -> SweepResult:
     """Sample `tune.num_samples` configs from `tune.space` and train each on `datasets` (as
     `trainers.fit.load_splits` gives them); returns every trial's outcome and the best checkpoint
     by `tune.metric` over all epochs of all trials. With `teacher_dir`, each trial distills that
-    teacher into a student. Every report is logged to `reports` (JSON lines)."""
+    teacher into a student. Every report is logged to `reports` (JSON lines); `callbacks` are more
+    of Tune's driver callbacks (progress, metric logs)."""
     settings = run["tune"]
     metric, mode = settings["metric"], metric_mode(settings["metric"])
     if settings["scheduler"] == "asha":
@@ -196,7 +154,7 @@ def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, ma
                                                                 max_concurrent),
                                     time_budget_s=settings["time_budget_s"]),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0,
-                                  callbacks=[ReportLog(Path(reports).resolve())]),
+                                  callbacks=[ReportLog(Path(reports).resolve()), *callbacks]),
     )
     started = time.monotonic()
     grid = tuner.fit()
@@ -246,7 +204,7 @@ def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> Swee
                 row["status"] = "stopped early"
             # The best checkpoint still on disk: Ray Train keeps `train.keep_checkpoints` by score,
             # and of two reports tied on the metric it may have kept the later one.
-            kept = scored[scored[CHECKPOINT_PATH_KEY].map(_kept)] if CHECKPOINT_PATH_KEY in scored else scored.iloc[:0]
+            kept = scored[scored[CHECKPOINT_PATH].map(_kept)] if CHECKPOINT_PATH in scored else scored.iloc[:0]
             if len(kept):
                 pick = kept.loc[kept[metric].idxmax() if mode == "max" else kept[metric].idxmin()]
                 if best is None or better(pick[metric], best[1][metric]):
@@ -256,7 +214,7 @@ def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> Swee
         reasons = "; ".join(f"{t['trial']}: {t['error'] or 'reported no metrics'}" for t in trials)
         raise SweepFailed(f"all {len(trials)} trials failed: {reasons}")
     name, metrics, values = best
-    return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH_KEY]),
+    return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH]),
                        best_metrics={k: v for k, v in metrics.items() if k in (metric, "epoch", "val_loss", "val_accuracy")},
                        best_values=values)
 
