@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -42,12 +43,15 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
     started_here = not ray.is_initialized()
     if started_here:
         joining = address is not None or "RAY_ADDRESS" in os.environ
+        dashboard_port = None if joining else free_port()
         ray.init(
             address=address,
             num_cpus=None if joining else num_cpus,
             # Keep the dashboard: Ray Train v2's placement-group cleaner queries the state API it
             # serves; without it, a Tune trial's worker group is never released and the next
             # trial waits forever for its CPUs.
+            dashboard_port=dashboard_port,
+            runtime_env=cluster_address_env(address or os.environ.get("RAY_ADDRESS"), dashboard_port),
             log_to_driver=verbose,
             logging_level=logging.INFO if verbose else logging.ERROR,
         )
@@ -78,6 +82,28 @@ def stop_signal() -> str | None:
     """The signal that stopped this driver, if one did: Ray re-raises a KeyboardInterrupt of its own
     on its way out of a run, so the exception itself no longer says."""
     return _received[-1] if _received else None
+
+
+def cluster_address_env(address: str | None, dashboard_port: int | None) -> dict | None:
+    """The runtime_env that tells this job's worker processes which cluster they are in.
+
+    Ray Train v2's placement-group cleaner (an actor of the job) asks the state API whether the
+    run's controller is alive without an address, so Ray looks for running GCS processes on its
+    machine; with a second Ray instance there ("Found multiple active Ray instances") its monitor
+    thread dies and worker groups' placement groups are never removed: the next trainer waits
+    for CPUs that never come back. Given the address (or, for an embedded Ray, the dashboard
+    port chosen for it), it asks the right cluster."""
+    if dashboard_port is not None:
+        return {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}}
+    if address and "://" not in address and address != "auto":
+        return {"env_vars": {"RAY_ADDRESS": address}}
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _quiet_ray_data(verbose: bool) -> None:

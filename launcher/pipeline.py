@@ -78,16 +78,18 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     from its last checkpoint (Ray Train and Tune find theirs under the same names)."""
     run = Run(cfg=cfg, run_dir=Path(cfg.output.dir).resolve(), console=console, resume=resume)
     finished = _finished_stages(run.run_dir) if resume else {}
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
     stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
                        "quantize": _quantize, "evaluate": _evaluate}
-    current = None
-    run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, cfg.model_dump(mode="json"), verbose)
-    try:
-        with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
-            run.resources = resources
+    with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
+        run.resources = resources
+        _check_shared_storage(run)  # before anything is written: a refused run leaves nothing behind
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, cfg.model_dump(mode="json"),
+                        verbose)
+        current = None
+        try:
             _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
             if any(s in stages for s in ("train", "tune", "distill")):
                 _preflight(run, console)
@@ -98,16 +100,32 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
                 with _stage(run, current):
                     run.summary["stages"][current] = stage_functions[current](run)
                 write_summary(run.run_dir, run.summary)  # after every stage: what a resume starts from
-        run.summary["status"] = "succeeded"
-    except BaseException as exc:
-        run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
-        raise
-    finally:
-        write_summary(run.run_dir, run.summary)
-        files = write_report(run.run_dir, run.summary)
-        run.live.finish(run.summary, [run.run_dir / "summary.json", *files])
-        run.live.close()
+            run.summary["status"] = "succeeded"
+        except BaseException as exc:
+            run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
+            raise
+        finally:
+            write_summary(run.run_dir, run.summary)
+            files = write_report(run.run_dir, run.summary)
+            run.live.finish(run.summary, [run.run_dir / "summary.json", *files])
+            run.live.close()
     return run.summary
+
+
+def _check_shared_storage(run: Run) -> None:
+    """On a multi-node cluster, refuse a run directory or data cache that some node cannot see."""
+    from cluster.storage import nodes_missing
+
+    cache = "data.cache_dir" if run.cfg.data.cache_dir else "data.cache_dir (default: beside output.dir)"
+    folders = {"output.dir": run.run_dir, cache: run.cache_root}
+    count, missing = nodes_missing(folders)
+    problems = [f"{name}: {folders[name]} is not on storage every node sees: {', '.join(nodes)} of this "
+                f"{count}-node cluster do not see a file written there (a disk of "
+                f"this machine only); checkpoints, the data cache and models must be on a filesystem mounted at the same "
+                f"path on every node (NFS, EFS, Filestore, a Kubernetes ReadWriteMany volume)"
+                for name, nodes in missing.items() if nodes]
+    if problems:
+        raise ConfigError(problems)
 
 
 # The model each training stage leaves in models/<role>/, for a resumed run to pick up (a sweep

@@ -4,10 +4,12 @@ and a Ray head in processes of its own for the tests that submit jobs to it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +21,13 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    # The pipeline joins an existing connection and leaves it running (cluster.session.ray_session).
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="error")
+    # The pipeline joins an existing connection and leaves it running (cluster.session.ray_session),
+    # so this cluster's workers get told their cluster's address the way ray_session tells its own.
+    from cluster.session import cluster_address_env, free_port
+
+    port = free_port()
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
+             runtime_env=cluster_address_env(None, port))
     yield ray.cluster_resources()
     ray.shutdown()
 
@@ -35,41 +42,46 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A Ray head on loopback, as `raylaunch submit` finds one on a cluster: token auth on (its token
-    in a file of its own, not ~/.ray), 2 CPUs, ports of its own beside the in-process cluster's.
-    `ray start --block` keeps every process it starts in its process group, stopped by that group."""
-    root = tmp_path_factory.mktemp("head")
-    token = root / "token"
-    token.write_text(os.urandom(16).hex())
+def start_ray(root: Path, num_cpus: int, head: dict | None = None, wrap: list[str] = ()) -> dict:
+    """`ray start --block` in its own process group (stopped by `stop_ray`): a head when `head` is
+    None, else a node joining that head (what start_ray returned for it). Token auth on, with a
+    token file in `root` (a joining node uses its head's); ports of its own beside any other Ray on
+    this machine. `wrap` is a command the `ray start` runs under (e.g. a mount namespace)."""
+    root.mkdir(parents=True, exist_ok=True)
+    # Ray's temp dir (sockets in it) under a short path: a Unix socket path has at most 107 bytes.
+    temp = tempfile.mkdtemp(prefix="rl-") if head is None else head["temp"]
+    token = root / "token" if head is None else head["token"]
+    if head is None:
+        token.write_text(os.urandom(16).hex())
     gcs, dashboard, agent, agent_grpc, runtime_env_port, metrics, client = _free_ports(7)
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                         # SIGTERM at teardown stops it at once (it would drain the node for 30 s)
                         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                        # Its processes' state API queries go to it, not to another Ray on this
+                        # machine (see cluster.session.cluster_address_env).
+                        "RAY_API_SERVER_ADDRESS": head["address"] if head else f"http://127.0.0.1:{dashboard}",
                         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_port}",
-         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--num-cpus=2",
-         "--object-store-memory=400000000", "--disable-usage-stats", f"--temp-dir={root / 'ray'}"],
-        env=env, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    import requests
-
+    role = ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}", f"--temp-dir={temp}"] if head is None else [f"--address={head['gcs']}"]
+    command = [str(BIN / "ray"), "start", "--block", *role, "--node-ip-address=127.0.0.1",
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--runtime-env-agent-port={runtime_env_port}", f"--metrics-export-port={metrics}",
+               f"--num-cpus={num_cpus}", "--object-store-memory=400000000", "--disable-usage-stats"]
+    log = root / "ray-start.log"
+    process = subprocess.Popen([*wrap, *command], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    # `ray start --block` says so once its node is up and registered with the head.
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            if requests.get(f"{address}/api/version", headers={"Authorization": f"Bearer {token.read_text()}"},
-                            timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield {"address": address, "token": token, "root": root}
+    while "Ray runtime started" not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    return {"process": process, "gcs": f"127.0.0.1:{gcs}", "address": f"http://127.0.0.1:{dashboard}", "token": token,
+            "root": root, "temp": temp, "head": head is None}
+
+
+def stop_ray(started: dict) -> None:
+    process = started["process"]
     process.terminate()  # `ray start --block` stops the processes it started
     try:
         process.wait(timeout=30)
@@ -79,6 +91,31 @@ def ray_head(tmp_path_factory):
         except ProcessLookupError:
             pass
         process.wait()
+        if started["head"]:
+            shutil.rmtree(started["temp"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on loopback, as `raylaunch submit` finds one on a cluster: token auth on (its token
+    in a file of its own, not ~/.ray), 2 CPUs, ports of its own beside the in-process cluster's.
+    One per test module: stopped when the module's tests are done, its idle processes do not
+    slow the rest of the suite."""
+    head = start_ray(tmp_path_factory.mktemp("cluster") / "head", num_cpus=2)
+    import requests
+
+    deadline = time.monotonic() + 60  # the dashboard answers a moment after the node is up
+    while True:
+        try:
+            if requests.get(f"{head['address']}/api/version", timeout=2,
+                            headers={"Authorization": f"Bearer {head['token'].read_text()}"}).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the head's dashboard did not answer"
+        time.sleep(0.5)
+    yield head
+    stop_ray(head)
 
 
 @pytest.fixture

@@ -54,16 +54,22 @@ def test_ray_up_template_is_a_valid_gpu_cluster_with_token_auth(name):
             assert params["dashboard_host"] == "0.0.0.0" and params["port"] == 6379
         else:
             assert params["address"] == "10.0.0.1:6379"
-    # The usage at the top submits with a real raylaunch command.
+    # Every host mounts the same NFS file system into its container: the storage every node sees.
+    assert any(re.match(r"sudo mount -t nfs4? .* /mnt/shared\b", c) for c in raw["initialization_commands"])
+    assert "--volume=/mnt/shared:/mnt/shared" in raw["docker"]["run_options"]
+    # The usage at the top submits with a real raylaunch command, writing the run there.
     usage = re.search(r"#\s+(raylaunch submit .*?)\n#\s+ray down", (TEMPLATES / name).read_text(), re.S).group(1)
     args = _parser().parse_args(shlex.split(usage.replace("\\\n#", " "))[1:])
     assert args.command == "submit" and args.address == "http://127.0.0.1:8265"
     assert (TEMPLATES.parent.parent / args.config).is_file()
+    assert "output.dir=/mnt/shared/runs/quickstart" in args.overrides
 
 
 def test_kuberay_rayjob_runs_a_real_command_on_a_valid_config():
-    config_map, job = yaml.safe_load_all((TEMPLATES / "kuberay-rayjob.yaml").read_text())
-    assert (config_map["kind"], job["apiVersion"], job["kind"]) == ("ConfigMap", "ray.io/v1", "RayJob")
+    claim, config_map, job = yaml.safe_load_all((TEMPLATES / "kuberay-rayjob.yaml").read_text())
+    assert (claim["kind"], config_map["kind"], job["apiVersion"], job["kind"]) == (
+        "PersistentVolumeClaim", "ConfigMap", "ray.io/v1", "RayJob")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one volume, mounted by every pod
     spec = job["spec"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__ and cluster["authOptions"] == {"mode": "token"}
@@ -80,7 +86,13 @@ def test_kuberay_rayjob_runs_a_real_command_on_a_valid_config():
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     key = Path(args.config).relative_to(mount["mountPath"]).as_posix()
     cfg = validate(yaml.safe_load(config_map["data"][key]))
-    assert cfg.train.use_gpu and re.match(r"^(s3|gs)://", cfg.output.dir)  # storage every pod reaches
+    assert cfg.train.use_gpu
+    # The run directory is on the claim, mounted at the same path in the head and every worker.
+    pods = [head, *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    for pod in pods:
+        volume = next(v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"])
+        mounted = next(m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == volume["name"])
+        assert Path(cfg.output.dir).is_relative_to(mounted["mountPath"])
 
     gpus = sum(group["replicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"])
                for group in cluster["workerGroupSpecs"] for c in group["template"]["spec"]["containers"])
