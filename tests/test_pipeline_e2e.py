@@ -30,7 +30,7 @@ def quickstart_job(ray_head, quickstart_cache, tmp_path_factory):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "raylaunch"), "submit", str(QUICKSTART), "--address", ray_head["address"],
          "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={quickstart_cache}", "--set", "tune.num_samples=2",
-         "--set", "tune.grace_period=1", "--set", "train.epochs=3", "--set", "distill.epochs=4",
+         "--set", "tune.grace_period=1", "--set", "train.epochs=2", "--set", "distill.epochs=3",
          "--set", "distill.student.width=8", "--set", "quantize.max_drop=0.2", "--set", "output.mlflow=true"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -79,7 +79,7 @@ def test_quickstart_submitted_as_a_job_produces_every_artifact(quickstart_job, t
         assert main(["predict", str(run_dir / "models" / name), str(rows), "--output", str(written)]) == 0, name
         predicted = [json.loads(line)["class"] for line in written.read_text().splitlines()]
         assert sum(p == t for p, t in zip(predicted, digits.target[:50])) > 30, name
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
     assert data_meta(run_dir)["rows"]["test"] > 200
     trials = summary["stages"]["tune"]["trials"]
     assert len(trials) == 2 and all(t["status"] != "error" for t in trials)
@@ -97,7 +97,7 @@ def test_quickstart_submitted_as_a_job_produces_every_artifact(quickstart_job, t
     best_config = yaml.safe_load((run_dir / "tune" / "best_config.yaml").read_text())
     best_values = summary["stages"]["tune"]["best_values"]
     assert best_config["train"]["lr"] == best_values["train.lr"] and best_config["model"]["width"] == best_values["model.width"]
-    assert best_config["tune"]["enabled"] is False and best_config["train"]["epochs"] == 3
+    assert best_config["tune"]["enabled"] is False and best_config["train"]["epochs"] == 2
 
 
 
@@ -114,9 +114,11 @@ def test_training_metrics_reach_tensorboard_and_mlflow(quickstart_job):
     events = EventAccumulator(str(run_dir / "tensorboard" / "student")).Reload()
     assert {"train/loss", "train/lr", "val/accuracy", "train/samples_per_s", "epoch"} <= set(events.Tags()["scalars"])
     steps = [e.step for e in events.Scalars("train/loss")]
-    assert steps == list(range(1, student["step"] + 1))  # every step, once (the best epoch is the last here)
+    reports = [json.loads(line) for line in (run_dir / "metrics" / "student.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, reports[-1]["step"] + 1))  # every step of the run, once
+    assert [r["epoch"] for r in reports] == [1, 2, 3]  # distill.epochs
     accuracy = {e.step: e.value for e in events.Scalars("val/accuracy")}
-    assert accuracy[student["step"]] == pytest.approx(student["val_accuracy"], abs=1e-6)
+    assert accuracy[student["step"]] == pytest.approx(student["val_accuracy"], abs=1e-6)  # the kept (best) epoch
     assert all(e.value > 0 for e in events.Scalars("train/lr"))
     # MLflow (output.mlflow: true -> the run directory's own store): a run for the pipeline with the
     # config and the final numbers, a nested run per training run with the same curves.
@@ -125,7 +127,7 @@ def test_training_metrics_reach_tensorboard_and_mlflow(quickstart_job):
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {run_dir.name, "student", *trials}
     parent = runs[run_dir.name]
-    assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "3"
+    assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "2"
     assert parent.data.metrics["student_accuracy"] == pytest.approx(summary["models"]["student"]["accuracy"])
     assert all(runs[n].data.tags["mlflow.parentRunId"] == parent.info.run_id for n in ("student", *trials))
     history = client.get_metric_history(runs["student"].info.run_id, "train_loss_step")

@@ -38,20 +38,24 @@ def _history(result) -> list[tuple[int, float]]:
     return rows
 
 
+def _last_checkpoint(result) -> str:
+    return max(result.best_checkpoints, key=lambda pair: pair[1]["step"])[0].path
+
+
 def _final_weights(result) -> dict[str, torch.Tensor]:
-    last = max(result.best_checkpoints, key=lambda pair: pair[1]["step"])[0]
-    return load_file(f"{last.path}/model.safetensors")
+    return load_file(f"{_last_checkpoint(result)}/model.safetensors")
 
 
 @pytest.fixture(scope="module")
 def straight(digits_data, tmp_path_factory):
+    """(every reported step's loss, the final weights, the final checkpoint's path)."""
     data_dir, meta = digits_data
     result = _fit(_config(), meta, data_dir, tmp_path_factory.mktemp("straight"), "straight")
-    return _history(result), _final_weights(result)
+    return _history(result), _final_weights(result), _last_checkpoint(result)
 
 
 def _assert_same_run(result, straight) -> None:
-    history, weights = straight
+    history, weights, _ = straight
     assert _history(result) == history  # every step's loss, exactly
     resumed = _final_weights(result)
     assert resumed.keys() == weights.keys()
@@ -60,7 +64,7 @@ def _assert_same_run(result, straight) -> None:
 
 
 def test_straight_run_reports_every_other_step(straight):
-    history, _ = straight
+    history, _, _ = straight
     assert [step for step, _ in history] == list(range(2, 4 * EPOCHS + 1, 2))
 
 
@@ -84,3 +88,18 @@ def test_worker_killed_is_restarted_and_matches_uninterrupted_run(straight, digi
     result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault)
     assert (tmp_path / "killed").exists()
     _assert_same_run(result, straight)
+
+
+def test_a_run_handed_a_final_checkpoint_reports_its_last_epoch_without_training(straight, digits_data, tmp_path):
+    """PBT can hand a trial another trial's checkpoint from the end of training: the run trains
+    nothing, and still reports the last epoch with those weights' validation metrics (Tune would
+    otherwise take the trial for one stopped early)."""
+    data_dir, meta = digits_data
+    config = loop_config(_config(), meta)
+    config["start_from"] = straight[2]
+    result = build_trainer(config, load_splits(data_dir), tmp_path, name="adopted").fit()
+    (checkpoint, metrics), = result.best_checkpoints
+    assert (metrics["epoch"], metrics["step"], metrics["step_log"]) == (EPOCHS, straight[0][-1][0], [])
+    assert "train_loss" not in metrics and 0 <= metrics["val_accuracy"] <= 1
+    weights = load_file(f"{checkpoint.path}/model.safetensors")
+    assert all(torch.equal(weights[name], straight[1][name]) for name in weights)

@@ -105,6 +105,11 @@ def train_loop_per_worker(config: dict) -> None:
     accum = train["grad_accum_steps"]
     micro_per_epoch = config["steps_per_epoch"] * accum
     every = train["checkpoint_every"]
+    if adopted and position["epoch"] >= train["epochs"]:
+        # PBT handed this trial another trial's checkpoint from the end of training: nothing is
+        # left to train, but Tune must still hear that the trial is at its last epoch, with the
+        # weights it now holds (else it ends reporting an earlier epoch, as if stopped early).
+        _checkpoint(engine, config, spec, rank, _Window(), val_shard, dtype, dict(position))
     for epoch in range(position["epoch"], train["epochs"]):
         engine.train()
         started, since_report = time.perf_counter(), _Window()
@@ -220,11 +225,13 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
     lm = config["data_meta"].get("task") == "lm"
     micro_per_epoch = config["steps_per_epoch"] * config["train"]["grad_accum_steps"]
     metrics.update(epoch=position["epoch"] + position["micro_batch"] / micro_per_epoch, step=position["step"],
-                   train_loss=totals[0] / max(totals[1], 1), lr=float(engine.get_lr()[0]),
+                   lr=float(engine.get_lr()[0]),
                    skipped_batches=window.skipped,  # the same on every rank: they skip together
                    # Per step since the last report, for TensorBoard/MLflow (rank 0's is the one kept).
-                   step_log=window.steps,
-                   **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
+                   step_log=window.steps)
+    if totals[1] > 0:  # a report with no training since the last one (an adopted final checkpoint) has neither
+        metrics.update(train_loss=totals[0] / totals[1],
+                       **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
     if lm:
         metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
     state_dict = _full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
