@@ -726,6 +726,8 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
         if name not in STAGES:
             problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
     problems += _stage_order_problems([s for s in stages if s in STAGES], cfg.sweeps_student)
+    if isinstance(cfg.output.mlflow, str):
+        problems += _mlflow_problems(cfg.output.mlflow)
     run_dir = Path(cfg.output.dir)
     if resume:
         problems += _resume_problems(cfg, run_dir)
@@ -736,6 +738,21 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
         )
     if problems:
         raise ConfigError(problems)
+
+
+def _mlflow_problems(uri: str) -> list[str]:
+    """An MLflow tracking server that does not answer: said now, not after MLflow's minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        reason = "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
+        return [f"output.mlflow: no MLflow tracking server answers at {uri} ({reason}); start it, fix the URI, or set "
+                f"output.mlflow: true for a store in the run directory"]
+    return []
 
 
 def _data_problems(cfg: RunConfig) -> list[str]:

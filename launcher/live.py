@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class Live:
         self._lock = threading.Lock()
         self._writers: dict = {}
         self._tensorboard = tensorboard
+        self.failed: dict[str, str] = {}
+        """Metric logs that failed, with why."""
         self._mlflow = _MlflowLog(run_dir, mlflow, params, verbose) if mlflow else None
 
     @contextmanager
@@ -83,15 +86,29 @@ class Live:
             with open(history, "a") as f:
                 f.write(json.dumps({k: v for k, v in item.items() if k in (*REPORT_SCALARS, "step", "step_log")}) + "\n")
             if self._tensorboard:
-                writer = self._writer(run)
-                for s, loss, lr in steps:
-                    writer.add_scalar("train/loss", loss, int(s))
-                    writer.add_scalar("train/lr", lr, int(s))
-                for name, value in scalars.items():
-                    writer.add_scalar(name, value, step)
-                writer.flush()
+                self._write("TensorBoard", lambda: self._tensorboard_report(run, step, scalars, steps))
             if self._mlflow:
-                self._mlflow.report(run, step, scalars, steps)
+                self._write("MLflow", lambda: self._mlflow.report(run, step, scalars, steps))
+
+    def _tensorboard_report(self, run: str, step: int, scalars: dict, steps: list) -> None:
+        writer = self._writer(run)
+        for s, loss, lr in steps:
+            writer.add_scalar("train/loss", loss, int(s))
+            writer.add_scalar("train/lr", lr, int(s))
+        for name, value in scalars.items():
+            writer.add_scalar(name, value, step)
+        writer.flush()
+
+    def _write(self, sink: str, write: Callable[[], None]) -> None:
+        """A metric log that fails (a full disk, an MLflow server gone) is said once on the console
+        and no longer written to; training goes on."""
+        if sink in self.failed:
+            return
+        try:
+            write()
+        except Exception as exc:
+            self.failed[sink] = f"{type(exc).__name__}: {exc}"
+            self.console.print(f"[yellow]{sink} logging stopped[/]: {self.failed[sink]}", highlight=False)
 
     def training(self, run: str, total_steps: int, epochs: int) -> _TrainingBar:
         """A bar over a training run's optimizer steps, fed by its reports."""
@@ -101,7 +118,7 @@ class Live:
         """The run's final numbers and files to MLflow (TensorBoard has its curves already)."""
         with self._lock:
             if self._mlflow:
-                self._mlflow.finish(summary, [f for f in files if f.exists()])
+                self._write("MLflow", lambda: self._mlflow.finish(summary, [f for f in files if f.exists()]))
 
     def close(self) -> None:
         with self._lock:
@@ -186,6 +203,10 @@ class _MlflowLog:
     def __init__(self, run_dir: Path, target: bool | str, params: dict, verbose: bool):
         from mlflow.tracking import MlflowClient
 
+        # A tracking server that goes away mid-run: MLflow's default retries take minutes per call,
+        # and training waits on each report. A few seconds, then this log stops (Live._write).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         # MLflow sets its loggers to INFO when imported (and its store logs its table set-up).
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)

@@ -1,0 +1,56 @@
+"""The metric logs without a cluster: what a report writes, and a log that fails or cannot start."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from launcher.config import ConfigError, check_inputs, load
+from launcher.live import Live
+
+REPORT = {"step": 3, "epoch": 1.0, "val_accuracy": 0.5, "val_loss": 1.2, "train_loss": 1.4, "samples_per_s": 900.0,
+          "step_log": [[1, 2.0, 0.1], [2, 1.5, 0.1], [3, 1.0, 0.1]], "checkpoint_path": "/x"}
+
+
+def test_a_report_goes_to_tensorboard_and_the_metrics_history(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    live = Live(tmp_path, Console(file=open(tmp_path / "console", "w")), tensorboard=True, mlflow=False, params={})
+    live.report("teacher", REPORT)
+    live.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "teacher")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("val/accuracy")] == [(3, 0.5)]
+    kept = json.loads((tmp_path / "metrics" / "teacher.jsonl").read_text())
+    assert kept == {k: v for k, v in REPORT.items() if k != "checkpoint_path"}
+
+
+def test_a_failing_metric_log_is_said_once_and_training_goes_on(tmp_path):
+    (tmp_path / "tensorboard").write_text("a file where the event folders would go")
+    console = tmp_path / "console"
+    live = Live(tmp_path, Console(file=open(console, "w"), width=200), tensorboard=True, mlflow=False, params={})
+    live.report("teacher", REPORT)
+    live.report("teacher", REPORT | {"step": 6})  # not tried again, not raised
+    live.close()
+    said = console.read_text().strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("TensorBoard logging stopped: ") and "TensorBoard" in live.failed
+    assert len((tmp_path / "metrics" / "teacher.jsonl").read_text().splitlines()) == 2  # the history still kept
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line_before_the_run(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load(Path(__file__).parent.parent / "configs" / "quickstart.yaml", [f"output.dir={tmp_path / 'run'}", f"output.mlflow=http://127.0.0.1:{port}"])
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as refused:
+        check_inputs(cfg, ["preprocess"])
+    assert time.monotonic() - started < 10
+    assert refused.value.problems == [f"output.mlflow: no MLflow tracking server answers at http://127.0.0.1:{port} "
+                                      f"(connection refused); start it, fix the URI, or set output.mlflow: true for a "
+                                      f"store in the run directory"]
