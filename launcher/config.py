@@ -726,6 +726,7 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
         if name not in STAGES:
             problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
     problems += _stage_order_problems([s for s in stages if s in STAGES], cfg.sweeps_student)
+    problems += output_dir_problems(cfg.output.dir)
     if isinstance(cfg.output.mlflow, str):
         problems += _mlflow_problems(cfg.output.mlflow)
     run_dir = Path(cfg.output.dir)
@@ -738,6 +739,14 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
         )
     if problems:
         raise ConfigError(problems)
+
+
+def output_dir_problems(out: str) -> list[str]:
+    """An output.dir this version cannot write to: a URI (it would become a local folder named `s3:`)."""
+    if is_uri(out):
+        return [f"output.dir: {out}: URIs are not supported yet; use a path on a filesystem every node mounts at the "
+                f"same path (NFS, EFS, Filestore, a ReadWriteMany volume), or a local path on one machine"]
+    return []
 
 
 def _mlflow_problems(uri: str) -> list[str]:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from cluster.jobs import (EXIT_STOPPED, connect, dashboard_address, exit_code, follow_logs, job_info,
                           last_lines, runtime_env, wait)
-from launcher.config import ConfigError, RunConfig, dump_yaml, is_uri, load
+from launcher.config import ConfigError, RunConfig, dump_yaml, load, output_dir_problems
 
 PACKAGES = ("launcher", "cluster", "dataprep", "trainers", "tuning")
 STAGING = Path(".raylaunch") / "jobs"
@@ -28,10 +28,12 @@ uploaded. Ray leaves out what .gitignore names, so this folder must not be ignor
 def check_submittable(cfg: RunConfig) -> None:
     """What cannot work as a job: an output directory relative to the job's temporary working directory."""
     out = cfg.output.dir
-    if not is_uri(out) and not Path(out).is_absolute():
+    if output_dir_problems(out):
+        raise ConfigError(output_dir_problems(out))
+    if not Path(out).is_absolute():
         raise ConfigError([f"output.dir: {out!r} is relative, so the job would write the run into its temporary working "
                            f"directory on the head, removed with it; give an absolute path on storage the cluster keeps "
-                           f"(shared by all nodes for a multi-node cluster) or a URI such as s3://bucket/runs/name"])
+                           f"(shared by all nodes for a multi-node cluster)"])
 
 
 def raylaunch_modules(working_dir: Path) -> list[Path]:
