@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ray import tune
 from rich.console import Console
+
+from launcher.config import metric_mode
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -67,7 +69,7 @@ class Live:
                 self.progress = None
 
     def bar(self, description: str, total: float | None) -> TaskID | None:
-        return self.progress.add_task(description, total=total, info="") if self.progress else None
+        return self.progress.add_task(description, total=total, info="") if self.progress is not None else None
 
     def update(self, task: TaskID | None, **fields) -> None:
         if self.progress is not None and task is not None:
@@ -172,8 +174,6 @@ class SweepProgress(tune.Callback):
         self.epochs[trial.trial_id] = float(result.get("epoch", 0))
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
-            from launcher.config import metric_mode
-
             better = max if metric_mode(self.metric) == "max" else min
             self.best = value if self.best is None else better(self.best, value)
         self.live.update(self.epochs_task, completed=sum(self.epochs.values()),
