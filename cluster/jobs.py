@@ -39,15 +39,15 @@ def find_token(environ: dict | None = None, home: Path | None = None) -> tuple[s
         return environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
     if environ.get(TOKEN_PATH_ENV):
         path = Path(environ[TOKEN_PATH_ENV]).expanduser()
+        looked = f"${TOKEN_PATH_ENV} ({path})"
     else:
         path = (home / ".ray" / "auth_token") if home else DEFAULT_TOKEN_FILE.expanduser()
+        looked = str(path)
     try:
         token = path.read_text().strip()
     except OSError:
         token = ""
-    if token:
-        return token, str(path)
-    return None, f"${TOKEN_ENV}, {'$' + TOKEN_PATH_ENV + ' (' + str(path) + ')' if environ.get(TOKEN_PATH_ENV) else path}"
+    return (token, str(path)) if token else (None, f"${TOKEN_ENV}, {looked}")
 
 
 def dashboard_address(address: str | None, environ: dict | None = None) -> str:

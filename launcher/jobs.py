@@ -28,8 +28,9 @@ uploaded. Ray leaves out what .gitignore names, so this folder must not be ignor
 def check_submittable(cfg: RunConfig) -> None:
     """What cannot work as a job: an output directory relative to the job's temporary working directory."""
     out = cfg.output.dir
-    if output_dir_problems(out):
-        raise ConfigError(output_dir_problems(out))
+    problems = output_dir_problems(out)
+    if problems:
+        raise ConfigError(problems)
     if not Path(out).is_absolute():
         raise ConfigError([f"output.dir: {out!r} is relative, so the job would write the run into its temporary working "
                            f"directory on the head, removed with it; give an absolute path on storage the cluster keeps "

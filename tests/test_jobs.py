@@ -4,7 +4,6 @@ on), and the pure pieces (token lookup, addresses, runtime env, exit codes) with
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from cluster.jobs import JobError, dashboard_address, exit_code, find_token, last_lines, runtime_env
+from cluster.session import free_port
 from launcher.cli import main
 from launcher.config import ConfigError, load
 from launcher.jobs import check_submittable, raylaunch_modules
@@ -87,9 +87,7 @@ def test_exit_code_follows_the_job_and_last_lines_skip_ray_chatter():
 
 
 def test_unreachable_address_is_one_line_within_seconds(capsys):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     started = time.monotonic()
     assert main(["status", "raysubmit_x", "--address", f"127.0.0.1:{port}"]) == 2
     assert time.monotonic() - started < 10

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from cluster.session import free_port
 from launcher.config import ConfigError, check_inputs, load
 from launcher.live import Live
 
@@ -43,9 +43,7 @@ def test_a_failing_metric_log_is_said_once_and_training_goes_on(tmp_path):
 
 
 def test_an_mlflow_server_that_does_not_answer_is_one_line_before_the_run(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens there
     cfg = load(Path(__file__).parent.parent / "configs" / "quickstart.yaml", [f"output.dir={tmp_path / 'run'}", f"output.mlflow=http://127.0.0.1:{port}"])
     started = time.monotonic()
     with pytest.raises(ConfigError) as refused:
