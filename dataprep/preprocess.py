@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import ray.data
 
 from dataprep import DataError, find_transform, label_classes
 from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, ROW, Files, Problems, format_of, image_mode, read_bundled,
@@ -64,7 +65,7 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
             # decoding task's block is encoded whole (a row count here would merge small tasks).
             encoded = ds.map_batches(_encode_images, fn_kwargs={"shape": shape, "relative": found.relative,
                                                                 "index": {c: i for i, c in enumerate(classes)}, **keyed},
-                                     batch_format="numpy", batch_size=None, concurrency=data["concurrency"])
+                                     batch_format="numpy", batch_size=None, compute=ray.data.TaskPoolStrategy(size=data["concurrency"]))
             features = None
         else:
             features = table_features(found, fmt, data)
@@ -78,7 +79,7 @@ def preprocess(data: dict, files: Files | None, writer, problems: Problems) -> d
                                                            "all_columns": data["feature_columns"] is None,
                                                            "shape": shape, **keyed},
                                  # one read block (data.batch_size rows of one file) per call
-                                 batch_format="pyarrow", batch_size=None, concurrency=data["concurrency"]).materialize()
+                                 batch_format="pyarrow", batch_size=None, compute=ray.data.TaskPoolStrategy(size=data["concurrency"])).materialize()
         if encoded.count() == 0:
             _no_rows(sources, problems)
         # Labels are values in the rows: one pass over the encoded rows finds them, then a second

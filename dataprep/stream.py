@@ -73,7 +73,7 @@ def stream_folder(folder: Path | str) -> ray.data.Dataset:
     # A few long-lived read tasks, each taking several files: zero-CPU tasks are not limited by
     # Ray Data's CPU budget, and one task per small file started a worker process per file.
     return ray.data.from_items([{"path": p} for p in files]).map_batches(
-        _read_files, batch_size=max(1, len(files) // 8), num_cpus=0, concurrency=max(1, min(READ_TASKS, len(files))),
+        _read_files, batch_size=max(1, len(files) // 8), num_cpus=0, compute=ray.data.TaskPoolStrategy(size=max(1, min(READ_TASKS, len(files)))),
         batch_format="pyarrow")
 
 

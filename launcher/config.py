@@ -408,6 +408,8 @@ class TuneConfig(Section):
     """PBT: the bottom fraction of trials copies the top fraction."""
     resample_probability: float = Field(0.25, ge=0, le=1)
     """PBT: chance that a copied value is drawn afresh from its domain rather than scaled by 0.8 or 1.2 (or moved to a neighbouring choice)."""
+    synch: bool = False
+    """PBT: wait until every trial reaches each perturbation point and decide for all of them at once, on results from the same epoch. The decisions no longer depend on which trial happens to report first (reproducible, and fairer with few trials), at the cost of pausing every trial at each point and restarting its worker group. False: each trial is judged against the others' latest results when it reports."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; null fits as many whole worker groups as the cluster's CPUs (or GPUs) hold."""
     space: dict[str, SearchDomain] = {}

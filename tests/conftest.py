@@ -23,11 +23,11 @@ BIN = Path(sys.executable).parent
 def ray_cluster():
     # The pipeline joins an existing connection and leaves it running (cluster.session.ray_session),
     # so this cluster's workers get told their cluster's address the way ray_session tells its own.
-    from cluster.session import cluster_address_env, free_port
+    from cluster.session import worker_env, free_port
 
     port = free_port()
     ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
-             runtime_env=cluster_address_env(None, port))
+             runtime_env=worker_env(None, port))
     yield ray.cluster_resources()
     ray.shutdown()
 
@@ -58,7 +58,7 @@ def start_ray(root: Path, num_cpus: int, head: dict | None = None, wrap: list[st
                         # SIGTERM at teardown stops it at once (it would drain the node for 30 s)
                         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                         # Its processes' state API queries go to it, not to another Ray on this
-                        # machine (see cluster.session.cluster_address_env).
+                        # machine (see cluster.session.worker_env).
                         "RAY_API_SERVER_ADDRESS": head["address"] if head else f"http://127.0.0.1:{dashboard}",
                         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)

@@ -84,7 +84,7 @@ def precompute_teacher_outputs(teacher_dir: str, data_dir: Path, target: Path, m
     try:
         outputs = stream_split(data_dir, "train").map_batches(
             TeacherOutputs, fn_constructor_kwargs={"teacher_dir": teacher_dir, "meta": meta, "top_k": top_k},
-            batch_size=256, batch_format="numpy", concurrency=actors, num_cpus=1,
+            batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
             # An actor that dies fails the stage (a --resume computes the outputs again). With
             # restarts on, Ray logs an error line on the console for every actor pool whose
             # constructor arguments it keeps in the object store (ray-project/ray#53727).

@@ -62,7 +62,7 @@ def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_pa
         config["start_from"] = checkpoint.path
         if source["trial"] != trial_id:
             origin = f"{source['trial']}@{source['step']}"
-    with ReportStream(_to_tune(pbt, origin)) as reports:
+    with ReportStream(_to_tune(pbt, origin, config["train"]["epochs"])) as reports:
         fit(build_trainer(config, datasets, storage_path, name=name, callbacks=[reports.callback()]), config["train"])
 
 
@@ -71,14 +71,19 @@ def _position(checkpoint) -> dict:
         return json.loads(f.read())
 
 
-def _to_tune(pbt: bool, origin: str) -> Callable[[dict], None]:
+def _to_tune(pbt: bool, origin: str, epochs: int) -> Callable[[dict], None]:
     """Reports to Tune what the trial's training run reports: the metrics (so schedulers see every
     epoch), and under PBT the checkpoint too, which Tune then keeps a copy of in the trial's
     directory for other trials to continue from. (Ray's own `TuneReportCallback` forwards metrics
-    only: PBT would find no checkpoint to exploit.)"""
+    only: PBT would find no checkpoint to exploit.) The report at the last epoch says `done`: Tune
+    then ends the trial there instead of asking the scheduler, which under PBT could still replace
+    a finished trial with a copy of a better one's final checkpoint (a restart that trains nothing)
+    or, with `tune.synch`, pause it to wait for the others."""
 
     def report(item: dict) -> None:
         item["origin"] = origin
+        if item.get("epoch", 0) >= epochs:
+            item["done"] = True
         path = item.get(CHECKPOINT_PATH)
         tune.report(item, checkpoint=tune.Checkpoint(path) if pbt and path else None)
 
@@ -131,7 +136,7 @@ def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, ma
             time_attr="epoch", perturbation_interval=settings["perturbation_interval"],
             hyperparam_mutations={path: mutation_domain(domain) for path, domain in settings["space"].items()},
             quantile_fraction=settings["quantile_fraction"], resample_probability=settings["resample_probability"],
-            log_config=False)
+            synch=settings["synch"], log_config=False)
     else:
         scheduler = FIFOScheduler()
     trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=datasets,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 # Read by Ray Train's controller, a process the raylets below start: set before they start.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+# The controller polls its workers this often (as cluster.session.worker_env sets for raylaunch runs).
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
