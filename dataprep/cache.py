@@ -15,14 +15,17 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray.data
 
 from dataprep import AUGMENTATIONS, DataError, find_transform
-from dataprep.sources import BadRows, Files, Problems, data_files, sources_of
+from dataprep.sources import BadRows, Files, Problems, data_files, format_of, sources_of
 from dataprep.stream import encode_tensors
 from dataprep.transforms import FeatureStats, model_input_shape
 
@@ -55,8 +58,10 @@ def cache_key(data: dict, seq_len: int | None, files: Files | None) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, bool]:
-    """The preprocessed dataset for a data section: (meta, its folder, whether it was reused)."""
+def prepare(data: dict, seq_len: int, cache_root: Path,
+            progress: Callable[[int, int | None], None] | None = None) -> tuple[dict, Path, bool]:
+    """The preprocessed dataset for a data section: (meta, its folder, whether it was reused).
+    `progress(rows written, rows expected or None)` is called about twice a second while it writes."""
     # Listed once: the key and the preprocessing see the same files.
     files = None if sources_of(data)[0].startswith("sklearn:") else data_files(data)
     key = cache_key(data, seq_len, files)
@@ -84,7 +89,8 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
         val/ and test/ Parquet folders; returns their row counts and, given `fit` (column, per),
         the train rows' `FeatureStats`, taken by the same tasks that write them."""
         sink = SplitWriter(str(tmp), fit)
-        dataset.write_datasink(sink)
+        with _watch(tmp, progress, expected_rows(data, files) if progress else None):
+            dataset.write_datasink(sink)
         return sink.rows, sink.stats
 
     try:
@@ -112,6 +118,61 @@ def prepare(data: dict, seq_len: int, cache_root: Path) -> tuple[dict, Path, boo
         if ledger is not None:
             ray.kill(ledger)
     return with_augmentations(json.loads((entry / META).read_text()), data), entry, False
+
+
+def expected_rows(data: dict, files: Files | None) -> int | None:
+    """The rows preprocessing will write, where that is cheap to know before it starts: one per
+    image file, or the row counts in Parquet files' footers. None for the rest (CSV, JSONL, text)."""
+    if files is None or not files.paths:
+        return None
+    fmt = data["format"] if data["format"] != "auto" else format_of(files)
+    if fmt == "images":
+        return len(files.paths)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        total = 0
+        for path in files.paths:
+            with files.filesystem.open_input_file(path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+    return None
+
+
+@contextmanager
+def _watch(folder: Path, progress: Callable[[int, int | None], None] | None, expected: int | None,
+           every: float = 0.5) -> Iterator[None]:
+    """While the block writes Parquet files under `folder`, call `progress` with the rows in the
+    files written so far (read from each finished file's footer) every `every` seconds."""
+    if progress is None:
+        yield
+        return
+    import pyarrow.parquet as pq
+
+    counted: dict[Path, int] = {}
+    stop = threading.Event()
+
+    def count() -> None:
+        for path in folder.rglob("*.parquet"):
+            if path not in counted:
+                try:
+                    counted[path] = pq.read_metadata(path).num_rows
+                except (OSError, ValueError):  # still being written: its footer comes last
+                    continue
+        progress(sum(counted.values()), expected)
+
+    def poll() -> None:
+        while not stop.wait(every):
+            count()
+
+    thread = threading.Thread(target=poll, name="preprocess-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    count()
 
 
 class SplitWriter(ray.data.Datasink):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cluster.remote import is_uri
 from dataprep import AUGMENTATIONS
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
@@ -459,16 +459,11 @@ class QuantizeConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs/run"
-    """Run directory; it must not exist yet or be empty (or, with `--resume`, hold the run to continue)."""
+    """Run directory, a path or a URI pyarrow opens (`s3://bucket/runs/x`, `gs://...`, `file:///...`); it must not exist yet or be empty (or, with `--resume`, hold the run to continue). At a URI, Ray Train and Tune write checkpoints there from every node, and the driver's files (models, summary, reports, metric logs) are copied up after each stage from a staging folder under ~/.cache/raylaunch/staging."""
     tensorboard: bool = True
     """Write every training run's metrics (per step: loss, lr; per report: validation metric, throughput) as TensorBoard event files under `tensorboard/<run>/` in the run directory."""
     mlflow: bool | str = False
     """Also log them to MLflow: `true` keeps an MLflow store in the run directory (`mlflow.db`, SQLite), a string is a tracking URI (`http://mlflow:5000`); one MLflow run per pipeline run, a nested run per training run."""
-
-
-def is_uri(path: str) -> bool:
-    """Whether an output path is a URI (`s3://`, `gs://`, `file://`, ...) rather than a local path."""
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
 
 
 def searches_student(space: dict) -> bool:
@@ -731,23 +726,42 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
     problems += output_dir_problems(cfg.output.dir)
     if isinstance(cfg.output.mlflow, str):
         problems += _mlflow_problems(cfg.output.mlflow)
-    run_dir = Path(cfg.output.dir)
-    if resume:
-        problems += _resume_problems(cfg, run_dir)
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        problems.append(
-            f"output.dir: {run_dir} already exists and is not empty; a run never overwrites another "
-            f"(choose a new one with --set output.dir=..., or continue it with --resume)"
-        )
+    out = cfg.output.dir
+    if not problems or not any(p.startswith("output.dir") for p in problems):
+        if resume:
+            problems += _resume_problems(cfg, out)
+        elif not _empty(out):
+            problems.append(
+                f"output.dir: {out} already exists and is not empty; a run never overwrites another "
+                f"(choose a new one with --set output.dir=..., or continue it with --resume)"
+            )
     if problems:
         raise ConfigError(problems)
 
 
-def output_dir_problems(out: str) -> list[str]:
-    """An output.dir this version cannot write to: a URI (it would become a local folder named `s3:`)."""
+def _empty(out: str) -> bool:
+    from cluster.remote import is_empty_dir
+
     if is_uri(out):
-        return [f"output.dir: {out}: URIs are not supported yet; use a path on a filesystem every node mounts at the "
-                f"same path (NFS, EFS, Filestore, a ReadWriteMany volume), or a local path on one machine"]
+        return is_empty_dir(out)
+    run_dir = Path(out)
+    return not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
+
+
+def output_dir_problems(out: str) -> list[str]:
+    """An output.dir URI whose filesystem pyarrow cannot open (an unknown scheme, missing
+    credentials or a bucket that is not there)."""
+    if not is_uri(out):
+        return []
+    from cluster.remote import filesystem
+
+    try:
+        fs, path = filesystem(out)
+        fs.get_file_info(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError by scheme
+        reason = " ".join(str(exc).split())[:300]
+        return [f"output.dir: cannot open {out} ({reason}); use a URI pyarrow knows (s3://, gs://, hdfs://, file://) "
+                f"with its credentials in the environment, or a path"]
     return []
 
 
@@ -794,11 +808,14 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _resume_problems(cfg: RunConfig, run_dir: Path) -> list[str]:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return [f"--resume: {run_dir} holds no run to resume (no config.yaml); run without --resume to start one"]
-    before = yaml.safe_load(saved.read_text()) or {}
+def _resume_problems(cfg: RunConfig, out: str) -> list[str]:
+    from cluster.remote import join, read_text
+
+    saved = join(out, "config.yaml") if is_uri(out) else Path(out) / "config.yaml"
+    text = read_text(saved)
+    if text is None:
+        return [f"--resume: {out} holds no run to resume (no config.yaml); run without --resume to start one"]
+    before = yaml.safe_load(text) or {}
     now = cfg.model_dump(mode="json")
     differences = _differences(before, now)
     return [f"--resume: {path} was {old!r} in {saved} but is {new!r} now; a resumed run keeps its config"

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from cluster.jobs import (EXIT_STOPPED, connect, dashboard_address, exit_code, follow_logs, job_info,
                           last_lines, runtime_env, wait)
-from launcher.config import ConfigError, RunConfig, dump_yaml, load, output_dir_problems
+from launcher.config import ConfigError, RunConfig, dump_yaml, is_uri, load
 
 PACKAGES = ("launcher", "cluster", "dataprep", "trainers", "tuning")
 STAGING = Path(".raylaunch") / "jobs"
@@ -26,11 +26,11 @@ uploaded. Ray leaves out what .gitignore names, so this folder must not be ignor
 
 
 def check_submittable(cfg: RunConfig) -> None:
-    """What cannot work as a job: an output directory relative to the job's temporary working directory."""
+    """What cannot work as a job: an output directory relative to the job's temporary working
+    directory. A URI is opened by the job on the cluster, with the cluster's credentials."""
     out = cfg.output.dir
-    problems = output_dir_problems(out)
-    if problems:
-        raise ConfigError(problems)
+    if is_uri(out):
+        return
     if not Path(out).is_absolute():
         raise ConfigError([f"output.dir: {out!r} is relative, so the job would write the run into its temporary working "
                            f"directory on the head, removed with it; give an absolute path on storage the cluster keeps "

@@ -47,8 +47,13 @@ def stage_progress(console: Console) -> Progress:
 class Live:
     """The run's progress display and metric logs; `close()` at the end of the run."""
 
+    current: Live | None = None
+    """The display of the run this process drives (for callbacks Tune unpickles on a resume)."""
+
     def __init__(self, run_dir: Path, console: Console, tensorboard: bool, mlflow: bool | str, params: dict,
-                 verbose: bool = False):
+                 verbose: bool = False, name: str | None = None):
+        """`name`: the run's name in MLflow (default: the run directory's)."""
+        Live.current = self
         self.run_dir, self.console = run_dir, console
         self.progress: Progress | None = None
         self._lock = threading.Lock()
@@ -56,7 +61,7 @@ class Live:
         self._tensorboard = tensorboard
         self.failed: dict[str, str] = {}
         """Metric logs that failed, with why."""
-        self._mlflow = _MlflowLog(run_dir, mlflow, params, verbose) if mlflow else None
+        self._mlflow = _MlflowLog(run_dir, mlflow, params, verbose, name or run_dir.name) if mlflow else None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -123,6 +128,8 @@ class Live:
                 self._write("MLflow", lambda: self._mlflow.finish(summary, [f for f in files if f.exists()]))
 
     def close(self) -> None:
+        if Live.current is self:
+            Live.current = None
         with self._lock:
             for writer in self._writers.values():
                 writer.close()
@@ -157,15 +164,29 @@ class SweepProgress(tune.Callback):
 
     def __init__(self, live: Live, trials: int, epochs_per_trial: int, metric: str):
         self.live, self.metric, self.epochs_per_trial = live, metric, epochs_per_trial
-        self.trials_task = live.bar("trials done", trials)
-        self.epochs_task = live.bar("trial epochs", trials * epochs_per_trial)
+        self.trials, self.ended, self.epochs_total = trials, 0, float(trials * epochs_per_trial)
         self.epochs: dict[str, float] = {}
         self.best: float | None = None
         self.started = time.monotonic()
+        self._bars()
+
+    def _bars(self) -> None:
+        self.trials_task = self.live.bar("trials done", self.trials) if self.live else None
+        self.epochs_task = self.live.bar("trial epochs", self.epochs_total) if self.live else None
+        if self.live:
+            self.live.update(self.trials_task, completed=self.ended)
+            self.live.update(self.epochs_task, completed=sum(self.epochs.values()))
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks into the experiment's state; the display stays in this process.
-        return {**self.__dict__, "live": None}
+        return {**self.__dict__, "live": None, "trials_task": None, "epochs_task": None}
+
+    def __setstate__(self, state: dict) -> None:
+        # `Tuner.restore` (a resumed sweep) unpickles the callbacks in the driver that resumes it:
+        # they show on that driver's display and write to its metric logs, from where they were.
+        self.__dict__.update(state)
+        self.live = Live.current
+        self._bars()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.live is None:
@@ -186,21 +207,20 @@ class SweepProgress(tune.Callback):
         self._ended(trial)
 
     def _ended(self, trial) -> None:
-        progress = self.live.progress if self.live is not None else None
-        if progress is None or self.trials_task is None:
-            return
-        progress.advance(self.trials_task)
+        self.ended += 1
         # A trial stopped early runs no more epochs: take the ones it will not run off the total.
         unrun = max(self.epochs_per_trial - self.epochs.get(trial.trial_id, 0.0), 0.0)
-        task = next(t for t in progress.tasks if t.id == self.epochs_task)
-        self.live.update(self.epochs_task, total=max(task.total - unrun, 0.0))
+        self.epochs_total = max(self.epochs_total - unrun, 0.0)
+        if self.live is not None:
+            self.live.update(self.trials_task, completed=self.ended)
+            self.live.update(self.epochs_task, total=self.epochs_total)
 
 
 class _MlflowLog:
     """One MLflow run for the pipeline run (its config as params, its final numbers), a nested
     run per training run (teacher, student, each trial) with its curves."""
 
-    def __init__(self, run_dir: Path, target: bool | str, params: dict, verbose: bool):
+    def __init__(self, run_dir: Path, target: bool | str, params: dict, verbose: bool, name: str):
         from mlflow.tracking import MlflowClient
 
         # A tracking server that goes away mid-run: MLflow's default retries take minutes per call,
@@ -208,13 +228,12 @@ class _MlflowLog:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         # MLflow sets its loggers to INFO when imported (and its store logs its table set-up).
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        for logger in ("mlflow", "alembic"):
+            logging.getLogger(logger).setLevel(logging.INFO if verbose else logging.WARNING)
 
         local = target is True
         uri = f"sqlite:///{run_dir / MLFLOW_DB}" if local else str(target)
         self.client = MlflowClient(tracking_uri=uri)
-        name = run_dir.name
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
             name, artifact_location=(run_dir / "mlflow-artifacts").as_uri() if local else None)

@@ -11,6 +11,9 @@ the summary keeps. The run directory holds everything a run produces:
     models/student-<method>/  each quantized model: its quantized tensors + model.json (trainers.quantize)
     summary.json         status, per-stage results, per-model numbers
     report.md            the same as tables
+
+With `output.dir` a URI (cluster.remote), Ray writes ray/ there itself; the rest is written to a
+local staging folder and copied up after every stage and at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cluster.remote import RAY_DIR, download, is_uri, join, read_text, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session, stop_signal
 from launcher.config import ConfigError, RunConfig, dump_yaml
@@ -50,15 +54,30 @@ class Run:
     """Test-split metrics an earlier stage of this run measured (the quantize gate), by model name."""
     live: Live | None = None
     """Progress bars and the metric logs (TensorBoard, MLflow)."""
+    remote: str | None = None
+    """output.dir when it is a URI; `run_dir` is then the local staging folder copied up to it."""
 
     @property
     def cache_root(self) -> Path:
         data = self.cfg.data
-        return Path(data.cache_dir).resolve() if data.cache_dir else self.run_dir.parent / ".cache" / "data"
+        if data.cache_dir:
+            return Path(data.cache_dir).resolve()
+        return Path.home() / ".cache" / "raylaunch" / "data" if self.remote else self.run_dir.parent / ".cache" / "data"
 
     @property
-    def storage(self) -> Path:
-        return self.run_dir / "ray"
+    def storage(self) -> Path | str:
+        """Ray Train's and Tune's storage_path."""
+        return join(self.remote, RAY_DIR) if self.remote else self.run_dir / RAY_DIR
+
+    def shared(self, path: Path) -> str:
+        """A file of the run directory where workers on any node can read it: at the URI for a URI
+        run (copied up at the end of the stage that wrote it), else the path itself."""
+        return join(self.remote, path.relative_to(self.run_dir).as_posix()) if self.remote else str(path)
+
+    def sync(self) -> None:
+        """Copy a URI run's staging folder up to its URI."""
+        if self.remote:
+            upload(self.run_dir, self.remote)
 
     def dump(self) -> dict:
         """The resolved config as plain data for Ray tasks and workers, with the user's DeepSpeed
@@ -76,7 +95,15 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     """Run `stages` for a validated config; returns the summary also written to summary.json.
     With `resume`, the run directory's finished stages are kept and the unfinished one continues
     from its last checkpoint (Ray Train and Tune find theirs under the same names)."""
-    run = Run(cfg=cfg, run_dir=Path(cfg.output.dir).resolve(), console=console, resume=resume)
+    remote = cfg.output.dir if is_uri(cfg.output.dir) else None
+    run_dir = staging_dir(remote) if remote else Path(cfg.output.dir).resolve()
+    run = Run(cfg=cfg, run_dir=run_dir, console=console, resume=resume, remote=remote)
+    if remote:
+        # The staging folder starts as the URI holds the run: empty, or (a resume) all but ray/.
+        if resume:
+            download(remote, run_dir)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
     finished = _finished_stages(run.run_dir) if resume else {}
     stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
                        "quantize": _quantize, "evaluate": _evaluate}
@@ -87,7 +114,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
         if not resume:
             (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, cfg.model_dump(mode="json"),
-                        verbose)
+                        verbose, name=remote.rstrip("/").rsplit("/", 1)[-1] if remote else None)
         current = None
         try:
             _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
@@ -100,6 +127,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
                 with _stage(run, current):
                     run.summary["stages"][current] = stage_functions[current](run)
                 write_summary(run.run_dir, run.summary)  # after every stage: what a resume starts from
+                run.sync()
             run.summary["status"] = "succeeded"
         except BaseException as exc:
             run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
@@ -109,6 +137,13 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
             files = write_report(run.run_dir, run.summary)
             run.live.finish(run.summary, [run.run_dir / "summary.json", *files])
             run.live.close()
+            try:
+                run.sync()
+            except OSError as exc:
+                console.print(f"[red]could not copy the run up to {remote}[/]: {' '.join(str(exc).split())[:300]}; "
+                              f"everything but ray/ is in {run.run_dir}", highlight=False)
+                if run.summary["status"] == "succeeded":
+                    raise
     return run.summary
 
 
@@ -116,8 +151,10 @@ def _check_shared_storage(run: Run) -> None:
     """On a multi-node cluster, refuse a run directory or data cache that some node cannot see."""
     from cluster.storage import nodes_missing
 
-    cache = "data.cache_dir" if run.cfg.data.cache_dir else "data.cache_dir (default: beside output.dir)"
-    folders = {"output.dir": run.run_dir, cache: run.cache_root}
+    default = "~/.cache/raylaunch/data" if run.remote else "beside output.dir"
+    cache = "data.cache_dir" if run.cfg.data.cache_dir else f"data.cache_dir (default: {default})"
+    # A URI output.dir is storage every node reaches; the data cache is still a folder.
+    folders = {cache: run.cache_root} if run.remote else {"output.dir": run.run_dir, cache: run.cache_root}
     count, missing = nodes_missing(folders)
     problems = [f"{name}: {folders[name]} is not on storage every node sees: {', '.join(nodes)} of this "
                 f"{count}-node cluster do not see a file written there (a disk of "
@@ -227,7 +264,12 @@ def _preprocess(run: Run) -> dict:
     from dataprep.cache import prepare
 
     data = run.dump()["data"]
-    run.data_meta, run.data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root)
+    bar = run.live.bar("rows written", None)
+
+    def progress(rows: int, expected: int | None) -> None:
+        run.live.update(bar, completed=rows, total=expected)
+
+    run.data_meta, run.data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress)
     (run.run_dir / "data.json").write_text(json.dumps({"path": str(run.data_dir), "key": run.data_meta["cache_key"]}, indent=1))
     meta, rows = run.data_meta, run.data_meta["rows"]
     bad = meta.get("bad_rows", {})
@@ -282,7 +324,7 @@ def _tune(run: Run) -> dict:
     # outputs are computed once for all of them.
     role, teacher_dir, datasets = ("student" if cfg.sweeps_student else "teacher"), None, load_splits(run.data_dir)
     if role == "student":
-        teacher_dir = str(run.models["teacher"])
+        teacher_dir = run.shared(run.models["teacher"])
         if cfg.distill.teacher_outputs == "precompute":
             datasets["train"] = stream_split(_precompute_teacher_outputs(run)["path"], "train")
     progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
@@ -316,7 +358,7 @@ def _distill(run: Run) -> dict:
     from trainers.fit import best_checkpoint, build_trainer, fit, load_splits
     from trainers.loop import loop_config
 
-    config = loop_config(run.dump(), run.data_meta, teacher_dir=str(run.models["teacher"]))
+    config = loop_config(run.dump(), run.data_meta, teacher_dir=run.shared(run.models["teacher"]))
     resumed = _resume_point(run, "distill")
     splits, precomputed = load_splits(run.data_dir), {}
     if run.cfg.distill.teacher_outputs == "precompute":
@@ -345,13 +387,19 @@ def _precompute_teacher_outputs(run: Run) -> dict:
     from trainers.distill import precompute_teacher_outputs
 
     target = run.run_dir / "distill" / "teacher_outputs"
+    if run.remote:
+        # Written by Ray Data tasks on any node and read by every worker: in the data cache (every
+        # node sees it), under this run's URI. A new run at the URI starts them afresh.
+        target = run.cache_root / "teacher-outputs" / staging_dir(run.remote).name
+        if not run.resume:
+            shutil.rmtree(target, ignore_errors=True)
     if (target / "train").is_dir():
         run.console.print(f"  teacher outputs: reusing {target}")
         return {"path": str(target), "reused": True}
     started = time.perf_counter()
     actors = max(1, min(4, int(run.resources.get("CPU", 1))))
     target.parent.mkdir(parents=True, exist_ok=True)
-    rows = precompute_teacher_outputs(str(run.models["teacher"]), run.data_dir, target, run.data_meta,
+    rows = precompute_teacher_outputs(run.shared(run.models["teacher"]), run.data_dir, target, run.data_meta,
                                       run.cfg.distill.top_k, actors)
     seconds = time.perf_counter() - started
     what = f"top {run.cfg.distill.top_k} logits per token" if run.data_meta["task"] == "lm" else "logits"
@@ -437,27 +485,26 @@ def _evaluate(run: Run) -> dict:
 def _resume_point(run: Run, name: str) -> dict:
     """Where a resumed training run continues: the step of the latest checkpoint Ray Train kept
     for it (read from its checkpoint manager's snapshot, for the console and the summary)."""
-    snapshot = run.storage / name / "checkpoint_manager_snapshot.json"
-    if not run.resume or not snapshot.exists():
+    snapshot = read_text(join(str(run.storage), name, "checkpoint_manager_snapshot.json")) if run.resume else None
+    if snapshot is None:
         return {}
-    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    latest = (json.loads(snapshot).get("latest_checkpoint_result") or {}).get("metrics") or {}
     if "step" not in latest:
         return {}
     run.console.print(f"  {name}: continuing from the checkpoint at step {latest['step']} (epoch {latest['epoch']:.2f})")
     return {"resumed_from_step": latest["step"]}
 
 
-def _keep_model(checkpoint: Path, target: Path, data_dir: Path) -> Path:
+def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
-    storage into the run's models/ folder; the folder appears complete or not at all."""
+    storage (a path or a URI) into the run's models/ folder; the folder appears complete or not at all."""
+    from cluster.remote import fetch
     from trainers.checkpoint import SPEC, WEIGHTS
     from trainers.export import TOKENIZER_FILE
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in (WEIGHTS, SPEC):
-        shutil.copy2(checkpoint / name, tmp / name)
+    fetch(checkpoint, (WEIGHTS, SPEC), tmp)
     tokenizer = data_dir / TOKENIZER_FILE
     if tokenizer.exists():  # a BPE model carries its tokenizer: `raylaunch predict` needs it
         shutil.copy2(tokenizer, tmp / TOKENIZER_FILE)

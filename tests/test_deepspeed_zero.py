@@ -41,7 +41,7 @@ def test_zero_stage_trains_on_two_gloo_workers(stage, stage_runs):
     assert history["train_loss"].iloc[-1] < 0.7 * history["train_loss"].iloc[0]
     assert history["val_accuracy"].iloc[-1] > 0.8  # 10 classes: chance is 0.1
     checkpoint, metrics = best_checkpoint(result, "val_accuracy")
-    assert (checkpoint / "model.safetensors").stat().st_size > 4 * (64 * 32 + 32 * 10)  # the full, gathered weights
+    assert (Path(checkpoint) / "model.safetensors").stat().st_size > 4 * (64 * 32 + 32 * 10)  # the full, gathered weights
     assert metrics["val_accuracy"] == history["val_accuracy"].max()
 
 

@@ -52,3 +52,36 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line_before_the_run(tmp_pa
     assert refused.value.problems == [f"output.mlflow: no MLflow tracking server answers at http://127.0.0.1:{port} "
                                       f"(connection refused); start it, fix the URI, or set output.mlflow: true for a "
                                       f"store in the run directory"]
+
+
+def test_a_resumed_sweeps_callback_shows_on_the_resuming_drivers_display(tmp_path):
+    """Tune pickles its callbacks into the experiment state, and `Tuner.restore` unpickles them in
+    the driver that resumes the sweep: the bars come back where they were, on that driver's display,
+    and the trials' reports reach its metric logs."""
+    import pickle
+    from types import SimpleNamespace
+
+    from launcher.live import SweepProgress
+
+    def live(name: str) -> Live:
+        (tmp_path / name).mkdir()
+        return Live(tmp_path / name, Console(file=open(tmp_path / f"{name}.console", "w")), tensorboard=False,
+                    mlflow=False, params={})
+
+    first = live("first")
+    with first.stage("tune"):
+        progress = SweepProgress(first, trials=3, epochs_per_trial=4, metric="val_accuracy")
+        progress.on_trial_result(0, [], SimpleNamespace(trial_id="t1"), {"epoch": 2.0, "val_accuracy": 0.5, "step": 2})
+        progress.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))  # stopped early: 2 of its 4 epochs
+        state = pickle.dumps(progress)
+    first.close()
+    second = live("second")
+    with second.stage("tune"):
+        restored = pickle.loads(state)
+        bars = {t.description: t for t in second.progress.tasks}
+        assert (bars["trials done"].completed, bars["trials done"].total) == (1, 3)
+        assert (bars["trial epochs"].completed, bars["trial epochs"].total) == (2, 10)
+        restored.on_trial_result(0, [], SimpleNamespace(trial_id="t2"), {"epoch": 1.0, "val_accuracy": 0.7, "step": 1})
+        assert bars["trial epochs"].completed == 3 and "best val_accuracy 0.7000" in bars["trial epochs"].fields["info"]
+    second.close()
+    assert (tmp_path / "second" / "metrics" / "trial-t2.jsonl").is_file()

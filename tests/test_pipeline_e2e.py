@@ -22,14 +22,16 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 @pytest.fixture(scope="module")
 def quickstart_job(ray_head, quickstart_cache, tmp_path_factory):
-    """The tiny quickstart run as a job (once for this module's tests): (run_dir, stdout, stderr)."""
+    """The tiny quickstart run as a job (once for this module's tests): (run_dir, stdout, stderr).
+    Its output.dir is a `file://` URI: Ray Train and Tune write their checkpoints through pyarrow's
+    filesystem, and the driver's files are copied up from its staging folder (cluster.remote)."""
     run_dir = tmp_path_factory.mktemp("quickstart-job") / "run"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["RAY_AUTH_TOKEN_PATH"] = str(ray_head["token"])
     done = subprocess.run(
         [str(Path(sys.executable).parent / "raylaunch"), "submit", str(QUICKSTART), "--address", ray_head["address"],
-         "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={quickstart_cache}", "--set", "tune.num_samples=2",
+         "--set", f"output.dir={run_dir.as_uri()}", "--set", f"data.cache_dir={quickstart_cache}", "--set", "tune.num_samples=2",
          "--set", "tune.grace_period=1", "--set", "train.epochs=2", "--set", "distill.epochs=3",
          "--set", "distill.student.width=8", "--set", "quantize.max_drop=0.2", "--set", "output.mlflow=true"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -37,14 +37,14 @@ def _summarize_trials(trials):
 def test_a_tie_picks_the_checkpoint_ray_kept(tmp_path):
     # Epochs 2 and 3 tie; Ray Train (keep 1 by score) kept the later one and deleted the earlier.
     sweep = _summarize_trials([_trial(tmp_path, "a", [0.90, 0.976, 0.976], kept={2})])
-    assert sweep.best_checkpoint == tmp_path / "a" / "checkpoint_2"
+    assert sweep.best_checkpoint == str(tmp_path / "a" / "checkpoint_2")
     assert sweep.best_metrics["val_accuracy"] == 0.976
 
 
 def test_the_best_trial_wins_and_its_reported_best_counts(tmp_path):
     trials = [_trial(tmp_path, "a", [0.80, 0.85, 0.90], kept={2}), _trial(tmp_path, "b", [0.70, 0.95], kept={1})]
     sweep = _summarize_trials(trials)
-    assert sweep.best_trial == "b" and sweep.best_checkpoint == tmp_path / "b" / "checkpoint_1"
+    assert sweep.best_trial == "b" and sweep.best_checkpoint == str(tmp_path / "b" / "checkpoint_1")
     rows = {t["trial"]: t for t in sweep.trials}
     assert rows["a"]["status"] == "completed" and rows["b"]["status"] == "stopped early"
     assert rows["a"]["wall_s"] == 2700.0 and rows["a"]["cpu_hours"] == 1.5 and rows["a"]["gpu_hours"] == 0.0

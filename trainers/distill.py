@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cluster.remote import local_dir
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float, alpha: float) -> torch.Tensor:
@@ -43,7 +45,7 @@ class TeacherOutputs:
         from trainers.checkpoint import load_model_dir
 
         torch.set_num_threads(1)  # one actor per CPU
-        self.model, _ = load_model_dir(teacher_dir)
+        self.model, _ = load_model_dir(local_dir(teacher_dir))
         self.meta, self.top_k = meta, top_k
 
     @torch.inference_mode()

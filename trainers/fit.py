@@ -13,6 +13,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
+from cluster.remote import is_uri, to_uri
 from cluster.resources import describe, missing_resources, worker_group_demand
 from launcher.config import metric_mode
 from trainers.loop import train_loop_per_worker
@@ -32,7 +33,7 @@ class _QueueReport(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         item = dict(metrics[0])
         if checkpoint is not None:
-            item[CHECKPOINT_PATH] = checkpoint.path
+            item[CHECKPOINT_PATH] = to_uri(checkpoint.filesystem, checkpoint.path)
         self.queue.put(item)  # waits while the previous report is still being handled
 
 
@@ -104,7 +105,7 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
         dataset_config=DataConfig(execution_options=_ingest_options(config["ingest_memory_mb"])),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=storage_uri(storage_path),
             # A worker group that cannot be placed again (a node left for good) times out after
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; without a limit Ray Train would retry forever.
             failure_config=FailureConfig(max_failures=train["max_failures"],
@@ -126,11 +127,17 @@ def _ingest_options(memory_mb: int | None) -> ExecutionOptions:
     return options
 
 
-def best_checkpoint(result, metric: str) -> tuple[Path, dict]:
-    """The kept checkpoint with the best `metric`, and the metrics reported with it."""
+def best_checkpoint(result, metric: str) -> tuple[str, dict]:
+    """The kept checkpoint with the best `metric` (a local path, or a URI for storage at one), and
+    the metrics reported with it."""
     pick = max if metric_mode(metric) == "max" else min
     checkpoint, metrics = pick(result.best_checkpoints, key=lambda pair: pair[1][metric])
-    return Path(checkpoint.path), metrics
+    return to_uri(checkpoint.filesystem, checkpoint.path), metrics
+
+
+def storage_uri(storage_path: Path | str) -> str:
+    """Ray's storage_path: a URI as given, a local path made absolute."""
+    return str(storage_path) if is_uri(storage_path) else str(Path(storage_path).resolve())
 
 
 def fit(trainer: TorchTrainer, train: dict):

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cluster.remote import local_dir
 from trainers.batches import model_batch
 from trainers.checkpoint import load_model_dir, model_spec, save_model_dir
 from trainers.deepspeed_config import deepspeed_config
@@ -211,7 +212,7 @@ def _loss(distill: dict | None, device):
             return kd(logits, batch[LOGITS].float(), y)
 
         return stored
-    teacher, _ = load_model_dir(distill["teacher_dir"])
+    teacher, _ = load_model_dir(local_dir(distill["teacher_dir"]))  # a URI run: the teacher is read from there
     teacher = teacher.to(device).requires_grad_(False)
     return lambda logits, y, batch, x: kd(logits.flatten(0, -2), teacher(_model_input(x, torch.float32)).flatten(0, -2),
                                           y.flatten())

@@ -22,7 +22,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from cluster.resources import worker_group_demand
 from trainers.checkpoint import WEIGHTS
 from launcher.config import metric_mode
-from trainers.fit import CHECKPOINT_PATH, ReportStream, build_trainer, fit
+from cluster.remote import exists, join, read_text, to_uri
+from trainers.fit import CHECKPOINT_PATH, ReportStream, build_trainer, fit, storage_uri
 from trainers.loop import POSITION, loop_config
 from tuning.space import apply_overrides, max_epochs, mutation_domain, planned_epochs, tune_domain
 
@@ -42,7 +43,8 @@ class SweepResult:
     """One row per trial: id, sampled values, epochs run, best metric, status, error, wall time,
     CPU-hours and GPU-hours."""
     best_trial: str
-    best_checkpoint: Path
+    best_checkpoint: str
+    """A local path, or a URI for storage at one."""
     best_metrics: dict
     best_values: dict
 
@@ -59,7 +61,7 @@ def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_pa
         # a new Ray Train run named after it: a restart from the same checkpoint continues that run.
         source = _position(checkpoint)
         name = f"trial-{trial_id}-from-{source['trial']}-step{source['step']}"
-        config["start_from"] = checkpoint.path
+        config["start_from"] = to_uri(checkpoint.filesystem, checkpoint.path)
         if source["trial"] != trial_id:
             origin = f"{source['trial']}@{source['step']}"
     with ReportStream(_to_tune(pbt, origin, config["train"]["epochs"])) as reports:
@@ -140,14 +142,14 @@ def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, ma
     else:
         scheduler = FIFOScheduler()
     trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=datasets,
-                                     storage_path=str(Path(storage_path).resolve()), pbt=settings["scheduler"] == "pbt",
+                                     storage_path=storage_uri(storage_path), pbt=settings["scheduler"] == "pbt",
                                      teacher_dir=teacher_dir)
     trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
-    experiment = Path(storage_path).resolve() / "tune"
-    if resume and tune.Tuner.can_restore(str(experiment)):
+    experiment = join(storage_uri(storage_path), "tune")
+    if resume and tune.Tuner.can_restore(experiment):
         # A sweep whose driver died: finished trials are kept, unfinished ones continue (each trial's
         # TorchTrainer finds its own checkpoints under the same name), errored ones run again.
-        grid = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True).fit()
+        grid = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True).fit()
         return _summarize(grid, read_reports(reports), run, metric, mode)
     Path(reports).unlink(missing_ok=True)
     tuner = tune.Tuner(
@@ -158,7 +160,7 @@ def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, ma
                                     search_alg=search_algorithm(settings["search"], metric, mode, run["train"]["seed"],
                                                                 max_concurrent),
                                     time_budget_s=settings["time_budget_s"]),
-        run_config=tune.RunConfig(name="tune", storage_path=str(Path(storage_path).resolve()), verbose=0,
+        run_config=tune.RunConfig(name="tune", storage_path=storage_uri(storage_path), verbose=0,
                                   callbacks=[ReportLog(Path(reports).resolve()), *callbacks]),
     )
     started = time.monotonic()
@@ -219,7 +221,7 @@ def _summarize(grid, histories: dict, run: dict, metric: str, mode: str) -> Swee
         reasons = "; ".join(f"{t['trial']}: {t['error'] or 'reported no metrics'}" for t in trials)
         raise SweepFailed(f"all {len(trials)} trials failed: {reasons}")
     name, metrics, values = best
-    return SweepResult(trials=trials, best_trial=name, best_checkpoint=Path(metrics[CHECKPOINT_PATH]),
+    return SweepResult(trials=trials, best_trial=name, best_checkpoint=metrics[CHECKPOINT_PATH],
                        best_metrics={k: v for k, v in metrics.items() if k in (metric, "epoch", "val_loss", "val_accuracy")},
                        best_values=values)
 
@@ -229,8 +231,8 @@ def _config_of(result) -> dict:
     none in its Result; Tune wrote them to params.json if it got as far as starting it."""
     if result.config is not None:
         return dict(result.config)
-    params = Path(result.path) / "params.json"
-    return json.loads(params.read_text()) if params.exists() else {}
+    params = read_text(join(to_uri(result.filesystem, result.path), "params.json"))
+    return json.loads(params) if params is not None else {}
 
 
 def _usage(train: dict, history) -> dict:
@@ -243,7 +245,7 @@ def _usage(train: dict, history) -> dict:
 
 
 def _kept(checkpoint_path) -> bool:
-    return isinstance(checkpoint_path, str) and (Path(checkpoint_path) / WEIGHTS).is_file()
+    return isinstance(checkpoint_path, str) and exists(join(checkpoint_path, WEIGHTS))
 
 
 def _one_line(error: BaseException | None) -> str:

@@ -1,0 +1,136 @@
+"""A run directory at a URI (`output.dir: s3://bucket/runs/x`, `gs://...`, `file:///...`): any
+filesystem pyarrow builds from a URI.
+
+Ray Train and Tune write their checkpoints there themselves (their storage_path is `URI/ray`): each
+worker uploads its own part, from whichever node it runs on. What the driver writes (config,
+summary, reports, exported models, metric logs) is written to a local staging folder and copied up
+after every stage and at the end; a `--resume` first copies the run down (all but `ray/`, which
+Ray reads where it is). Paths are plain strings here: a URI, or a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+RAY_DIR = "ray"  # Ray Train / Tune storage inside a run directory
+
+# The scheme of a URI for each pyarrow filesystem that has one (its `type_name`).
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether a path is a URI (`s3://`, `gs://`, `file://`, ...) rather than a local path."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for a URI, and the path within it."""
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """A path in `fs` (a Ray checkpoint's `filesystem` and `path`) as a URI any process can open
+    again: `s3://bucket/...`, or the plain path for the local filesystem."""
+    scheme = _SCHEMES.get(fs.type_name)
+    return f"{scheme}://{path}" if scheme else path
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a file or folder is there, at a URI or a local path."""
+    if not is_uri(path):
+        return Path(path).exists()
+    fs, inner = filesystem(str(path))
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_empty_dir(uri: str) -> bool:
+    """True for a folder with nothing in it or nothing there at all (object stores have no empty folders)."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return True
+    if info.type != pafs.FileType.Directory:
+        return False
+    return not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+
+def read_text(path: str | Path) -> str | None:
+    """A file's text at a URI or a local path; None where there is no such file."""
+    if not is_uri(path):
+        path = Path(path)
+        return path.read_text() if path.is_file() else None
+    fs, inner = filesystem(str(path))
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
+
+
+def staging_dir(uri: str) -> Path:
+    """Where the driver writes a URI run's own files before they are copied up: under the user's
+    cache, one folder per URI."""
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "raylaunch" / "staging" / digest
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local folder's files up to `uri` (the same relative paths), overwriting what is there."""
+    fs, root = filesystem(uri)
+    fs.create_dir(root, recursive=True)
+    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(uri: str, local: Path, skip: tuple[str, ...] = (RAY_DIR,)) -> None:
+    """Copy a run at `uri` into an empty local folder, all but the top-level entries in `skip`."""
+    fs, root = filesystem(uri)
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.base_name not in skip:
+            _copy_down(fs, info, local / info.base_name)
+
+
+def _copy_down(fs: pafs.FileSystem, info: pafs.FileInfo, target: Path) -> None:
+    """A file or a whole folder of `fs` to a local path (pyarrow's copy_files makes no local folders)."""
+    files = [info] if info.type == pafs.FileType.File else [
+        i for i in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)) if i.type == pafs.FileType.File]
+    for item in files:
+        local = target / item.path[len(info.path.rstrip("/")) + 1:] if item is not info else target
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(item.path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def fetch(source: str | Path, names: tuple[str, ...], target: Path) -> None:
+    """Copy the named files of a folder (a URI or a local path) into the local folder `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not is_uri(source):
+            shutil.copy2(Path(source) / name, target / name)
+            continue
+        fs, root = filesystem(str(source))
+        if fs.get_file_info(join(root, name)).type != pafs.FileType.File:
+            raise FileNotFoundError(f"{join(str(source), name)}: no such file")
+        pafs.copy_files(join(root, name), str(target / name), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+
+def local_dir(source: str) -> str:
+    """A folder a process can read from its own disk: `source` itself when it is a path, else a
+    copy of the folder at the URI in a temporary folder (left for the process's lifetime)."""
+    if not is_uri(source):
+        return source
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="raylaunch-"))
+    fs, root = filesystem(source)
+    _copy_down(fs, fs.get_file_info(root), target)
+    return str(target)
