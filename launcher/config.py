@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -541,9 +542,21 @@ def _loc_path(loc: tuple) -> str:
             path, after_index = f"{path}[{part}]", True
             continue
         if not str(part).startswith("function-after") and not (after_index and part in TRANSFORM_TYPES):
-            path = f"{path}.{part}" if path else str(part)
+            key = _shown_key(part)
+            path = f"{path}.{key}" if path else key
         after_index = False
     return path
+
+
+def _shown_path(parts: list[str]) -> str:
+    return ".".join(_shown_key(p) for p in parts)
+
+
+def _shown_key(key) -> str:
+    """A key as a problem line shows it: quoted when it is empty or has spaces or control characters
+    (a key `\r` would otherwise print as nothing at all)."""
+    text = str(key)
+    return text if re.fullmatch(r"[^\s'\"]+", text) else repr(text)
 
 
 def _unknown_key_hint(path: str) -> str:
@@ -570,8 +583,10 @@ def validate(raw: dict) -> RunConfig:
                 line += _unknown_key_hint(".".join(str(p) for p in error["loc"]))
             problems.append(line)
         raise ConfigError(problems) from None
+    # The DeepSpeed JSON first: a file it cannot read is one problem, not one per searched value.
+    resolved = _apply_deepspeed_json(cfg, raw)
     _check_search_space(cfg, raw)
-    return _apply_deepspeed_json(cfg, raw)
+    return resolved
 
 
 def _apply_deepspeed_json(cfg: RunConfig, raw: dict) -> RunConfig:
@@ -655,7 +670,7 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
         last = i == len(parts) - 1
         field = model.model_fields.get(part) if model else None
         if model is not None and field is None:
-            raise ConfigError([f"{'.'.join(parts[: i + 1])}: unknown key{_unknown_key_hint('.'.join(parts[: i + 1]))}"])
+            raise ConfigError([f"{_shown_path(parts[: i + 1])}: unknown key{_unknown_key_hint('.'.join(parts[: i + 1]))}"])
         annotation = field.annotation if field else None
         if last:
             node[part] = value
@@ -665,13 +680,13 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError([f"{'.'.join(parts[: i + 1])}: must be a mapping"])
+                raise ConfigError([f"{_shown_path(parts[: i + 1])}: must be a mapping"])
             model = annotation
         elif str(annotation).startswith("dict["):
             node[part][".".join(parts[i + 1 :])] = value
             return raw
         else:
-            raise ConfigError([f"{'.'.join(parts[: i + 2])}: unknown key ({'.'.join(parts[: i + 1])} is not a section)"])
+            raise ConfigError([f"{_shown_path(parts[: i + 2])}: unknown key ({_shown_path(parts[: i + 1])} is not a section)"])
     return raw
 
 
@@ -679,7 +694,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split `dotted.path=value`; the value is read as YAML so `3`, `1e-3`, `true`, `[1, 8, 8]` get their types."""
     path, sep, value = text.partition("=")
     if not sep or not path.strip():
-        raise ConfigError([f"--set {text}: expected dotted.path=value"])
+        shown = text if text.isprintable() and text.strip() == text and text else repr(text)
+        raise ConfigError([f"--set {shown}: expected dotted.path=value"])
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -689,6 +705,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_raw(config_path: str | os.PathLike) -> dict:
     path = Path(config_path)
+    if path.is_dir():
+        raise ConfigError([f"{path}: a folder, not a config file; give the YAML file (e.g. configs/quickstart.yaml)"])
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"])
     try:
@@ -696,7 +714,8 @@ def load_raw(config_path: str | os.PathLike) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever PyYAML says
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     if raw is None:

@@ -32,7 +32,10 @@ def read_spec(directory: Path | str) -> dict:
     directory = Path(directory)
     for name in (SPEC, WEIGHTS):
         if not (directory / name).is_file():
-            raise DataError([f"{directory}: not a model directory (no {name}); give a folder under RUN_DIR/models/"])
+            models = sorted(p.parent.name for p in (directory / "models").glob(f"*/{SPEC}"))
+            hint = (f"it is a run directory: give one of its models ({', '.join(f'{directory}/models/{m}' for m in models)})"
+                    if models else "give a folder under RUN_DIR/models/")
+            raise DataError([f"{directory}: not a model directory (no {name}); {hint}"])
     try:
         return {**json.loads((directory / SPEC).read_text()), "directory": str(directory.resolve())}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
