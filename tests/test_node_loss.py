@@ -42,8 +42,10 @@ def test_node_loss_recovers_or_fails_clearly(digits_data, tmp_path):
     failed = report["too_little_left"]
     assert failed["error"] is not None
     assert "the cluster now has 1 CPU (short by 1 CPU)" in failed["error"]
-    # Two 15 s placement attempts (the first try and max_failures=1 retry) plus restarts: bounded.
+    # Two 10 s placement attempts (the first try and max_failures=1 retry) plus restarts: bounded.
     assert failed["seconds_after_removal"] < 120
+    print(f"node loss: the recovered run took {recovered['seconds']} s from the cluster's start; the failing one "
+          f"ended {failed['seconds_after_removal']:.1f} s after its node left")
 
 
 def _stop_group(pgid: int) -> None:
