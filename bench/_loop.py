@@ -1,0 +1,78 @@
+"""The baselines of bench/train_overhead.py: a plain PyTorch training loop over data in memory,
+single-process, or under `torchrun` as DistributedDataParallel over gloo (each rank an equal
+share of the rows, the global batch split across ranks). Prints one JSON line from rank 0: the
+seconds of every epoch, the samples trained per epoch, and the seconds to the first step.
+
+    python bench/_loop.py SPEC.json          (SPEC: written by train_overhead.py)
+    torchrun --nproc_per_node 2 bench/_loop.py SPEC.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(spec_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from bench.train_overhead import load_rows
+    from trainers.batches import model_batch
+    from trainers.models import build_model
+
+    spec = json.loads(Path(spec_path).read_text())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(spec["threads"])
+    meta = spec["meta"]
+    rows = load_rows(spec["data_dir"], meta)
+    per_rank = len(next(iter(rows.values()))) // world
+    rows = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in rows.items()}  # equal contiguous shards
+    batch = spec["global_batch"] // world
+    torch.manual_seed(0)
+    model = build_model(spec["model"], meta["input_shape"], meta["num_classes"])
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    train = spec["train"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"],
+                                  betas=tuple(train["adam_betas"]), eps=1e-8)
+    steps = per_rank // batch
+    epochs, first_step = [], None
+    for epoch in range(spec["epochs"]):
+        order = torch.randperm(per_rank, generator=torch.Generator().manual_seed(epoch))
+        started = time.perf_counter()
+        model.train()
+        for step in range(steps):
+            index = order[step * batch:(step + 1) * batch]
+            x, y = model_batch({k: v[index] for k, v in rows.items()}, meta, epoch)
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
+            optimizer.step()
+            if first_step is None:
+                first_step = time.perf_counter() - STARTED
+        epochs.append(time.perf_counter() - started)
+    if rank == 0:
+        items = steps * spec["global_batch"] * spec["items_per_row"]
+        print("RESULT " + json.dumps({"epoch_seconds": epochs, "items_per_epoch": items, "first_step_s": first_step}),
+              flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,176 @@
+"""raylaunch's training overhead against raw PyTorch and torchrun, measured in one run.
+
+The same model, the same rows in memory (the cached train split), the same global batch, optimizer
+(AdamW, constant lr) and epochs, five ways:
+  1. plain    a single-process PyTorch loop, 2 threads;
+  2. rl-1w    raylaunch (Ray Train + DeepSpeed), 1 worker with 2 CPUs, ZeRO-0;
+  3. ddp      `torchrun --nproc_per_node 2`, DistributedDataParallel over gloo, 1 thread a rank;
+  4. rl-2w-z0, rl-2w-z2, rl-2w-z3   raylaunch, 2 workers of 1 CPU, ZeRO-0, -2 and -3.
+Throughput is steady state: samples/s (tokens/s for the GPT) over every epoch but the first, the
+median over rounds that run the ways interleaved. Start-up is reported apart: for the baselines the
+seconds to their first optimizer step; for raylaunch the time fit() took beyond its steady-state
+training (worker group start, DeepSpeed set-up, data pipeline start, validation and checkpoints).
+
+Cases: `cnn` (the quickstart's digits CNN) and `gpt` (configs/lm.yaml's GPT at its CPU size).
+Targets on a 2-core machine: rl-1w / plain >= 0.90; rl-2w-z0 / ddp >= 0.975; rl-2w-z2 / ddp >= 0.85.
+
+    python bench/train_overhead.py [--cases cnn,gpt] [--rounds 3] [--workdir /tmp/raylaunch-bench-overhead]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CASES = {
+    # config, overrides, global batch, epochs
+    "cnn": ("configs/quickstart.yaml", ["train.lr_schedule=constant"], 64, 4),
+    "gpt": ("configs/lm.yaml", ["train.lr_schedule=constant", "train.grad_accum_steps=1", "train.warmup_steps=0"], 32, 3),
+}
+WAYS = ["plain", "rl-1w", "ddp", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]
+TARGETS = {("rl-1w", "plain"): 0.90, ("rl-2w-z0", "ddp"): 0.975, ("rl-2w-z2", "ddp"): 0.85, ("rl-2w-z3", "ddp"): None}
+
+
+def load_rows(data_dir: str, meta: dict) -> dict:
+    """The train split in memory as torch tensors (the columns a batch of Ray Data gives a worker)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from dataprep.stream import decode_tensors, parquet_files
+
+    table = pa.concat_tables(decode_tensors(pq.read_table(p)) for p in parquet_files(f"{data_dir}/train"))
+    columns = ("tokens",) if meta.get("task") == "lm" else ("features", "label")
+    return {c: torch.from_numpy(np.array(table[c].combine_chunks().to_numpy(), copy=True)) for c in columns}
+
+
+def _steady(epoch_seconds: list[float], items: int) -> float:
+    later = epoch_seconds[1:] or epoch_seconds
+    return items / statistics.median(later)
+
+
+def run_baseline(spec: Path, world: int) -> dict:
+    if world == 1:
+        command = [sys.executable, str(ROOT / "bench" / "_loop.py"), str(spec)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+                   str(_free_port()), str(ROOT / "bench" / "_loop.py"), str(spec)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env=os.environ | {"OMP_NUM_THREADS": "1" if world > 1 else "2", "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - started
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        raise RuntimeError(f"{command[-1]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    result = json.loads(line.removeprefix("RESULT "))
+    rate = _steady(result["epoch_seconds"], result["items_per_epoch"])
+    return {"rate": rate, "startup_s": result["first_step_s"], "wall_s": wall}
+
+
+def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str, workers: int, stage: int,
+                  batch: int, epochs: int) -> dict:
+    from trainers.fit import build_trainer, load_splits
+    from trainers.loop import loop_config
+
+    run = json.loads(json.dumps(run))
+    run["train"] |= {"workers": workers, "cpus_per_worker": 2 // workers, "micro_batch_size": batch // workers,
+                     "epochs": epochs, "keep_checkpoints": epochs, "checkpoint_every": None}
+    run["train"]["zero"]["stage"] = stage
+    config = loop_config(run, meta)
+    started = time.perf_counter()
+    result = build_trainer(config, load_splits(data_dir), storage, name=name).fit()
+    wall = time.perf_counter() - started
+    history = result.metrics_dataframe
+    key = "tokens_per_s" if meta.get("task") == "lm" else "samples_per_s"
+    rates = list(history[key])
+    rate = statistics.median(rates[1:] or rates)
+    items = config["steps_per_epoch"] * batch * (meta["seq_len"] if meta.get("task") == "lm" else 1)
+    return {"rate": rate, "startup_s": wall - epochs * items / rate, "wall_s": wall}
+
+
+def _free_port() -> int:
+    from cluster.session import free_port
+
+    return free_port()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="cnn,gpt")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", default="/tmp/raylaunch-bench-overhead")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work / "ray", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    from cluster.session import free_port, quiet_driver_logs, worker_env
+    from dataprep.cache import prepare
+    from launcher.config import load
+
+    quiet_driver_logs(False)
+    port = free_port()
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
+             runtime_env=worker_env(None, port))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"machine: {os.cpu_count()} CPUs; torch threads: plain 2, rl-1w 2, ddp and rl-2w 1 per rank")
+    summary = {}
+    try:
+        for case in args.cases.split(","):
+            config_file, overrides, batch, epochs = CASES[case]
+            cfg = load(ROOT / config_file, overrides)
+            run = cfg.model_dump(mode="json")
+            meta, data_dir, _ = prepare(run["data"], cfg.model.seq_len, work / "cache")
+            spec = work / f"{case}.json"
+            items_per_row = meta["seq_len"] if meta.get("task") == "lm" else 1
+            spec.write_text(json.dumps({"data_dir": str(data_dir), "meta": meta, "model": run["model"], "train": run["train"],
+                                        "global_batch": batch, "epochs": epochs, "threads": 2,
+                                        "items_per_row": items_per_row}))
+            spec_ddp = work / f"{case}-ddp.json"
+            spec_ddp.write_text(json.dumps(json.loads(spec.read_text()) | {"threads": 1}))
+            runs: dict[str, list[dict]] = {w: [] for w in WAYS}
+            for r in range(args.rounds):
+                for way in WAYS:
+                    if way == "plain":
+                        out = run_baseline(spec, 1)
+                    elif way == "ddp":
+                        out = run_baseline(spec_ddp, 2)
+                    else:
+                        workers = 1 if way == "rl-1w" else 2
+                        stage = 0 if way in ("rl-1w", "rl-2w-z0") else int(way[-1])
+                        out = run_raylaunch(run, meta, str(data_dir), work / "ray", f"{case}-{way}-{r}", workers, stage,
+                                            batch, epochs)
+                    runs[way].append(out)
+                    print(f"  {case} round {r + 1} {way:<9} {out['rate']:>10,.0f} items/s  start-up {out['startup_s']:5.1f} s"
+                          f"  wall {out['wall_s']:5.1f} s", flush=True)
+            unit = "tokens/s" if items_per_row > 1 else "samples/s"
+            medians = {w: {k: statistics.median(o[k] for o in runs[w]) for k in ("rate", "startup_s", "wall_s")} for w in WAYS}
+            print(f"\n{case}: global batch {batch}, {epochs} epochs, median of {args.rounds} interleaved rounds ({unit})")
+            for way in WAYS:
+                m = medians[way]
+                print(f"  {way:<9} {m['rate']:>10,.0f}   start-up {m['startup_s']:5.1f} s   wall {m['wall_s']:5.1f} s")
+            for (a, b), target in TARGETS.items():
+                ratio = medians[a]["rate"] / medians[b]["rate"]
+                verdict = "" if target is None else (" (target >= %.3f: %s)" % (target, "met" if ratio >= target else "NOT met"))
+                print(f"  {a} / {b} = {ratio:.3f}{verdict}")
+            summary[case] = {"unit": unit, "medians": medians, "runs": runs}
+    finally:
+        ray.shutdown()
+    (work / "results.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
