@@ -139,7 +139,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
             run.live.close()
             try:
                 run.sync()
-            except OSError as exc:
+            except Exception as exc:  # pyarrow raises OSError or ArrowInvalid; the run's own error must not be lost
                 console.print(f"[red]could not copy the run up to {remote}[/]: {' '.join(str(exc).split())[:300]}; "
                               f"everything but ray/ is in {run.run_dir}", highlight=False)
                 if run.summary["status"] == "succeeded":
