@@ -52,9 +52,13 @@ def exists(path: str | Path) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
-def is_empty_dir(uri: str) -> bool:
-    """True for a folder with nothing in it or nothing there at all (object stores have no empty folders)."""
-    fs, path = filesystem(uri)
+def is_empty_dir(path: str | Path) -> bool:
+    """True for a folder with nothing in it or nothing there at all (object stores have no empty
+    folders), at a URI or a local path."""
+    if not is_uri(path):
+        path = Path(path)
+        return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    fs, path = filesystem(str(path))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return True
@@ -112,11 +116,12 @@ def _copy_down(fs: pafs.FileSystem, info: pafs.FileInfo, target: Path) -> None:
 def fetch(source: str | Path, names: tuple[str, ...], target: Path) -> None:
     """Copy the named files of a folder (a URI or a local path) into the local folder `target`."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if not is_uri(source):
+    if not is_uri(source):
+        for name in names:
             shutil.copy2(Path(source) / name, target / name)
-            continue
-        fs, root = filesystem(str(source))
+        return
+    fs, root = filesystem(str(source))
+    for name in names:
         if fs.get_file_info(join(root, name)).type != pafs.FileType.File:
             raise FileNotFoundError(f"{join(str(source), name)}: no such file")
         pafs.copy_files(join(root, name), str(target / name), source_filesystem=fs,

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.remote import is_uri
+from cluster.remote import is_empty_dir, is_uri, join, read_text
 from dataprep import AUGMENTATIONS
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
@@ -746,25 +746,16 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
     if isinstance(cfg.output.mlflow, str):
         problems += _mlflow_problems(cfg.output.mlflow)
     out = cfg.output.dir
-    if not problems or not any(p.startswith("output.dir") for p in problems):
+    if not any(p.startswith("output.dir") for p in problems):
         if resume:
             problems += _resume_problems(cfg, out)
-        elif not _empty(out):
+        elif not is_empty_dir(out):
             problems.append(
                 f"output.dir: {out} already exists and is not empty; a run never overwrites another "
                 f"(choose a new one with --set output.dir=..., or continue it with --resume)"
             )
     if problems:
         raise ConfigError(problems)
-
-
-def _empty(out: str) -> bool:
-    from cluster.remote import is_empty_dir
-
-    if is_uri(out):
-        return is_empty_dir(out)
-    run_dir = Path(out)
-    return not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
 
 
 def output_dir_problems(out: str) -> list[str]:
@@ -828,9 +819,7 @@ def _data_problems(cfg: RunConfig) -> list[str]:
 
 
 def _resume_problems(cfg: RunConfig, out: str) -> list[str]:
-    from cluster.remote import join, read_text
-
-    saved = join(out, "config.yaml") if is_uri(out) else Path(out) / "config.yaml"
+    saved = join(out, "config.yaml")  # a path or a URI
     text = read_text(saved)
     if text is None:
         return [f"--resume: {out} holds no run to resume (no config.yaml); run without --resume to start one"]

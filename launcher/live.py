@@ -20,10 +20,10 @@ from pathlib import Path
 
 from ray import tune
 from rich.console import Console
-
-from launcher.config import metric_mode
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+from launcher.config import metric_mode
 
 MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"
@@ -167,15 +167,17 @@ class SweepProgress(tune.Callback):
         self.trials, self.ended, self.epochs_total = trials, 0, float(trials * epochs_per_trial)
         self.epochs: dict[str, float] = {}
         self.best: float | None = None
-        self.started = time.monotonic()
         self._bars()
 
     def _bars(self) -> None:
-        self.trials_task = self.live.bar("trials done", self.trials) if self.live else None
-        self.epochs_task = self.live.bar("trial epochs", self.epochs_total) if self.live else None
-        if self.live:
-            self.live.update(self.trials_task, completed=self.ended)
-            self.live.update(self.epochs_task, completed=sum(self.epochs.values()))
+        """The two bars on the display, at the counts so far (zero, or where a restored sweep was)."""
+        self.trials_task = self.epochs_task = None
+        if self.live is None:
+            return
+        self.trials_task = self.live.bar("trials done", self.trials)
+        self.epochs_task = self.live.bar("trial epochs", self.epochs_total)
+        self.live.update(self.trials_task, completed=self.ended)
+        self.live.update(self.epochs_task, completed=sum(self.epochs.values()))
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks into the experiment's state; the display stays in this process.
