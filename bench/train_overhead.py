@@ -64,8 +64,10 @@ def run_baseline(spec: Path, world: int) -> dict:
     if world == 1:
         command = [sys.executable, str(ROOT / "bench" / "_loop.py"), str(spec)]
     else:
+        from cluster.session import free_port
+
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-                   str(_free_port()), str(ROOT / "bench" / "_loop.py"), str(spec)]
+                   str(free_port()), str(ROOT / "bench" / "_loop.py"), str(spec)]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env=os.environ | {"OMP_NUM_THREADS": "1" if world > 1 else "2", "PYTHONPATH": str(ROOT)})
@@ -97,12 +99,6 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     rate = statistics.median(rates[1:] or rates)
     items = config["steps_per_epoch"] * batch * (meta["seq_len"] if meta.get("task") == "lm" else 1)
     return {"rate": rate, "startup_s": wall - epochs * items / rate, "wall_s": wall}
-
-
-def _free_port() -> int:
-    from cluster.session import free_port
-
-    return free_port()
 
 
 def main() -> None:

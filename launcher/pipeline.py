@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.remote import RAY_DIR, download, is_uri, join, read_text, staging_dir, upload
+from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session, stop_signal
 from launcher.config import ConfigError, RunConfig, dump_yaml
@@ -498,7 +498,6 @@ def _resume_point(run: Run, name: str) -> dict:
 def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
     storage (a path or a URI) into the run's models/ folder; the folder appears complete or not at all."""
-    from cluster.remote import fetch
     from trainers.checkpoint import SPEC, WEIGHTS
     from trainers.export import TOKENIZER_FILE
 

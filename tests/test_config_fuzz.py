@@ -5,7 +5,6 @@ per problem, each naming a config path or the file, with exit 2 — never a Pyth
 from __future__ import annotations
 
 import re
-import tempfile
 import typing
 from pathlib import Path
 
@@ -17,9 +16,6 @@ from pydantic import BaseModel
 
 from launcher.cli import main
 from launcher.config import RunConfig
-
-WORK = Path(tempfile.mkdtemp(prefix="raylaunch-fuzz-"))
-
 
 def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted path of the schema, sections and leaves."""
@@ -89,11 +85,17 @@ def _check(code: int, out: str, err: str) -> None:
         assert PROBLEM.match(line), line  # each names the path, the file or the flag it is about
 
 
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """One folder for every example's file (a function-scoped tmp_path would be shared by them anyway)."""
+    return tmp_path_factory.mktemp("fuzz")
+
+
 @pytest.mark.timeout(300)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(doc=documents(), sets=overrides)
-def test_random_documents_and_overrides_are_a_config_or_one_line_problems(doc, sets, capsys):
-    path = WORK / "config.yaml"
+def test_random_documents_and_overrides_are_a_config_or_one_line_problems(doc, sets, capsys, work):
+    path = work / "config.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
     code = main(["config", "show", str(path), *[f"--set={s}" for s in sets]])
     out, err = capsys.readouterr()
@@ -103,8 +105,8 @@ def test_random_documents_and_overrides_are_a_config_or_one_line_problems(doc, s
 @pytest.mark.timeout(120)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200))
-def test_any_file_text_is_a_config_or_one_line_problems(text, capsys):
-    path = WORK / "text.yaml"
+def test_any_file_text_is_a_config_or_one_line_problems(text, capsys, work):
+    path = work / "text.yaml"
     path.write_text(text)
     code = main(["config", "show", str(path)])
     out, err = capsys.readouterr()
