@@ -1,7 +1,12 @@
-"""The baselines of bench/train_overhead.py: a plain PyTorch training loop over data in memory,
-single-process, or under `torchrun` as DistributedDataParallel over gloo (each rank an equal
-share of the rows, the global batch split across ranks). Prints one JSON line from rank 0: the
-seconds of every epoch, the samples trained per epoch, and the seconds to the first step.
+"""The baselines of bench/train_overhead.py and bench/gpu_throughput.py: a plain PyTorch training
+loop over data in memory, single-process, or under `torchrun` as DistributedDataParallel over gloo
+(each rank an equal share of the rows, the global batch split across ranks). Prints one JSON line
+from rank 0: the seconds of every epoch, the samples trained per epoch, the seconds to the first
+step, and on a GPU the peak memory its tensors took.
+
+On a GPU (spec "device": "cuda") the rows sit in GPU memory, the model trains under
+`torch.autocast(bfloat16)` over fp32 weights with torch's fused AdamW (spec "precision": "bf16"),
+and each epoch's time ends at a device synchronize.
 
     python bench/_loop.py SPEC.json          (SPEC: written by train_overhead.py)
     torchrun --nproc_per_node 2 bench/_loop.py SPEC.json
@@ -35,28 +40,34 @@ def main(spec_path: str) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     torch.set_num_threads(spec["threads"])
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     meta = spec["meta"]
     rows = load_rows(spec["data_dir"], meta)
     per_rank = len(next(iter(rows.values()))) // world
-    rows = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in rows.items()}  # equal contiguous shards
+    rows = {k: v[rank * per_rank:(rank + 1) * per_rank].to(device) for k, v in rows.items()}  # equal contiguous shards
     batch = spec["global_batch"] // world
     torch.manual_seed(0)
-    model = build_model(spec["model"], meta["input_shape"], meta["num_classes"])
+    model = build_model(spec["model"], meta["input_shape"], meta["num_classes"]).to(device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     train = spec["train"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"],
-                                  betas=tuple(train["adam_betas"]), eps=1e-8)
+                                  betas=tuple(train["adam_betas"]), eps=1e-8, fused=cuda or None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("precision") == "bf16")
     steps = per_rank // batch
     epochs, first_step = [], None
     for epoch in range(spec["epochs"]):
-        order = torch.randperm(per_rank, generator=torch.Generator().manual_seed(epoch))
+        order = torch.randperm(per_rank, generator=torch.Generator().manual_seed(epoch)).to(device)
+        sync()
         started = time.perf_counter()
         model.train()
         for step in range(steps):
             index = order[step * batch:(step + 1) * batch]
             x, y = model_batch({k: v[index] for k, v in rows.items()}, meta, epoch)
-            logits = model(x)
+            with autocast:
+                logits = model(x)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -64,12 +75,15 @@ def main(spec_path: str) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
             optimizer.step()
             if first_step is None:
+                sync()
                 first_step = time.perf_counter() - STARTED
+        sync()
         epochs.append(time.perf_counter() - started)
     if rank == 0:
         items = steps * spec["global_batch"] * spec["items_per_row"]
-        print("RESULT " + json.dumps({"epoch_seconds": epochs, "items_per_epoch": items, "first_step_s": first_step}),
-              flush=True)
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+        print("RESULT " + json.dumps({"epoch_seconds": epochs, "items_per_epoch": items, "first_step_s": first_step,
+                                      "gpu_memory_peak_mb": peak_mb}), flush=True)
     if world > 1:
         dist.destroy_process_group()
 

@@ -32,7 +32,8 @@ METRICS_DIR = "metrics"
 # Per report, what goes to the logs under which name (the per-step loss and lr come from step_log).
 REPORT_SCALARS = {"val_loss": "val/loss", "val_accuracy": "val/accuracy", "val_perplexity": "val/perplexity",
                   "train_loss": "train/loss_per_report", "samples_per_s": "train/samples_per_s",
-                  "tokens_per_s": "train/tokens_per_s", "epoch": "epoch", "skipped_batches": "train/skipped_batches"}
+                  "tokens_per_s": "train/tokens_per_s", "epoch": "epoch", "skipped_batches": "train/skipped_batches",
+                  "gpu_memory_peak_mb": "train/gpu_memory_peak_mb", "data_wait_s": "train/data_wait_s"}
 
 
 def stage_progress(console: Console) -> Progress:
@@ -91,7 +92,7 @@ class Live:
             history = self.run_dir / METRICS_DIR / f"{run}.jsonl"
             history.parent.mkdir(exist_ok=True)
             with open(history, "a") as f:
-                f.write(json.dumps({k: v for k, v in item.items() if k in (*REPORT_SCALARS, "step", "step_log")}) + "\n")
+                f.write(json.dumps({k: v for k, v in item.items() if k in (*REPORT_SCALARS, "step", "step_log", "startup")}) + "\n")
             if self._tensorboard:
                 self._write("TensorBoard", lambda: self._tensorboard_report(run, step, scalars, steps))
             if self._mlflow:

@@ -98,6 +98,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     remote = cfg.output.dir if is_uri(cfg.output.dir) else None
     run_dir = staging_dir(remote) if remote else Path(cfg.output.dir).resolve()
     run = Run(cfg=cfg, run_dir=run_dir, console=console, resume=resume, remote=remote)
+    run.summary["timeline"] = {"start": time.time()}
     if remote:
         # The staging folder starts as the URI holds the run: empty, or (a resume) all but ray/.
         if resume:
@@ -109,6 +110,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
                        "quantize": _quantize, "evaluate": _evaluate}
     with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
         run.resources = resources
+        run.summary["timeline"]["ray_ready"] = time.time()
         _check_shared_storage(run)  # before anything is written: a refused run leaves nothing behind
         run.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -231,6 +233,7 @@ def _preflight(run: Run, console: Console) -> None:
 
 @contextmanager
 def _stage(run: Run, name: str):
+    run.summary["timeline"][f"{name}_start"] = time.time()
     started = time.perf_counter()
     with run.live.stage(name):
         try:

@@ -76,6 +76,8 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
 
 
 def train_loop_per_worker(config: dict) -> None:
+    # Wall-clock times of this worker's start, sent with its first report (bench/first_step.py).
+    startup = {"loop_start": time.time()}
     import deepspeed  # imported on the worker: it probes the accelerator at import time
 
     train, meta = config["train"], config["data_meta"]
@@ -86,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = train["activation_checkpointing"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["deepspeed"])
+    startup["engine_ready"] = time.time()
     dtype = DTYPES[train["precision"]]
     loss_fn = _loss(config["distill"], engine.device)
     train_shard = ray.train.get_dataset_shard("train")
@@ -110,47 +113,56 @@ def train_loop_per_worker(config: dict) -> None:
         # PBT handed this trial another trial's checkpoint from the end of training: nothing is
         # left to train, but Tune must still hear that the trial is at its last epoch, with the
         # weights it now holds (else it ends reporting an earlier epoch, as if stopped early).
-        _checkpoint(engine, config, spec, rank, _Window(), val_shard, dtype, dict(position))
+        _checkpoint(engine, config, spec, rank, _Window(None), val_shard, dtype, dict(position))
+    # A non-finite loss. `skip`: every rank must agree before dropping a micro batch, a collective
+    # and a host sync per micro batch. `fail`: each rank checks its own losses as they are read
+    # back (a rank that raises ends the run), a step late on an accelerator so that it never
+    # waits for the step in flight; no checkpoint is taken before every loss is checked.
+    skip_bad = train["on_nan"] == "skip"
+    diverged = partial(_diverged, lr_path=config["lr_path"], lr=train["lr"])
+    lag = 1 if engine.device.type == "cuda" else 0
+    waiting = _Stopwatch()
     for epoch in range(position["epoch"], train["epochs"]):
         engine.train()
-        started, since_report = time.perf_counter(), _Window()
+        started, since_report = time.perf_counter(), _Window(diverged)
         skip = position["micro_batch"] if epoch == position["epoch"] else 0
         batches = train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
                                                  local_shuffle_buffer_size=max(config["shuffle_buffer"], train["micro_batch_size"]),
                                                  local_shuffle_seed=train["seed"] * 1000 + epoch, device=engine.device)
         # Every rank walks the whole shard (equal row counts: the same number of batches), trains
         # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(waiting.around(batches)):
+            startup.setdefault("first_batch", time.time())
             if index < skip or index >= micro_per_epoch:
                 continue
             x, y = model_batch(batch, meta, epoch)
             x = _model_input(x, dtype)
             loss = loss_fn(engine(x).float(), y, batch, x)
-            if not _finite_everywhere(loss, engine.device):
-                if train["on_nan"] == "fail":
-                    raise FloatingPointError(
-                        f"training diverged: the loss is {loss.item()} at step {position['step'] + 1} (epoch {epoch + 1}, "
-                        f"micro batch {index + 1}); lower {config['lr_path']} (now {train['lr']:g}) or set train.grad_clip")
+            if skip_bad and not _finite_everywhere(loss, engine.device):
                 since_report.skipped += 1
                 continue  # every rank skips the same micro batch: the accumulation stays aligned
             engine.backward(loss)
             engine.step()
-            since_report.add(loss.item(), y.numel())
+            since_report.add(loss, y.numel(), epoch, index)
             if (index + 1) % accum:
                 continue
             position["step"] += 1
             since_report.step_done(position["step"], float(engine.get_lr()[0]))
+            since_report.settle(keep=lag)
+            startup.setdefault("first_step", time.time())
             _fault(config, rank, position["step"], "step")
             last_step_of_epoch = index + 1 == micro_per_epoch
             if every and position["step"] % every == 0 and not last_step_of_epoch:
-                since_report.seconds = time.perf_counter() - started
+                since_report.settle(keep=0)
+                since_report.seconds, since_report.data_wait = time.perf_counter() - started, waiting.take()
                 _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
-                            {"epoch": epoch, "micro_batch": index + 1, "step": position["step"]})
-                started, since_report = time.perf_counter(), _Window()
+                            {"epoch": epoch, "micro_batch": index + 1, "step": position["step"]}, startup)
+                started, since_report = time.perf_counter(), _Window(diverged)
                 engine.train()
-        since_report.seconds = time.perf_counter() - started
+        since_report.settle(keep=0)
+        since_report.seconds, since_report.data_wait = time.perf_counter() - started, waiting.take()
         _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
-                    {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]})
+                    {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
 
 
 def _fault(config: dict, rank: int, step: int, where: str) -> None:
@@ -165,21 +177,81 @@ def _fault(config: dict, rank: int, step: int, where: str) -> None:
 
 
 class _Window:
-    """Training numbers since the last report."""
+    """Training numbers since the last report.
 
-    def __init__(self):
+    Losses stay on the device until they are settled: reading a loss back is a host sync, and
+    one per micro batch would leave an accelerator idle while the next batch is fetched and
+    launched. Each step's losses are copied to host memory as the step is queued; `settle` reads
+    back all but the last `keep` steps, checks them (`on_bad(value, step, epoch, micro_batch)`
+    raises for a non-finite one) and adds them up."""
+
+    def __init__(self, on_bad):
+        self.on_bad = on_bad
         self.loss_sum, self.micro_batches, self.items, self.skipped, self.seconds = 0.0, 0, 0, 0, 0.0
+        self.data_wait = 0.0
+        """Seconds of `seconds` this rank spent waiting for its next batch."""
         self.steps: list[list[float]] = []
         """[step, loss, lr] per optimizer step: this rank's mean loss over the step's micro batches."""
-        self._step_loss, self._step_micro = 0.0, 0
+        self._losses: list[torch.Tensor] = []
+        self._first: tuple[int, int] | None = None
+        self._queued: list[tuple] = []
 
-    def add(self, loss: float, items: int) -> None:
-        self.loss_sum, self.micro_batches, self.items = self.loss_sum + loss, self.micro_batches + 1, self.items + items
-        self._step_loss, self._step_micro = self._step_loss + loss, self._step_micro + 1
+    def add(self, loss: torch.Tensor, items: int, epoch: int, micro_batch: int) -> None:
+        self._losses.append(loss.detach().reshape(1))
+        self._first = self._first or (epoch, micro_batch)
+        self.items += items
 
     def step_done(self, step: int, lr: float) -> None:
-        self.steps.append([step, self._step_loss / max(self._step_micro, 1), lr])
-        self._step_loss, self._step_micro = 0.0, 0
+        losses = torch.cat(self._losses)
+        done = None
+        if losses.is_cuda:
+            host = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
+            host.copy_(losses, non_blocking=True)
+            losses, done = host, torch.cuda.Event()
+            done.record()
+        self._queued.append((step, lr, self._first, losses, done))
+        self._losses, self._first = [], None
+
+    def settle(self, keep: int) -> None:
+        while len(self._queued) > keep:
+            step, lr, (epoch, micro_batch), losses, done = self._queued.pop(0)
+            if done is not None:
+                done.synchronize()  # this step's copy only, not the work queued after it
+            values = losses.tolist()
+            for i, value in enumerate(values):
+                if not math.isfinite(value):
+                    self.on_bad(value, step, epoch, micro_batch + i)
+            self.loss_sum += sum(values)
+            self.micro_batches += len(values)
+            self.steps.append([step, sum(values) / len(values), lr])
+
+
+class _Stopwatch:
+    """The time a loop spends waiting on an iterator for its next item."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def around(self, items):
+        items = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - started
+            yield item
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _diverged(value: float, step: int, epoch: int, micro_batch: int, lr_path: str, lr: float):
+    raise FloatingPointError(f"training diverged: the loss is {value} at step {step} (epoch {epoch + 1}, micro batch "
+                             f"{micro_batch + 1}); lower {lr_path} (now {lr:g}) or set train.grad_clip")
 
 
 def _model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -218,10 +290,12 @@ def _loss(distill: dict | None, device):
                                           y.flatten())
 
 
-def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict) -> None:
-    """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard)."""
+def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict,
+                startup: dict | None = None) -> None:
+    """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard).
+    `startup` (the worker's start-up times) goes with the first report after the worker started."""
     metrics = _validate(engine, val_shard, dtype, config["train"]["micro_batch_size"], config["data_meta"])
-    totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items],
+    totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items, window.data_wait],
                                           dtype=torch.float64), engine.device)
     lm = config["data_meta"].get("task") == "lm"
     micro_per_epoch = config["steps_per_epoch"] * config["train"]["grad_accum_steps"]
@@ -232,9 +306,18 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
                    step_log=window.steps)
     if totals[1] > 0:  # a report with no training since the last one (an adopted final checkpoint) has neither
         metrics.update(train_loss=totals[0] / totals[1],
-                       **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)})
+                       **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)},
+                       # The mean over ranks: how much of the window the data pipeline kept them waiting.
+                       data_wait_s=totals[3] / dist.get_world_size())
+    if startup and "reported" not in startup:
+        metrics["startup"] = dict(startup)
+        startup["reported"] = True
     if lm:
         metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+    if engine.device.type == "cuda":
+        # The most GPU memory any rank's tensors have taken since its process started.
+        peak = torch.tensor([torch.cuda.max_memory_allocated(engine.device) / 2**20], dtype=torch.float64)
+        metrics["gpu_memory_peak_mb"] = _all_reduce_max(peak, engine.device)[0]
     state_dict = _full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -299,6 +382,12 @@ def _all_reduce_sum(values: torch.Tensor, device) -> list[float]:
     return values.cpu().tolist()
 
 
+def _all_reduce_max(values: torch.Tensor, device) -> list[float]:
+    values = values.to(device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.cpu().tolist()
+
+
 def _full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole model's weights in fp32. Under ZeRO-3 each rank holds only a slice of every
     parameter, so they are gathered first: a collective, every rank must call this."""
@@ -306,6 +395,10 @@ def _full_state_dict(engine) -> dict[str, torch.Tensor]:
 
     module = engine.module
     if engine.zero_optimization_partition_weights():
+        # Validation's forward passes leave the parameters ZeRO-3 prefetched for a backward that
+        # never came in flight, and gathering one of those fails ("Cannot partition a param in
+        # flight", seen on a GPU): wait for them and release every parameter first.
+        engine.empty_partition_cache()
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
