@@ -79,6 +79,18 @@ def read_text(path: str | Path) -> str | None:
         return f.read().decode()
 
 
+def remove_dirs(parent: str | Path, prefix: str, keep: set[str]) -> list[str]:
+    """Remove the folders of `parent` (a URI or a local path) whose names start with `prefix`,
+    except those in `keep`; returns the names removed."""
+    fs, root = filesystem(str(parent)) if is_uri(parent) else (pafs.LocalFileSystem(), str(Path(parent).resolve()))
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    removed = sorted(i.base_name for i in infos
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix) and i.base_name not in keep)
+    for name in removed:
+        fs.delete_dir(f"{root.rstrip('/')}/{name}")
+    return removed
+
+
 def staging_dir(uri: str) -> Path:
     """Where the driver writes a URI run's own files before they are copied up: under the user's
     cache, one folder per URI."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, staging_dir, upload
+from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session, stop_signal
 from launcher.config import ConfigError, RunConfig, dump_yaml
@@ -488,10 +488,21 @@ def _evaluate(run: Run) -> dict:
 def _resume_point(run: Run, name: str) -> dict:
     """Where a resumed training run continues: the step of the latest checkpoint Ray Train kept
     for it (read from its checkpoint manager's snapshot, for the console and the summary)."""
-    snapshot = read_text(join(str(run.storage), name, "checkpoint_manager_snapshot.json")) if run.resume else None
+    experiment = join(str(run.storage), name)
+    snapshot = read_text(join(experiment, "checkpoint_manager_snapshot.json")) if run.resume else None
     if snapshot is None:
         return {}
-    latest = (json.loads(snapshot).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    snapshot = json.loads(snapshot)
+    # A driver killed while its workers were uploading a checkpoint leaves that folder behind,
+    # possibly half written, which Ray Train never registered and will never read: remove it.
+    registered = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    if snapshot.get("latest_checkpoint_result"):
+        registered.add(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"])
+    dropped = remove_dirs(experiment, "checkpoint_", keep=registered)
+    if dropped:
+        run.console.print(f"  {name}: removed {len(dropped)} unregistered checkpoint folder(s) the interrupted run "
+                          f"left half written: {', '.join(dropped)}")
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}
     if "step" not in latest:
         return {}
     run.console.print(f"  {name}: continuing from the checkpoint at step {latest['step']} (epoch {latest['epoch']:.2f})")

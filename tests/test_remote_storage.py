@@ -136,3 +136,19 @@ def test_download_skips_ray_and_fetch_names_a_missing_file(tmp_path):
         fetch(join(uri, "models", "teacher"), ("model.json", "model.safetensors"), tmp_path / "model")
     assert to_uri(pafs.LocalFileSystem(), "/x/y") == "/x/y"
     assert to_uri(pafs.S3FileSystem(anonymous=True, region="us-east-1"), "bucket/x") == "s3://bucket/x"
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_remove_dirs_drops_only_unlisted_checkpoint_folders(tmp_path, as_uri):
+    from cluster.remote import remove_dirs
+
+    experiment = tmp_path / "train"
+    for name in ("checkpoint_a/model.safetensors", "checkpoint_b/model.safetensors", "checkpoint_half/deepspeed/x",
+                 "checkpoint_manager_snapshot.json", "other/file"):
+        (experiment / name).parent.mkdir(parents=True, exist_ok=True)
+        (experiment / name).write_text(name)
+    where = experiment.as_uri() if as_uri else experiment
+    assert remove_dirs(where, "checkpoint_", keep={"checkpoint_a", "checkpoint_b"}) == ["checkpoint_half"]
+    assert sorted(p.name for p in experiment.iterdir()) == ["checkpoint_a", "checkpoint_b",
+                                                            "checkpoint_manager_snapshot.json", "other"]
+    assert remove_dirs(tmp_path / "missing", "checkpoint_", keep=set()) == []

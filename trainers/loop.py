@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -78,9 +79,16 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
 def train_loop_per_worker(config: dict) -> None:
     # Wall-clock times of this worker's start, sent with its first report (bench/first_step.py).
     startup = {"loop_start": time.time()}
+    train, meta = config["train"], config["data_meta"]
+    train_shard = ray.train.get_dataset_shard("train")
+    epoch_batches = partial(_epoch_batches, train_shard, train, config["shuffle_buffer"], ray.train.torch.get_device())
+    checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
+    # Starting an epoch's stream takes Ray Data seconds, mostly waiting on other processes. A new
+    # run starts its first epoch's now, beside DeepSpeed's import and set-up; every epoch starts
+    # the next one's before its end-of-epoch validation and checkpoint.
+    upcoming = _Started(0, epoch_batches(0)) if checkpoint is None and config.get("start_from") is None else None
     import deepspeed  # imported on the worker: it probes the accelerator at import time
 
-    train, meta = config["train"], config["data_meta"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(train["seed"])  # same seed on every rank: identical initial weights
@@ -91,12 +99,10 @@ def train_loop_per_worker(config: dict) -> None:
     startup["engine_ready"] = time.time()
     dtype = DTYPES[train["precision"]]
     loss_fn = _loss(config["distill"], engine.device)
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     spec = model_spec(config["model"], meta)
 
     position = {"epoch": 0, "micro_batch": 0, "step": 0}
-    checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
     adopted = checkpoint is None and config.get("start_from") is not None
     if adopted:  # PBT: another trial's checkpoint, continued with this trial's (perturbed) values
         checkpoint = ray.train.Checkpoint(config["start_from"])
@@ -126,9 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
         engine.train()
         started, since_report = time.perf_counter(), _Window(diverged)
         skip = position["micro_batch"] if epoch == position["epoch"] else 0
-        batches = train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
-                                                 local_shuffle_buffer_size=max(config["shuffle_buffer"], train["micro_batch_size"]),
-                                                 local_shuffle_seed=train["seed"] * 1000 + epoch, device=engine.device)
+        batches = upcoming if upcoming is not None and upcoming.epoch == epoch else epoch_batches(epoch)
         # Every rank walks the whole shard (equal row counts: the same number of batches), trains
         # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
         for index, batch in enumerate(waiting.around(batches)):
@@ -161,6 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
                 engine.train()
         since_report.settle(keep=0)
         since_report.seconds, since_report.data_wait = time.perf_counter() - started, waiting.take()
+        upcoming = _Started(epoch + 1, epoch_batches(epoch + 1)) if epoch + 1 < train["epochs"] else None
         _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
                     {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
 
@@ -224,6 +229,44 @@ class _Window:
             self.loss_sum += sum(values)
             self.micro_batches += len(values)
             self.steps.append([step, sum(values) / len(values), lr])
+
+
+def _epoch_batches(shard, train: dict, shuffle_buffer: int, device, epoch: int):
+    """One epoch of this rank's shard in micro batches, shuffled locally with a seed of the epoch
+    (the same batches again on a resume). On a GPU the batches are pinned: a copy from pageable
+    memory waits for all the work queued before it, which would stop the CPU queueing ahead."""
+    return shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
+                                    local_shuffle_buffer_size=max(shuffle_buffer, train["micro_batch_size"]),
+                                    local_shuffle_seed=train["seed"] * 1000 + epoch, device=device,
+                                    pin_memory=device.type == "cuda")
+
+
+class _Started:
+    """An epoch's batches whose first one is fetched in a background thread from the moment this
+    is made; iterating waits for it, then goes on in the caller's thread (never both at once)."""
+
+    def __init__(self, epoch: int, batches):
+        self.epoch, self._batches = epoch, batches
+        self._first: list = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name=f"start-epoch-{epoch}", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._batches = iter(self._batches)
+            self._first.append(next(self._batches))
+        except StopIteration:
+            pass
+        except BaseException as exc:  # raised where the epoch is iterated
+            self._error = exc
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._batches
 
 
 class _Stopwatch:
