@@ -61,34 +61,3 @@ def test_stopwatch_counts_only_the_time_spent_waiting_for_items():
     assert 0.15 <= waited <= elapsed - 0.15
     assert watch.take() == 0.0
 
-
-def test_started_fetches_the_first_batch_ahead_and_keeps_the_order():
-    import threading
-
-    from trainers.loop import _Started
-
-    fetched_in = []
-
-    def batches():
-        for i in range(4):
-            fetched_in.append(threading.current_thread().name)
-            yield i
-
-    started = _Started(3, batches())
-    started._thread.join()  # the first batch was fetched without anyone iterating
-    assert fetched_in == ["start-epoch-3"] and started.epoch == 3
-    assert list(started) == [0, 1, 2, 3]
-    assert fetched_in[1:] == [threading.current_thread().name] * 3
-
-
-def test_started_raises_the_streams_error_where_it_is_iterated():
-    from trainers.loop import _Started
-
-    def broken():
-        raise OSError("split coordinator died")
-        yield  # a generator
-
-    started = _Started(0, broken())
-    with pytest.raises(OSError, match="split coordinator died"):
-        list(started)
-    assert list(_Started(1, iter([]))) == []

@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -83,10 +82,6 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     epoch_batches = partial(_epoch_batches, train_shard, train, config["shuffle_buffer"], ray.train.torch.get_device())
     checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
-    # Starting an epoch's stream takes Ray Data seconds, mostly waiting on other processes. A new
-    # run starts its first epoch's now, beside DeepSpeed's import and set-up; every epoch starts
-    # the next one's before its end-of-epoch validation and checkpoint.
-    upcoming = _Started(0, epoch_batches(0)) if checkpoint is None and config.get("start_from") is None else None
     import deepspeed  # imported on the worker: it probes the accelerator at import time
 
     context = ray.train.get_context()
@@ -132,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
         engine.train()
         started, since_report = time.perf_counter(), _Window(diverged)
         skip = position["micro_batch"] if epoch == position["epoch"] else 0
-        batches = upcoming if upcoming is not None and upcoming.epoch == epoch else epoch_batches(epoch)
+        batches = epoch_batches(epoch)
         # Every rank walks the whole shard (equal row counts: the same number of batches), trains
         # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
         for index, batch in enumerate(waiting.around(batches)):
@@ -165,7 +160,6 @@ def train_loop_per_worker(config: dict) -> None:
                 engine.train()
         since_report.settle(keep=0)
         since_report.seconds, since_report.data_wait = time.perf_counter() - started, waiting.take()
-        upcoming = _Started(epoch + 1, epoch_batches(epoch + 1)) if epoch + 1 < train["epochs"] else None
         _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
                     {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
 
@@ -239,34 +233,6 @@ def _epoch_batches(shard, train: dict, shuffle_buffer: int, device, epoch: int):
                                     local_shuffle_buffer_size=max(shuffle_buffer, train["micro_batch_size"]),
                                     local_shuffle_seed=train["seed"] * 1000 + epoch, device=device,
                                     pin_memory=device.type == "cuda")
-
-
-class _Started:
-    """An epoch's batches whose first one is fetched in a background thread from the moment this
-    is made; iterating waits for it, then goes on in the caller's thread (never both at once)."""
-
-    def __init__(self, epoch: int, batches):
-        self.epoch, self._batches = epoch, batches
-        self._first: list = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._fetch, name=f"start-epoch-{epoch}", daemon=True)
-        self._thread.start()
-
-    def _fetch(self) -> None:
-        try:
-            self._batches = iter(self._batches)
-            self._first.append(next(self._batches))
-        except StopIteration:
-            pass
-        except BaseException as exc:  # raised where the epoch is iterated
-            self._error = exc
-
-    def __iter__(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        yield from self._first
-        yield from self._batches
 
 
 class _Stopwatch:
