@@ -169,10 +169,16 @@ def _bookkeeping(relative: str) -> bool:
 
 
 def glob_regex(pattern: str) -> re.Pattern:
-    """A glob as a regex on '/'-separated relative paths: `**/` any folders (or none), `*` and `?`
-    within one name (what `glob.glob(..., recursive=True)` does, for any filesystem)."""
+    """A glob as a regex on '/'-separated relative paths: `**/` any folders (or none), `*`, `?` and
+    `[...]` / `[!...]` within one name (what `glob.glob(..., recursive=True)` does, for any filesystem)."""
     out, i = "", 0
     while i < len(pattern):
+        if pattern[i] == "[" and (end := _class_end(pattern, i)) is not None:
+            body = pattern[i + 1:end]
+            negate = body.startswith("!")
+            body = re.sub(r"([\\^\[])", r"\\\1", body[1:] if negate else body)  # literal ^ [ and \ in the class
+            out, i = out + (f"[^/{body}]" if negate else f"(?!/)[{body}]"), end + 1
+            continue
         if pattern.startswith("**/", i):
             out, i = out + "(?:.*/)?", i + 3
         elif pattern.startswith("**", i):
@@ -184,6 +190,18 @@ def glob_regex(pattern: str) -> re.Pattern:
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out)
+
+
+def _class_end(pattern: str, start: int) -> int | None:
+    """The index of the `]` closing the character class opened at `start` (a `]` first in the
+    class is a member, as in fnmatch); None where it is never closed (then `[` is a literal)."""
+    j = start + 1
+    if j < len(pattern) and pattern[j] == "!":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1
+    end = pattern.find("]", j)
+    return None if end < 0 else end
 
 
 def format_of(files: Files) -> str:
