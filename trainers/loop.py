@@ -78,12 +78,9 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
 def train_loop_per_worker(config: dict) -> None:
     # Wall-clock times of this worker's start, sent with its first report (bench/first_step.py).
     startup = {"loop_start": time.time()}
-    train, meta = config["train"], config["data_meta"]
-    train_shard = ray.train.get_dataset_shard("train")
-    epoch_batches = partial(_epoch_batches, train_shard, train, config["shuffle_buffer"], ray.train.torch.get_device())
-    checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
     import deepspeed  # imported on the worker: it probes the accelerator at import time
 
+    train, meta = config["train"], config["data_meta"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(train["seed"])  # same seed on every rank: identical initial weights
@@ -94,10 +91,12 @@ def train_loop_per_worker(config: dict) -> None:
     startup["engine_ready"] = time.time()
     dtype = DTYPES[train["precision"]]
     loss_fn = _loss(config["distill"], engine.device)
+    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     spec = model_spec(config["model"], meta)
 
     position = {"epoch": 0, "micro_batch": 0, "step": 0}
+    checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
     adopted = checkpoint is None and config.get("start_from") is not None
     if adopted:  # PBT: another trial's checkpoint, continued with this trial's (perturbed) values
         checkpoint = ray.train.Checkpoint(config["start_from"])
@@ -127,7 +126,12 @@ def train_loop_per_worker(config: dict) -> None:
         engine.train()
         started, since_report = time.perf_counter(), _Window(diverged)
         skip = position["micro_batch"] if epoch == position["epoch"] else 0
-        batches = epoch_batches(epoch)
+        # On a GPU the batches are pinned: a copy from pageable memory waits for all the work queued
+        # before it, which would stop the CPU queueing ahead.
+        batches = train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
+                                                 local_shuffle_buffer_size=max(config["shuffle_buffer"], train["micro_batch_size"]),
+                                                 local_shuffle_seed=train["seed"] * 1000 + epoch, device=engine.device,
+                                                 pin_memory=engine.device.type == "cuda")
         # Every rank walks the whole shard (equal row counts: the same number of batches), trains
         # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
         for index, batch in enumerate(waiting.around(batches)):
@@ -152,14 +156,12 @@ def train_loop_per_worker(config: dict) -> None:
             _fault(config, rank, position["step"], "step")
             last_step_of_epoch = index + 1 == micro_per_epoch
             if every and position["step"] % every == 0 and not last_step_of_epoch:
-                since_report.settle(keep=0)
-                since_report.seconds, since_report.data_wait = time.perf_counter() - started, waiting.take()
+                since_report.close(time.perf_counter() - started, waiting.take())
                 _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
                             {"epoch": epoch, "micro_batch": index + 1, "step": position["step"]}, startup)
                 started, since_report = time.perf_counter(), _Window(diverged)
                 engine.train()
-        since_report.settle(keep=0)
-        since_report.seconds, since_report.data_wait = time.perf_counter() - started, waiting.take()
+        since_report.close(time.perf_counter() - started, waiting.take())
         _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
                     {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
 
@@ -224,15 +226,10 @@ class _Window:
             self.micro_batches += len(values)
             self.steps.append([step, sum(values) / len(values), lr])
 
-
-def _epoch_batches(shard, train: dict, shuffle_buffer: int, device, epoch: int):
-    """One epoch of this rank's shard in micro batches, shuffled locally with a seed of the epoch
-    (the same batches again on a resume). On a GPU the batches are pinned: a copy from pageable
-    memory waits for all the work queued before it, which would stop the CPU queueing ahead."""
-    return shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
-                                    local_shuffle_buffer_size=max(shuffle_buffer, train["micro_batch_size"]),
-                                    local_shuffle_seed=train["seed"] * 1000 + epoch, device=device,
-                                    pin_memory=device.type == "cuda")
+    def close(self, seconds: float, data_wait: float) -> None:
+        """Before a report: every loss settled, and the window's length and data wait."""
+        self.settle(keep=0)
+        self.seconds, self.data_wait = seconds, data_wait
 
 
 class _Stopwatch:
