@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,27 @@ def main(spec_path: str) -> None:
                                       "gpu_memory_peak_mb": peak_mb}), flush=True)
     if world > 1:
         dist.destroy_process_group()
+
+
+def run(spec: Path, world: int, threads: int) -> tuple[dict, float]:
+    """Run this loop on SPEC in a fresh process (`torchrun` for world > 1) with `threads` torch
+    threads a rank: rank 0's RESULT, and the process's wall seconds."""
+    if world == 1:
+        command = [sys.executable, str(ROOT / "bench" / "_loop.py"), str(spec)]
+    else:
+        from cluster.session import free_port
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+                   str(free_port()), str(ROOT / "bench" / "_loop.py"), str(spec)]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env=os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": path})
+    wall = time.perf_counter() - started
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        raise RuntimeError(f"the plain loop failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT ")), wall
 
 
 if __name__ == "__main__":

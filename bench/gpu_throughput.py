@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,27 +51,10 @@ EPOCHS = 2
 TARGET_RATIO, TARGET_MFU = 0.95, 0.40
 
 
-def parameters(model: dict, meta: dict) -> int:
-    """The model's parameter count, built on the meta device (no memory)."""
-    import torch
-
-    from trainers.models import build_model
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(model, meta["input_shape"], meta["num_classes"]).parameters())
-
-
 def run_plain(spec: Path, threads: int) -> dict:
-    command = [sys.executable, str(ROOT / "bench" / "_loop.py"), str(spec)]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env=os.environ | {"OMP_NUM_THREADS": str(threads),
-                                            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    wall = time.perf_counter() - started
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if done.returncode or line is None:
-        raise RuntimeError(f"the plain loop failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    result = json.loads(line.removeprefix("RESULT "))
+    from bench._loop import run
+
+    result, wall = run(spec, 1, threads)
     return {"rate": result["items_per_epoch"] / result["epoch_seconds"][-1], "startup_s": result["first_step_s"],
             "wall_s": wall, "peak_mb": result["gpu_memory_peak_mb"]}
 
@@ -122,6 +104,7 @@ def main() -> None:
     from cluster.session import free_port, quiet_driver_logs, worker_env
     from dataprep.cache import prepare
     from launcher.config import load
+    from launcher.plan import model_size
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"no GPU ({os.cpu_count()} CPUs)"
@@ -144,9 +127,10 @@ def main() -> None:
                 f"data.text_glob={args.glob or shape['glob']}", "data.val_fraction=0.1", "data.test_fraction=0.1", "train.lr_schedule=constant", "train.warmup_steps=0",
                 "train.grad_accum_steps=1", f"train.micro_batch_size={shape['micro']}", f"train.epochs={EPOCHS}",
                 f"train.precision={'bf16' if cuda else 'fp32'}", f"train.use_gpu={str(cuda).lower()}", "train.lr=3e-4"]
-            run = load(ROOT / "configs" / "lm.yaml", overrides).model_dump(mode="json")
+            cfg = load(ROOT / "configs" / "lm.yaml", overrides)
+            run = cfg.model_dump(mode="json")
             meta, data_dir, _ = prepare(run["data"], shape["seq_len"], work / "cache")
-            params = parameters(run["model"], meta)
+            params, _ = model_size(cfg)
             print(f"\n{size}: {params / 1e6:,.1f}M parameters, {meta['rows']['train']} train rows of {meta['seq_len']} "
                   f"tokens, micro batch {shape['micro']}, {EPOCHS} epochs", flush=True)
             spec = work / f"{size}.json"

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,21 +60,9 @@ def _steady(epoch_seconds: list[float], items: int) -> float:
 
 
 def run_baseline(spec: Path, world: int) -> dict:
-    if world == 1:
-        command = [sys.executable, str(ROOT / "bench" / "_loop.py"), str(spec)]
-    else:
-        from cluster.session import free_port
+    from bench._loop import run
 
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-                   str(free_port()), str(ROOT / "bench" / "_loop.py"), str(spec)]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env=os.environ | {"OMP_NUM_THREADS": "1" if world > 1 else "2", "PYTHONPATH": str(ROOT)})
-    wall = time.perf_counter() - started
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if done.returncode or line is None:
-        raise RuntimeError(f"{command[-1]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    result = json.loads(line.removeprefix("RESULT "))
+    result, wall = run(spec, world, threads=1 if world > 1 else 2)
     rate = _steady(result["epoch_seconds"], result["items_per_epoch"])
     return {"rate": rate, "startup_s": result["first_step_s"], "wall_s": wall}
 
