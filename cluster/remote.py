@@ -28,9 +28,12 @@ def is_uri(path: str | Path) -> bool:
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)))
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's filesystem for a URI, and the path within it."""
-    return pafs.FileSystem.from_uri(uri)
+def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for a URI, and the path within it; for a local path, the local
+    filesystem and the absolute path."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
 def join(base: str, *parts: str) -> str:
@@ -82,7 +85,7 @@ def read_text(path: str | Path) -> str | None:
 def remove_dirs(parent: str | Path, prefix: str, keep: set[str]) -> list[str]:
     """Remove the folders of `parent` (a URI or a local path) whose names start with `prefix`,
     except those in `keep`; returns the names removed."""
-    fs, root = filesystem(str(parent)) if is_uri(parent) else (pafs.LocalFileSystem(), str(Path(parent).resolve()))
+    fs, root = filesystem(parent)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     removed = sorted(i.base_name for i in infos
                      if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix) and i.base_name not in keep)

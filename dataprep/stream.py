@@ -24,6 +24,8 @@ import pyarrow.fs as pafs
 import ray.data
 from ray.data.extensions import ArrowTensorArray, ArrowTensorType, ArrowTensorTypeV2
 
+from cluster.remote import filesystem
+
 READ_ROWS = 4096  # rows per batch read from a Parquet file
 READ_TASKS = 2  # read tasks at once
 TENSORS = b"raylaunch.tensors"  # schema metadata: {column: {"dtype": ..., "shape": [...]}}
@@ -58,7 +60,7 @@ def decode_tensors(table: pa.Table, tensors: dict | None = None) -> pa.Table:
 
 
 def parquet_files(folder: Path | str) -> list[str]:
-    fs, root = pafs.FileSystem.from_uri(str(folder)) if "://" in str(folder) else (pafs.LocalFileSystem(), str(Path(folder).resolve()))
+    fs, root = filesystem(folder)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
