@@ -70,6 +70,26 @@ def stream_split(data_dir: Path | str, split: str) -> ray.data.Dataset:
     return stream_folder(f"{data_dir}/{split}")
 
 
+def split_bytes(data_dir: Path | str, split: str) -> int:
+    """What one cached split takes decoded: its row groups' uncompressed sizes, from the files' footers."""
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(f"{data_dir}/{split}")
+    total = 0
+    for path in parquet_files(f"{data_dir}/{split}"):
+        with fs.open_input_file(path) as file:
+            metadata = pq.read_metadata(file)
+        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    return total
+
+
+def held_in_memory(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """The dataset read once into Ray's object store, blocks in file order: each epoch then
+    streams it from memory instead of starting read tasks over the files again."""
+    dataset.context.execution_options.preserve_order = True  # this dataset's own copy of the context
+    return dataset.materialize()
+
+
 def stream_folder(folder: Path | str) -> ray.data.Dataset:
     files = parquet_files(folder)
     # A few long-lived read tasks, each taking several files: zero-CPU tasks are not limited by

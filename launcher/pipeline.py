@@ -293,24 +293,31 @@ def _preprocess(run: Run) -> dict:
 
 
 def _train(run: Run) -> dict:
-    from trainers.fit import best_checkpoint, build_trainer, fit, load_splits
+    from trainers.fit import best_checkpoint, build_trainer, fit, in_memory
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta)
     (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
     resumed = _resume_point(run, "train")
+    splits = _splits(run)
     with _reports(run, "teacher", config) as reports:
-        result = fit(build_trainer(config, load_splits(run.data_dir), run.storage, name="train",
-                                   callbacks=[reports.callback()]), config["train"])
+        result = fit(build_trainer(config, splits, run.storage, name="train", callbacks=[reports.callback()]),
+                     config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
-    return _training_summary("teacher", metrics, run.cfg) | resumed
+    return _training_summary("teacher", metrics, run.cfg) | resumed | {"data_in_memory": in_memory(splits)}
+
+
+def _splits(run: Run, train_dir: str | None = None) -> dict:
+    """The train and val splits for a training stage, held in memory as `data.in_memory` says."""
+    from trainers.fit import load_splits
+
+    return load_splits(run.data_dir, run.cfg.data.in_memory, run.cfg.data.ingest_memory_mb, train_dir)
 
 
 def _tune(run: Run) -> dict:
-    from dataprep.stream import stream_split
     from launcher.report import print_trials
-    from trainers.fit import load_splits
+    from trainers.fit import in_memory
     from tuning.results import write_trials
     from launcher.live import SweepProgress
     from tuning.packing import pack, trial_count
@@ -325,11 +332,12 @@ def _tune(run: Run) -> dict:
     (run.run_dir / "tune").mkdir(exist_ok=True)
     # A sweep of distill paths distills the trained teacher in every trial; precomputed, its
     # outputs are computed once for all of them.
-    role, teacher_dir, datasets = ("student" if cfg.sweeps_student else "teacher"), None, load_splits(run.data_dir)
+    role, teacher_dir, train_dir = ("student" if cfg.sweeps_student else "teacher"), None, None
     if role == "student":
         teacher_dir = run.shared(run.models["teacher"])
         if cfg.distill.teacher_outputs == "precompute":
-            datasets["train"] = stream_split(_precompute_teacher_outputs(run)["path"], "train")
+            train_dir = _precompute_teacher_outputs(run)["path"]
+    datasets = _splits(run, train_dir)  # held in memory, one copy serves every trial
     progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
     sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
                       resume=run.resume, teacher_dir=teacher_dir, callbacks=[progress])
@@ -350,29 +358,26 @@ def _tune(run: Run) -> dict:
     values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
     return {"role": role, "trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
             "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent, **files,
-            "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
+            "data_in_memory": in_memory(datasets), "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
             "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4),
             "line": f"{len(sweep.trials)} {role} trials ({moved}, {failed} failed); "
                     f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
 
 
 def _distill(run: Run) -> dict:
-    from dataprep.stream import stream_split
-    from trainers.fit import best_checkpoint, build_trainer, fit, load_splits
+    from trainers.fit import best_checkpoint, build_trainer, fit, in_memory
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta, teacher_dir=run.shared(run.models["teacher"]))
     resumed = _resume_point(run, "distill")
-    splits, precomputed = load_splits(run.data_dir), {}
-    if run.cfg.distill.teacher_outputs == "precompute":
-        precomputed = _precompute_teacher_outputs(run)
-        splits["train"] = stream_split(precomputed["path"], "train")
+    precomputed = _precompute_teacher_outputs(run) if run.cfg.distill.teacher_outputs == "precompute" else {}
+    splits = _splits(run, precomputed.get("path"))
     with _reports(run, "student", config) as reports:
         result = fit(build_trainer(config, splits, run.storage, name="distill", callbacks=[reports.callback()]),
                      config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student", run.data_dir)
-    summary = _training_summary("student", metrics, run.cfg) | resumed
+    summary = _training_summary("student", metrics, run.cfg) | resumed | {"data_in_memory": in_memory(splits)}
     return summary | ({"teacher_outputs": precomputed} if precomputed else {})
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.extensions import ArrowTensorArray
 
-from dataprep.stream import decode_tensors, encode_tensors
+from dataprep.stream import decode_tensors, encode_tensors, split_bytes
 
 
 def test_tensor_columns_round_trip_through_parquet(tmp_path):
@@ -33,3 +33,21 @@ def test_tensor_columns_round_trip_through_parquet(tmp_path):
 def test_a_table_without_tensors_is_unchanged():
     table = pa.table({"features": [1.0, 2.0], "label": [0, 1]})
     assert decode_tensors(encode_tensors(table)).equals(table)
+
+
+def test_a_splits_decoded_size_and_whether_auto_holds_it_in_memory(tmp_path):
+    from trainers.fit import IN_MEMORY_SHARE, hold_in_memory
+
+    tokens = np.arange(4000 * 129, dtype=np.int32).reshape(4000, 129)  # incompressible enough: 2 MB as stored
+    (tmp_path / "train").mkdir()
+    table = encode_tensors(pa.table({"tokens": ArrowTensorArray.from_numpy(tokens)}))
+    pq.write_table(table.slice(0, 2500), tmp_path / "train" / "a.parquet", row_group_size=1000)
+    pq.write_table(table.slice(2500), tmp_path / "train" / "b.parquet")
+    size = split_bytes(tmp_path, "train")
+    assert tokens.nbytes <= size < 1.05 * tokens.nbytes  # every row group of both files, decoded
+
+    store = 100 * 2**20
+    assert hold_in_memory(store // IN_MEMORY_SHARE, store, None)
+    assert not hold_in_memory(store // IN_MEMORY_SHARE + 1, store, None)
+    assert not hold_in_memory(2 * 2**20, store, ingest_memory_mb=1)  # never past data.ingest_memory_mb
+    assert hold_in_memory(2**20, store, ingest_memory_mb=1)

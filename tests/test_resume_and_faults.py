@@ -25,11 +25,11 @@ def _config(stage: int = 2, **train) -> dict:
     return run
 
 
-def _fit(run: dict, meta: dict, data_dir, storage, name: str, fault: dict | None = None):
+def _fit(run: dict, meta: dict, data_dir, storage, name: str, fault: dict | None = None, in_memory: bool = False):
     config = loop_config(run, meta)
     if fault:
         config["fault"] = fault
-    return build_trainer(config, load_splits(data_dir), storage, name=name).fit()
+    return build_trainer(config, load_splits(data_dir, in_memory), storage, name=name).fit()
 
 
 def _history(result) -> list[tuple[int, float]]:
@@ -68,14 +68,16 @@ def test_straight_run_reports_every_other_step(straight):
     assert [step for step, _ in history] == list(range(2, 4 * EPOCHS + 1, 2))
 
 
-def test_resume_after_killed_run_matches_uninterrupted_run(straight, digits_data, tmp_path):
+def test_resume_after_killed_run_matches_uninterrupted_run_with_the_data_held_in_memory(straight, digits_data, tmp_path):
     data_dir, meta = digits_data
     fault = {"rank": 1, "step": 5, "where": "step", "marker": str(tmp_path / "killed")}
+    # These two runs hold the splits in memory (data.in_memory); the straight one streams them from
+    # the files: every rank must see the same rows in the same order either way.
     with pytest.raises(TrainingFailedError):  # max_failures 0: the run stops, as if its driver had died
-        _fit(_config(), meta, data_dir, tmp_path / "ray", "run", fault)
+        _fit(_config(), meta, data_dir, tmp_path / "ray", "run", fault, in_memory=True)
     assert (tmp_path / "killed").exists()
     # Same name and storage: Ray Train finds the run's checkpoints and the loop continues from the latest.
-    result = _fit(_config(), meta, data_dir, tmp_path / "ray", "run")
+    result = _fit(_config(), meta, data_dir, tmp_path / "ray", "run", in_memory=True)
     _assert_same_run(result, straight)
 
 

@@ -81,11 +81,42 @@ class WorkerGroupUnplaceable(RuntimeError):
     """The worker group could not be (re)started: the cluster no longer holds it."""
 
 
-def load_splits(data_dir: Path | str) -> dict[str, ray.data.Dataset]:
-    """The cached train and val splits, streamed to the workers as they train (see dataprep.stream)."""
-    from dataprep.stream import stream_split
+IN_MEMORY_SHARE = 8
+"""`data.in_memory: auto` holds the splits in memory when they take at most 1/8 of the object store."""
 
-    return {split: stream_split(data_dir, split) for split in ("train", "val")}
+
+def load_splits(data_dir: Path | str, in_memory: bool | str = False, ingest_memory_mb: int | None = None,
+                train_dir: Path | str | None = None) -> dict[str, ray.data.Dataset]:
+    """The cached train and val splits (the train split from `train_dir` where given: the teacher's
+    outputs beside the rows), streamed to the workers as they train (see dataprep.stream).
+
+    `in_memory` (`data.in_memory`): True reads them once into the object store before training,
+    so that no epoch waits for read tasks to start over the files; `auto` does so when they are
+    small (`hold_in_memory`)."""
+    from dataprep.stream import held_in_memory, split_bytes, stream_split
+
+    folders = {"train": train_dir or data_dir, "val": data_dir}
+    if in_memory == "auto":
+        size = sum(split_bytes(folder, split) for split, folder in folders.items())
+        in_memory = hold_in_memory(size, ray.cluster_resources().get("object_store_memory", 0), ingest_memory_mb)
+    splits = {split: stream_split(folder, split) for split, folder in folders.items()}
+    return {split: held_in_memory(ds) for split, ds in splits.items()} if in_memory else splits
+
+
+def hold_in_memory(size: int, store_bytes: float, ingest_memory_mb: int | None) -> bool:
+    """`data.in_memory: auto`: whether splits of `size` bytes are held in the object store: when
+    they take at most 1/IN_MEMORY_SHARE of it, and no more than `data.ingest_memory_mb` where set."""
+    budget = store_bytes / IN_MEMORY_SHARE
+    if ingest_memory_mb is not None:
+        budget = min(budget, ingest_memory_mb * 2**20)
+    return size <= budget
+
+
+def in_memory(splits: dict[str, ray.data.Dataset]) -> bool:
+    """Whether `load_splits` held these splits in memory."""
+    from ray.data.dataset import MaterializedDataset
+
+    return isinstance(splits["train"], MaterializedDataset)
 
 
 def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
