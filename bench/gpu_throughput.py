@@ -71,7 +71,8 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     config = loop_config(run, meta)
     started = time.perf_counter()
     try:
-        result = build_trainer(config, load_splits(data_dir, run["data"]["in_memory"], run["data"]["ingest_memory_mb"]), storage, name=name).fit()
+        splits = load_splits(data_dir, run["data"]["in_memory"], run["data"]["ingest_memory_mb"])  # as the pipeline does
+        result = build_trainer(config, splits, storage, name=name).fit()
     finally:
         shutil.rmtree(storage / name, ignore_errors=True)  # checkpoints of a 1B model are ~18 GB each
     wall = time.perf_counter() - started

@@ -78,7 +78,8 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     run["train"]["zero"]["stage"] = stage
     config = loop_config(run, meta)
     started = time.perf_counter()
-    result = build_trainer(config, load_splits(data_dir, run["data"]["in_memory"], run["data"]["ingest_memory_mb"]), storage, name=name).fit()
+    splits = load_splits(data_dir, run["data"]["in_memory"], run["data"]["ingest_memory_mb"])  # as the pipeline does
+    result = build_trainer(config, splits, storage, name=name).fit()
     wall = time.perf_counter() - started
     history = result.metrics_dataframe
     key = "tokens_per_s" if meta.get("task") == "lm" else "samples_per_s"

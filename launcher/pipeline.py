@@ -293,7 +293,7 @@ def _preprocess(run: Run) -> dict:
 
 
 def _train(run: Run) -> dict:
-    from trainers.fit import best_checkpoint, build_trainer, fit, in_memory
+    from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta)
@@ -305,7 +305,7 @@ def _train(run: Run) -> dict:
                      config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
-    return _training_summary("teacher", metrics, run.cfg) | resumed | {"data_in_memory": in_memory(splits)}
+    return _training_summary("teacher", metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
 
 
 def _splits(run: Run, train_dir: str | None = None) -> dict:
@@ -317,7 +317,7 @@ def _splits(run: Run, train_dir: str | None = None) -> dict:
 
 def _tune(run: Run) -> dict:
     from launcher.report import print_trials
-    from trainers.fit import in_memory
+    from trainers.fit import splits_in_memory
     from tuning.results import write_trials
     from launcher.live import SweepProgress
     from tuning.packing import pack, trial_count
@@ -358,14 +358,14 @@ def _tune(run: Run) -> dict:
     values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
     return {"role": role, "trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
             "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent, **files,
-            "data_in_memory": in_memory(datasets), "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
+            "data_in_memory": splits_in_memory(datasets), "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
             "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4),
             "line": f"{len(sweep.trials)} {role} trials ({moved}, {failed} failed); "
                     f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
 
 
 def _distill(run: Run) -> dict:
-    from trainers.fit import best_checkpoint, build_trainer, fit, in_memory
+    from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
     from trainers.loop import loop_config
 
     config = loop_config(run.dump(), run.data_meta, teacher_dir=run.shared(run.models["teacher"]))
@@ -377,7 +377,7 @@ def _distill(run: Run) -> dict:
                      config["train"])
     checkpoint, metrics = best_checkpoint(result, config["metric"])
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student", run.data_dir)
-    summary = _training_summary("student", metrics, run.cfg) | resumed | {"data_in_memory": in_memory(splits)}
+    summary = _training_summary("student", metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
     return summary | ({"teacher_outputs": precomputed} if precomputed else {})
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 def test_training_streams_a_dataset_larger_than_its_ingest_budget(ray_cluster, tmp_path):
     from dataprep.cache import prepare
     from launcher.config import RunConfig
-    from trainers.fit import build_trainer, in_memory, load_splits
+    from trainers.fit import build_trainer, load_splits, splits_in_memory
     from trainers.loop import loop_config
 
     rng = np.random.default_rng(0)
@@ -36,7 +36,7 @@ def test_training_streams_a_dataset_larger_than_its_ingest_budget(ray_cluster, t
 
     config = loop_config(run, meta)
     splits = load_splits(data_dir, run["data"]["in_memory"], budget_mb)
-    assert not in_memory(splits)  # data.in_memory: auto keeps to the ingest budget
+    assert not splits_in_memory(splits)  # data.in_memory: auto keeps to the ingest budget
     result = build_trainer(config, splits, tmp_path / "ray", name="stream").fit()
     assert result.error is None
     assert result.metrics["step"] == 2 * (meta["rows"]["train"] // 2 // 500)

@@ -112,7 +112,7 @@ def hold_in_memory(size: int, store_bytes: float, ingest_memory_mb: int | None) 
     return size <= budget
 
 
-def in_memory(splits: dict[str, ray.data.Dataset]) -> bool:
+def splits_in_memory(splits: dict[str, ray.data.Dataset]) -> bool:
     """Whether `load_splits` held these splits in memory."""
     from ray.data.dataset import MaterializedDataset
 
