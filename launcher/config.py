@@ -187,7 +187,7 @@ class DataConfig(Section):
     """Object store memory Ray Data may hold while streaming the training data to the workers; null is Ray Data's default."""
     shuffle_buffer: int = Field(10_000, ge=1)
     """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory."""
-    in_memory: Literal["auto"] | bool = "auto"
+    in_memory: Literal["auto", True, False] = "auto"
     """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short. `auto`: when the two splits take at most 1/8 of the cluster's object store memory (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`)."""
 
     @field_validator("transforms", mode="before")
@@ -558,7 +558,7 @@ def _shown_key(key) -> str:
     """A key as a problem line shows it: quoted when it is empty or has spaces or control characters
     (a key `\r` would otherwise print as nothing at all)."""
     text = str(key)
-    return text if re.fullmatch(r"[^\s'\"]+", text) else repr(text)
+    return text if re.fullmatch(r"[^\s'\"]+", text) and text.isprintable() else repr(text)
 
 
 def _unknown_key_hint(path: str) -> str:

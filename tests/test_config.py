@@ -28,6 +28,7 @@ def _write(tmp_path: Path, doc: dict) -> Path:
         ({"train": {"zero": {"stage": 4}}}, "train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 4)"),
         ({"train": {"lr": -0.1}}, "train.lr: must be greater than 0 (got -0.1)"),
         ({"train": {"epochs": "many"}}, "train.epochs: must be a valid integer, unable to parse string as an integer (got 'many')"),
+        ({"data": {"in_memory": "maybe"}}, "data.in_memory: must be 'auto', True or False (got 'maybe')"),
         ({"train": {"workers": 2, "micro_batch_size": 32, "global_batch_size": 100}},
          "train.global_batch_size: 100 must equal micro_batch_size x grad_accum_steps x workers = 32 x 1 x 2 = 64"),
         ({"train": {"precision": "bf16"}}, "train.precision: bf16 needs use_gpu: true (CPU workers train in fp32)"),

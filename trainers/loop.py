@@ -371,13 +371,15 @@ def _rng_state() -> dict:
 @torch.no_grad()
 def _validate(engine, shard, dtype, batch_size: int, meta: dict) -> dict:
     engine.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    # Summed on the device: no host sync per batch, one read-back after the all-reduce.
+    sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
         x, y = model_batch(batch, meta)
         logits = engine(_model_input(x, dtype)).float().flatten(0, -2)
         y = y.flatten()
-        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(-1) == y).sum().item(),
-                              len(y)], dtype=torch.float64)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum")
+        sums[1] += (logits.argmax(-1) == y).sum()
+        sums[2] += len(y)
     loss, correct, count = _all_reduce_sum(sums, engine.device)
     return {"val_loss": loss / count, "val_accuracy": correct / count, "val_rows": int(count)}
 
