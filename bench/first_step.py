@@ -11,7 +11,7 @@ times: pipeline start, Ray ready, each stage's start) and the first training rep
 (rank 0's: train function entered, DeepSpeed engine ready, first batch, first optimizer step).
 Target: <= 20 s with warm caches.
 
-    python bench/first_step.py [--config configs/quickstart.yaml] [--rounds 3] [--workdir DIR]
+    python bench/first_step.py [--config configs/quickstart.yaml] [--rounds 3] [--workdir DIR] [--set PATH=VALUE ...]
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ PARTS = [  # (label, from, to): consecutive, so they add up to the total
 ]
 
 
-def one_run(config: str, work: Path, name: str, cache: Path) -> dict[str, float]:
+def one_run(config: str, work: Path, name: str, cache: Path, sets: list[str]) -> dict[str, float]:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "launcher", "run", config, "--stages", "preprocess,train",
                "--set", f"output.dir={out}", "--set", f"data.cache_dir={cache}", "--set", "train.epochs=1",
-               "--set", "output.tensorboard=false"]
+               "--set", "output.tensorboard=false", *[arg for s in sets for arg in ("--set", s)]]
     spawn = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if done.returncode:
@@ -60,15 +60,16 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", default="/tmp/raylaunch-bench-first-step")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="more config overrides")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     print(f"machine: {os.cpu_count()} CPUs; config {args.config}; warming the caches ...", flush=True)
-    one_run(args.config, work, "warm", cache)
+    one_run(args.config, work, "warm", cache, args.set)
     rounds = []
     for r in range(args.rounds):
-        times = one_run(args.config, work, f"run-{r}", cache)
+        times = one_run(args.config, work, f"run-{r}", cache, args.set)
         rounds.append({label: times[b] - times[a] for label, a, b in PARTS} | {"total": times["first_step"] - times["spawn"]})
         print(f"  round {r + 1}: {rounds[-1]['total']:.1f} s to the first step", flush=True)
     print(f"\nfrom `raylaunch run` to the first training step, median of {args.rounds} runs with warm caches:")

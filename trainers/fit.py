@@ -93,14 +93,14 @@ def load_splits(data_dir: Path | str, in_memory: bool | str = False, ingest_memo
     `in_memory` (`data.in_memory`): True reads them once into the object store before training,
     so that no epoch waits for read tasks to start over the files; `auto` does so when they are
     small (`hold_in_memory`)."""
-    from dataprep.stream import held_in_memory, split_bytes, stream_split
+    from dataprep.stream import held_split, split_bytes, stream_split
 
     folders = {"train": train_dir or data_dir, "val": data_dir}
     if in_memory == "auto":
         size = sum(split_bytes(folder, split) for split, folder in folders.items())
         in_memory = hold_in_memory(size, ray.cluster_resources().get("object_store_memory", 0), ingest_memory_mb)
-    splits = {split: stream_split(folder, split) for split, folder in folders.items()}
-    return {split: held_in_memory(ds) for split, ds in splits.items()} if in_memory else splits
+    read = held_split if in_memory else stream_split
+    return {split: read(folder, split) for split, folder in folders.items()}
 
 
 def hold_in_memory(size: int, store_bytes: float, ingest_memory_mb: int | None) -> bool:
