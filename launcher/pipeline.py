@@ -337,7 +337,7 @@ def _tune(run: Run) -> dict:
         teacher_dir = run.shared(run.models["teacher"])
         if cfg.distill.teacher_outputs == "precompute":
             train_dir = _precompute_teacher_outputs(run)["path"]
-    datasets = _splits(run, train_dir)  # held in memory, one copy serves every trial
+    datasets = _splits(run, train_dir)  # one copy serves every trial, held in memory or streamed
     progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
     sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
                       resume=run.resume, teacher_dir=teacher_dir, callbacks=[progress])
