@@ -4,6 +4,9 @@ loop over data in memory, single-process, or under `torchrun` as DistributedData
 from rank 0: the seconds of every epoch, the samples trained per epoch, the seconds to the first
 step, and on a GPU the peak memory its tensors took.
 
+With spec "deepspeed" (a DeepSpeed JSON), the model trains on the DeepSpeed engine that JSON
+describes instead of DDP and torch's AdamW: the engine raylaunch's workers build, without Ray.
+
 On a GPU (spec "device": "cuda") the rows sit in GPU memory, the model trains under
 `torch.autocast(bfloat16)` over fp32 weights with torch's fused AdamW (spec "precision": "bf16"),
 and each epoch's time ends at a device synchronize.
@@ -51,11 +54,17 @@ def main(spec_path: str) -> None:
     batch = spec["global_batch"] // world
     torch.manual_seed(0)
     model = build_model(spec["model"], meta["input_shape"], meta["num_classes"]).to(device)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
     train = spec["train"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"],
-                                  betas=tuple(train["adam_betas"]), eps=1e-8, fused=cuda or None)
+    if spec.get("deepspeed"):  # the engine raylaunch's workers build, without Ray
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=spec["deepspeed"])
+        model, optimizer = engine, None
+    else:
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"],
+                                      betas=tuple(train["adam_betas"]), eps=1e-8, fused=cuda or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("precision") == "bf16")
     steps = per_rank // batch
     epochs, first_step = [], None
@@ -70,11 +79,15 @@ def main(spec_path: str) -> None:
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
-            optimizer.step()
+            if optimizer is None:  # DeepSpeed: clipping and zeroing are the engine's
+                model.backward(loss)
+                model.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if train.get("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
+                optimizer.step()
             if first_step is None:
                 sync()
                 first_step = time.perf_counter() - STARTED

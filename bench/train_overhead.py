@@ -5,7 +5,10 @@ The same model, the same rows in memory (the cached train split), the same globa
   1. plain    a single-process PyTorch loop, 2 threads;
   2. rl-1w    raylaunch (Ray Train + DeepSpeed), 1 worker with 2 CPUs, ZeRO-0;
   3. ddp      `torchrun --nproc_per_node 2`, DistributedDataParallel over gloo, 1 thread a rank;
-  4. rl-2w-z0, rl-2w-z2, rl-2w-z3   raylaunch, 2 workers of 1 CPU, ZeRO-0, -2 and -3.
+  4. rl-2w-z0, rl-2w-z2, rl-2w-z3   raylaunch, 2 workers of 1 CPU, ZeRO-0, -2 and -3;
+and, to tell Ray's and raylaunch's share of (4)'s cost from DeepSpeed's:
+  5. ds-z0, ds-z2   the plain loop under `torchrun --nproc_per_node 2` on the DeepSpeed engine
+     raylaunch's 2 workers build (the same JSON), ZeRO-0 and -2: DeepSpeed without Ray.
 Throughput is steady state: samples/s (tokens/s for the GPT) over every epoch but the first, the
 median over rounds that run the ways interleaved. Start-up is reported apart: for the baselines the
 seconds to their first optimizer step; for raylaunch the time fit() took beyond its steady-state
@@ -13,6 +16,8 @@ training (worker group start, DeepSpeed set-up, data pipeline start, validation 
 
 Cases: `cnn` (the quickstart's digits CNN) and `gpt` (configs/lm.yaml's GPT at its CPU size).
 Targets on a 2-core machine: rl-1w / plain >= 0.90; rl-2w-z0 / ddp >= 0.975; rl-2w-z2 / ddp >= 0.85.
+Also printed: ds-z0 / ddp and ds-z2 / ddp (DeepSpeed's own cost against DDP), rl-2w-z0 / ds-z0 and
+rl-2w-z2 / ds-z2 (what Ray Train, Ray Data and raylaunch's loop cost on top of the same engine).
 
     python bench/train_overhead.py [--cases cnn,gpt] [--rounds 3] [--workdir /tmp/raylaunch-bench-overhead]
 """
@@ -36,8 +41,9 @@ CASES = {
     "cnn": ("configs/quickstart.yaml", ["train.lr_schedule=constant"], 64, 4),
     "gpt": ("configs/lm.yaml", ["train.lr_schedule=constant", "train.grad_accum_steps=1", "train.warmup_steps=0"], 32, 3),
 }
-WAYS = ["plain", "rl-1w", "ddp", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]
-TARGETS = {("rl-1w", "plain"): 0.90, ("rl-2w-z0", "ddp"): 0.975, ("rl-2w-z2", "ddp"): 0.85, ("rl-2w-z3", "ddp"): None}
+WAYS = ["plain", "rl-1w", "ddp", "ds-z0", "ds-z2", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]
+TARGETS = {("rl-1w", "plain"): 0.90, ("rl-2w-z0", "ddp"): 0.975, ("rl-2w-z2", "ddp"): 0.85, ("rl-2w-z3", "ddp"): None,
+           ("ds-z0", "ddp"): None, ("ds-z2", "ddp"): None, ("rl-2w-z0", "ds-z0"): None, ("rl-2w-z2", "ds-z2"): None}
 
 
 def load_rows(data_dir: str, meta: dict) -> dict:
@@ -67,16 +73,22 @@ def run_baseline(spec: Path, world: int) -> dict:
     return {"rate": rate, "startup_s": result["first_step_s"], "wall_s": wall}
 
 
-def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str, workers: int, stage: int,
-                  batch: int, epochs: int) -> dict:
-    from trainers.fit import build_trainer, load_splits
+def loop_config_for(run: dict, meta: dict, workers: int, stage: int, batch: int, epochs: int) -> dict:
+    """raylaunch's worker config for this run on `workers` workers of the 2 CPUs, at ZeRO `stage`."""
     from trainers.loop import loop_config
 
     run = json.loads(json.dumps(run))
     run["train"] |= {"workers": workers, "cpus_per_worker": 2 // workers, "micro_batch_size": batch // workers,
                      "epochs": epochs, "keep_checkpoints": epochs, "checkpoint_every": None}
     run["train"]["zero"]["stage"] = stage
-    config = loop_config(run, meta)
+    return loop_config(run, meta)
+
+
+def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str, workers: int, stage: int,
+                  batch: int, epochs: int) -> dict:
+    from trainers.fit import build_trainer, load_splits
+
+    config = loop_config_for(run, meta, workers, stage, batch, epochs)
     started = time.perf_counter()
     splits = load_splits(data_dir, run["data"]["in_memory"], run["data"]["ingest_memory_mb"])  # as the pipeline does
     result = build_trainer(config, splits, storage, name=name).fit()
@@ -125,6 +137,11 @@ def main() -> None:
                                         "items_per_row": items_per_row}))
             spec_ddp = work / f"{case}-ddp.json"
             spec_ddp.write_text(json.dumps(json.loads(spec.read_text()) | {"threads": 1}))
+            spec_ds = {}
+            for stage in (0, 2):
+                engine = loop_config_for(run, meta, 2, stage, batch, epochs)["deepspeed"]
+                spec_ds[stage] = work / f"{case}-ds-z{stage}.json"
+                spec_ds[stage].write_text(json.dumps(json.loads(spec_ddp.read_text()) | {"deepspeed": engine}))
             runs: dict[str, list[dict]] = {w: [] for w in WAYS}
             for r in range(args.rounds):
                 for way in WAYS:
@@ -132,6 +149,8 @@ def main() -> None:
                         out = run_baseline(spec, 1)
                     elif way == "ddp":
                         out = run_baseline(spec_ddp, 2)
+                    elif way.startswith("ds-z"):
+                        out = run_baseline(spec_ds[int(way[-1])], 2)
                     else:
                         workers = 1 if way == "rl-1w" else 2
                         stage = 0 if way in ("rl-1w", "rl-2w-z0") else int(way[-1])

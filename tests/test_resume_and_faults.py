@@ -1,6 +1,7 @@
 """Checkpoints that resume exactly: an interrupted run, resumed, ends bitwise where an uninterrupted
 one does, whether the interruption is a killed driver (`--resume`), a worker killed mid-epoch
-(Ray Train restarts the group) or a worker killed while saving a checkpoint."""
+(Ray Train restarts the group) or a worker killed while saving a checkpoint; with the splits
+streamed to the ranks and with them held in memory (`data.in_memory`: cut into one shard a rank)."""
 
 from __future__ import annotations
 
@@ -46,12 +47,23 @@ def _final_weights(result) -> dict[str, torch.Tensor]:
     return load_file(f"{_last_checkpoint(result)}/model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def straight(digits_data, tmp_path_factory):
+def _straight(digits_data, storage, in_memory: bool):
     """(every reported step's loss, the final weights, the final checkpoint's path)."""
     data_dir, meta = digits_data
-    result = _fit(_config(), meta, data_dir, tmp_path_factory.mktemp("straight"), "straight")
+    result = _fit(_config(), meta, data_dir, storage, "straight", in_memory=in_memory)
     return _history(result), _final_weights(result), _last_checkpoint(result)
+
+
+@pytest.fixture(scope="module")
+def straight(digits_data, tmp_path_factory):
+    """An uninterrupted run with the splits streamed."""
+    return _straight(digits_data, tmp_path_factory.mktemp("straight"), in_memory=False)
+
+
+@pytest.fixture(scope="module")
+def straight_held(digits_data, tmp_path_factory):
+    """An uninterrupted run with the splits held in memory."""
+    return _straight(digits_data, tmp_path_factory.mktemp("straight-held"), in_memory=True)
 
 
 def _assert_same_run(result, straight) -> None:
@@ -68,28 +80,27 @@ def test_straight_run_reports_every_other_step(straight):
     assert [step for step, _ in history] == list(range(2, 4 * EPOCHS + 1, 2))
 
 
-def test_resume_after_killed_run_matches_uninterrupted_run_with_the_data_held_in_memory(straight, digits_data, tmp_path):
+def test_resume_after_killed_run_matches_uninterrupted_run_with_the_data_held_in_memory(straight_held, digits_data,
+                                                                                        tmp_path):
     data_dir, meta = digits_data
     fault = {"rank": 1, "step": 5, "where": "step", "marker": str(tmp_path / "killed")}
-    # These two runs hold the splits in memory (data.in_memory); the straight one streams them from
-    # the files: every rank must see the same rows in the same order either way.
     with pytest.raises(TrainingFailedError):  # max_failures 0: the run stops, as if its driver had died
         _fit(_config(), meta, data_dir, tmp_path / "ray", "run", fault, in_memory=True)
     assert (tmp_path / "killed").exists()
     # Same name and storage: Ray Train finds the run's checkpoints and the loop continues from the latest.
     result = _fit(_config(), meta, data_dir, tmp_path / "ray", "run", in_memory=True)
-    _assert_same_run(result, straight)
+    _assert_same_run(result, straight_held)
 
 
-@pytest.mark.parametrize(("where", "step"), [("step", 3), ("save", 6)],
-                         ids=["killed_mid_epoch_restarts_from_the_last_checkpoint",
-                              "killed_while_saving_leaves_the_previous_checkpoint_loadable"])
-def test_worker_killed_is_restarted_and_matches_uninterrupted_run(straight, digits_data, tmp_path, where, step):
+@pytest.mark.parametrize(("where", "step", "in_memory"), [("step", 3, False), ("save", 6, True)],
+                         ids=["killed_mid_epoch_restarts_from_the_last_checkpoint_streamed",
+                              "killed_while_saving_leaves_the_previous_checkpoint_loadable_held_in_memory"])
+def test_worker_killed_is_restarted_and_matches_uninterrupted_run(request, digits_data, tmp_path, where, step, in_memory):
     data_dir, meta = digits_data
     fault = {"rank": 1, "step": step, "where": where, "marker": str(tmp_path / "killed")}
-    result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault)
+    result = _fit(_config(max_failures=1), meta, data_dir, tmp_path / "ray", "run", fault, in_memory=in_memory)
     assert (tmp_path / "killed").exists()
-    _assert_same_run(result, straight)
+    _assert_same_run(result, request.getfixturevalue("straight_held" if in_memory else "straight"))
 
 
 def test_a_run_handed_a_final_checkpoint_reports_its_last_epoch_without_training(straight, digits_data, tmp_path):

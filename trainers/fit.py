@@ -16,7 +16,7 @@ from ray.train.v2.api.callback import UserCallback
 from cluster.remote import is_uri, to_uri
 from cluster.resources import describe, missing_resources, worker_group_demand
 from launcher.config import metric_mode
-from trainers.loop import train_loop_per_worker
+from trainers.loop import shard_name, train_loop_per_worker
 
 
 CHECKPOINT_PATH = "checkpoint_path"
@@ -123,17 +123,19 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
                   callbacks: Sequence = ()) -> TorchTrainer:
     """A TorchTrainer for a `loop_config` over the splits from `load_splits`."""
     train = config["train"]
+    shards = rank_shards(datasets, train["workers"]) if splits_in_memory(datasets) else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=config | {"rank_shards": shards is not None},
         scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
                                      resources_per_worker={"CPU": train["cpus_per_worker"]},
                                      placement_strategy=train["placement_strategy"]),
         torch_config=TorchConfig(backend="nccl" if train["use_gpu"] else "gloo"),
-        datasets=datasets,
+        datasets=shards or datasets,
         # preserve_order: each rank's shard holds the same rows in the same order on every run, so
         # a resumed run sees exactly the batches the uninterrupted one would have.
-        dataset_config=DataConfig(execution_options=_ingest_options(config["ingest_memory_mb"])),
+        dataset_config=DataConfig(datasets_to_split=[] if shards else "all",
+                                  execution_options=_ingest_options(config["ingest_memory_mb"])),
         run_config=RunConfig(
             name=name,
             storage_path=storage_uri(storage_path),
@@ -147,6 +149,17 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
             callbacks=list(callbacks),
         ),
     )
+
+
+def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str, ray.data.Dataset]:
+    """Splits held in memory, cut once into equal shards, one per rank: `train.0`, `train.1`, ...
+    (`shard_name`). Each rank then reads its own blocks from the object store. A streaming split
+    instead passes every block through a coordinator actor and starts the stream over at each
+    epoch, which cost a GPT on 2 CPU workers about a tenth of its steps (bench/RESULTS.md).
+    Contiguous row ranges in file order, the remainder dropped as a streaming split's equal mode
+    does, so every rank gets the same rows on every run (an exact resume)."""
+    return {shard_name(name, rank, True): shard for name, dataset in datasets.items()
+            for rank, shard in enumerate(dataset.split(workers, equal=True))}
 
 
 def _ingest_options(memory_mb: int | None) -> ExecutionOptions:

@@ -91,8 +91,8 @@ def train_loop_per_worker(config: dict) -> None:
     startup["engine_ready"] = time.time()
     dtype = DTYPES[train["precision"]]
     loss_fn = _loss(config["distill"], engine.device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard, val_shard = (ray.train.get_dataset_shard(shard_name(split, rank, config["rank_shards"]))
+                              for split in ("train", "val"))
     spec = model_spec(config["model"], meta)
 
     position = {"epoch": 0, "micro_batch": 0, "step": 0}
@@ -164,6 +164,12 @@ def train_loop_per_worker(config: dict) -> None:
         since_report.close(time.perf_counter() - started, waiting.take())
         _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
                     {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
+
+
+def shard_name(split: str, rank: int, per_rank: bool) -> str:
+    """The dataset a rank reads `split` from: its own shard (`trainers.fit.rank_shards`), or its
+    part of the shared split."""
+    return f"{split}.{rank}" if per_rank else split
 
 
 def _fault(config: dict, rank: int, step: int, where: str) -> None:
