@@ -154,10 +154,11 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
 def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str, ray.data.Dataset]:
     """Splits held in memory, cut once into equal shards, one per rank: `train.0`, `train.1`, ...
     (`shard_name`). Each rank then reads its own blocks from the object store. A streaming split
-    instead passes every block through a coordinator actor and starts the stream over at each
-    epoch, which cost a GPT on 2 CPU workers about a tenth of its steps (bench/RESULTS.md).
+    instead passes every block through a coordinator actor, which every rank waits on at the start
+    of each epoch; on 2 CPU workers that cost the GPT 8-9% of its throughput (bench/RESULTS.md).
     Contiguous row ranges in file order, the remainder dropped as a streaming split's equal mode
-    does, so every rank gets the same rows on every run (an exact resume)."""
+    does, so every rank gets the same rows on every run (an exact resume). Cutting a block runs a
+    small Ray Data task: here, before the worker group holds its CPUs."""
     return {shard_name(name, rank, True): shard for name, dataset in datasets.items()
             for rank, shard in enumerate(dataset.split(workers, equal=True))}
 
