@@ -130,27 +130,21 @@ def main() -> None:
             cfg = load(ROOT / config_file, overrides)
             run = cfg.model_dump(mode="json")
             meta, data_dir, _ = prepare(run["data"], cfg.model.seq_len, work / "cache")
-            spec = work / f"{case}.json"
             items_per_row = meta["seq_len"] if meta.get("task") == "lm" else 1
-            spec.write_text(json.dumps({"data_dir": str(data_dir), "meta": meta, "model": run["model"], "train": run["train"],
-                                        "global_batch": batch, "epochs": epochs, "threads": 2,
-                                        "items_per_row": items_per_row}))
-            spec_ddp = work / f"{case}-ddp.json"
-            spec_ddp.write_text(json.dumps(json.loads(spec.read_text()) | {"threads": 1}))
-            spec_ds = {}
+            base = {"data_dir": str(data_dir), "meta": meta, "model": run["model"], "train": run["train"],
+                    "global_batch": batch, "epochs": epochs, "threads": 1, "items_per_row": items_per_row}
+            docs = {"plain": base | {"threads": 2}, "ddp": base}  # one process with both threads; 2 ranks, one each
             for stage in (0, 2):
-                engine = loop_config_for(run, meta, 2, stage, batch, epochs)["deepspeed"]
-                spec_ds[stage] = work / f"{case}-ds-z{stage}.json"
-                spec_ds[stage].write_text(json.dumps(json.loads(spec_ddp.read_text()) | {"deepspeed": engine}))
+                docs[f"ds-z{stage}"] = base | {"deepspeed": loop_config_for(run, meta, 2, stage, batch, epochs)["deepspeed"]}
+            baselines = {}  # the plain loop's ways: (spec file, processes)
+            for way, doc in docs.items():
+                baselines[way] = (work / f"{case}-{way}.json", 1 if way == "plain" else 2)
+                baselines[way][0].write_text(json.dumps(doc))
             runs: dict[str, list[dict]] = {w: [] for w in WAYS}
             for r in range(args.rounds):
                 for way in WAYS:
-                    if way == "plain":
-                        out = run_baseline(spec, 1)
-                    elif way == "ddp":
-                        out = run_baseline(spec_ddp, 2)
-                    elif way.startswith("ds-z"):
-                        out = run_baseline(spec_ds[int(way[-1])], 2)
+                    if way in baselines:
+                        out = run_baseline(*baselines[way])
                     else:
                         workers = 1 if way == "rl-1w" else 2
                         stage = 0 if way in ("rl-1w", "rl-2w-z0") else int(way[-1])
