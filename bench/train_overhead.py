@@ -14,6 +14,11 @@ median over rounds that run the ways interleaved. Start-up is reported apart: fo
 seconds to their first optimizer step; for raylaunch the time fit() took beyond its steady-state
 training (worker group start, DeepSpeed set-up, data pipeline start, validation and checkpoints).
 
+Each round runs the baselines with no Ray running, as a user of `torchrun` has none, then starts an
+embedded Ray for raylaunch's ways and stops it. On 2 cores, an idle Ray beside `torchrun` slows
+DeepSpeed's ZeRO-0 by about 4% (bench/RESULTS.md, 2026-12-01 evening), so baselines run beside it would
+hide part of what Ray costs. Each round's first raylaunch way (rl-1w) starts its workers in a fresh Ray.
+
 Cases: `cnn` (the quickstart's digits CNN) and `gpt` (configs/lm.yaml's GPT at its CPU size).
 Targets on a 2-core machine: rl-1w / plain >= 0.90; rl-2w-z0 / ddp >= 0.975; rl-2w-z2 / ddp >= 0.85.
 Also printed: ds-z0 / ddp and ds-z2 / ddp (DeepSpeed's own cost against DDP), rl-2w-z0 / ds-z0 and
@@ -41,7 +46,7 @@ CASES = {
     "cnn": ("configs/quickstart.yaml", ["train.lr_schedule=constant"], 64, 4),
     "gpt": ("configs/lm.yaml", ["train.lr_schedule=constant", "train.grad_accum_steps=1", "train.warmup_steps=0"], 32, 3),
 }
-WAYS = ["plain", "rl-1w", "ddp", "ds-z0", "ds-z2", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]
+WAYS = ["plain", "ddp", "ds-z0", "ds-z2", "rl-1w", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]  # baselines first
 TARGETS = {("rl-1w", "plain"): 0.90, ("rl-2w-z0", "ddp"): 0.975, ("rl-2w-z2", "ddp"): 0.85, ("rl-2w-z3", "ddp"): None,
            ("ds-z0", "ddp"): None, ("ds-z2", "ddp"): None, ("rl-2w-z0", "ds-z0"): None, ("rl-2w-z2", "ds-z2"): None}
 
@@ -117,11 +122,17 @@ def main() -> None:
     from dataprep.cache import prepare
     from launcher.config import load
 
+    def ray_up(up: bool) -> None:
+        """An embedded Ray as raylaunch starts one, or none (for the baselines)."""
+        if up and not ray.is_initialized():
+            port = free_port()
+            ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
+                     runtime_env=worker_env(None, port))
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        elif not up and ray.is_initialized():
+            ray.shutdown()
+
     quiet_driver_logs(False)
-    port = free_port()
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
-             runtime_env=worker_env(None, port))
-    ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"machine: {os.cpu_count()} CPUs; torch threads: plain 2, rl-1w 2, ddp and rl-2w 1 per rank")
     summary = {}
     try:
@@ -129,6 +140,7 @@ def main() -> None:
             config_file, overrides, batch, epochs = CASES[case]
             cfg = load(ROOT / config_file, overrides)
             run = cfg.model_dump(mode="json")
+            ray_up(True)  # preparing the data runs on Ray Data
             meta, data_dir, _ = prepare(run["data"], cfg.model.seq_len, work / "cache")
             items_per_row = meta["seq_len"] if meta.get("task") == "lm" else 1
             base = {"data_dir": str(data_dir), "meta": meta, "model": run["model"], "train": run["train"],
@@ -143,6 +155,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {w: [] for w in WAYS}
             for r in range(args.rounds):
                 for way in WAYS:
+                    ray_up(way not in baselines)
                     if way in baselines:
                         out = run_baseline(*baselines[way])
                     else:
@@ -165,7 +178,7 @@ def main() -> None:
                 print(f"  {a} / {b} = {ratio:.3f}{verdict}")
             summary[case] = {"unit": unit, "medians": medians, "runs": runs}
     finally:
-        ray.shutdown()
+        ray_up(False)
     (work / "results.json").write_text(json.dumps(summary, indent=1))
 
 
