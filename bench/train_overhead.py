@@ -22,7 +22,8 @@ hide part of what Ray costs. Each round's first raylaunch way (rl-1w) starts its
 Cases: `cnn` (the quickstart's digits CNN) and `gpt` (configs/lm.yaml's GPT at its CPU size).
 Targets on a 2-core machine: rl-1w / plain >= 0.90; rl-2w-z0 / ddp >= 0.975; rl-2w-z2 / ddp >= 0.85.
 Also printed: ds-z0 / ddp and ds-z2 / ddp (DeepSpeed's own cost against DDP), rl-2w-z0 / ds-z0 and
-rl-2w-z2 / ds-z2 (what Ray Train, Ray Data and raylaunch's loop cost on top of the same engine).
+rl-2w-z2 / ds-z2 (what Ray's own processes, Ray Train, Ray Data and raylaunch's loop cost on top of
+the same engine).
 
     python bench/train_overhead.py [--cases cnn,gpt] [--rounds 3] [--workdir /tmp/raylaunch-bench-overhead]
 """
