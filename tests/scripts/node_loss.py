@@ -64,11 +64,11 @@ def main(work: Path, data_dir: Path | None) -> None:
         splits = load_splits(data_dir)
         run = RunConfig.model_validate({
             "model": {"type": "mlp", "width": 32, "depth": 1},
-            "train": {"workers": 2, "epochs": 2, "micro_batch_size": 64, "checkpoint_every": 2, "max_failures": 1,
+            "train": {"workers": 2, "epochs": 1, "micro_batch_size": 64, "checkpoint_every": 2, "max_failures": 1,
                       "placement_strategy": "SPREAD", "keep_checkpoints": 50},
         }).model_dump(mode="json")
         config = loop_config(run, meta)
-        report = {"expected_steps": 2 * config["steps_per_epoch"]}
+        report = {"expected_steps": run["train"]["epochs"] * config["steps_per_epoch"]}
 
         removed: dict = {}
         watcher = remove_after_first_checkpoint(cluster, nodes[1], work / "ray" / "recover", removed)
