@@ -151,8 +151,9 @@ def main() -> None:
                 docs[f"ds-z{stage}"] = base | {"deepspeed": loop_config_for(run, meta, 2, stage, batch, epochs)["deepspeed"]}
             baselines = {}  # the plain loop's ways: (spec file, processes)
             for way, doc in docs.items():
-                baselines[way] = (work / f"{case}-{way}.json", 1 if way == "plain" else 2)
-                baselines[way][0].write_text(json.dumps(doc))
+                path = work / f"{case}-{way}.json"
+                path.write_text(json.dumps(doc))
+                baselines[way] = (path, 1 if way == "plain" else 2)
             runs: dict[str, list[dict]] = {w: [] for w in WAYS}
             for r in range(args.rounds):
                 for way in WAYS:
