@@ -56,9 +56,9 @@ def main(spec_path: str) -> None:
     model = build_model(spec["model"], meta["input_shape"], meta["num_classes"]).to(device)
     train = spec["train"]
     if spec.get("deepspeed"):  # the engine raylaunch's workers build, without Ray
-        import deepspeed
+        from trainers import import_deepspeed
 
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=spec["deepspeed"])
+        engine, *_ = import_deepspeed().initialize(model=model, model_parameters=model.parameters(), config=spec["deepspeed"])
         model, optimizer = engine, None
     else:
         if world > 1:

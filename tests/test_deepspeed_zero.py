@@ -3,6 +3,9 @@ ZeRO-3's gathered weights are the ones plain data parallelism reaches."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,17 @@ def test_rows_not_divisible_by_the_world_size_do_not_hang(digits_data, tmp_path)
     result = build_trainer(config, load_splits(data_dir), tmp_path, name="ragged").fit()
     assert config["steps_per_epoch"] == meta["rows"]["train"] // 3 // 50 // 2
     assert result.metrics["step"] == 2 * config["steps_per_epoch"]
+
+
+def test_deepspeed_is_imported_without_mlflow_or_its_shm_op_and_mlflow_still_imports_after(tmp_path):
+    """A fresh process, as a worker is: DeepSpeed's autotuner finds no mlflow, none is loaded, and
+    raylaunch's own `import mlflow` afterwards works. On CPU, DeepSpeed's comm backend is left
+    without its shared-memory op: nothing is compiled into an empty extensions folder."""
+    code = ("import sys; from trainers import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules and not ds.autotuning.autotuner.has_mlflow; "
+            "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is None; "
+            "import mlflow; print(mlflow.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "mlflow", done.stdout[-2000:] + done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())

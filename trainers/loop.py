@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cluster.remote import local_dir
+from trainers import import_deepspeed
 from trainers.batches import model_batch
 from trainers.checkpoint import load_model_dir, model_spec, save_model_dir
 from trainers.deepspeed_config import deepspeed_config
@@ -78,7 +79,7 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
 def train_loop_per_worker(config: dict) -> None:
     # Wall-clock times of this worker's start, sent with its first report (bench/first_step.py).
     startup = {"loop_start": time.time()}
-    import deepspeed  # imported on the worker: it probes the accelerator at import time
+    deepspeed = import_deepspeed()  # imported on the worker: it probes the accelerator at import time
 
     train, meta = config["train"], config["data_meta"]
     context = ray.train.get_context()

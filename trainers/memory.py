@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers import import_deepspeed
+
 HEADROOM = 0.8  # model states may take at most this share of the budget; the rest is for activations
 
 
@@ -57,6 +59,7 @@ def _deepspeed_estimate(stage: int, params: int, largest_layer: int, workers: in
                         offload_param: bool) -> StagePlan:
     # DeepSpeed's estimators count the whole node's CPU memory (all ranks' shards plus a 1.5x
     # buffer); per worker that is the node total over the ranks on it (one node of `workers` here).
+    import_deepspeed()
     if stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
