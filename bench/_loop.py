@@ -58,7 +58,8 @@ def main(spec_path: str) -> None:
     if spec.get("deepspeed"):  # the engine raylaunch's workers build, without Ray
         from trainers import import_deepspeed
 
-        engine, *_ = import_deepspeed().initialize(model=model, model_parameters=model.parameters(), config=spec["deepspeed"])
+        engine, *_ = import_deepspeed().initialize(model=model, model_parameters=model.parameters(),
+                                                   config=spec["deepspeed"])
         model, optimizer = engine, None
     else:
         if world > 1:

@@ -31,6 +31,7 @@ the same engine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -119,19 +120,18 @@ def main() -> None:
 
     import ray
 
-    from cluster.session import free_port, quiet_driver_logs, worker_env
+    from cluster.session import quiet_driver_logs, ray_session
     from dataprep.cache import prepare
     from launcher.config import load
 
+    embedded = contextlib.ExitStack()
+
     def ray_up(up: bool) -> None:
-        """An embedded Ray as raylaunch starts one, or none (for the baselines)."""
+        """An embedded Ray as `raylaunch run` starts one (`ray_session`), or none (for the baselines)."""
         if up and not ray.is_initialized():
-            port = free_port()
-            ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
-                     runtime_env=worker_env(None, port))
-            ray.data.DataContext.get_current().enable_progress_bars = False
-        elif not up and ray.is_initialized():
-            ray.shutdown()
+            embedded.enter_context(ray_session(None, 2, verbose=False))
+        elif not up:
+            embedded.close()
 
     quiet_driver_logs(False)
     print(f"machine: {os.cpu_count()} CPUs; torch threads: plain 2, rl-1w 2, ddp and rl-2w 1 per rank")
