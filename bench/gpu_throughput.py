@@ -102,7 +102,7 @@ def main() -> None:
     import ray
     import torch
 
-    from cluster.session import free_port, quiet_driver_logs, worker_env
+    from cluster.session import EMBEDDED_SYSTEM_CONFIG, free_port, quiet_driver_logs, worker_env
     from dataprep.cache import prepare
     from launcher.config import load
     from launcher.plan import model_size
@@ -118,7 +118,7 @@ def main() -> None:
         env["env_vars"]["TMPDIR"] = args.scratch
     # The data is a few MB: a small object store leaves /dev/shm to the checkpoints (see --scratch).
     ray.init(num_cpus=max(args.cpus, 2), num_gpus=1 if cuda else 0, object_store_memory=2 * 2**30, log_to_driver=False,
-             logging_level="error", dashboard_port=port, runtime_env=env)
+             logging_level="error", dashboard_port=port, runtime_env=env, _system_config=EMBEDDED_SYSTEM_CONFIG)
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: list[dict] = []
     try:

@@ -54,6 +54,7 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
             runtime_env=worker_env(address or os.environ.get("RAY_ADDRESS"), dashboard_port),
             log_to_driver=verbose,
             logging_level=logging.INFO if verbose else logging.ERROR,
+            _system_config=None if joining else EMBEDDED_SYSTEM_CONFIG,
         )
     _quiet_ray_data(verbose)
     previous = None
@@ -82,6 +83,14 @@ def stop_signal() -> str | None:
     """The signal that stopped this driver, if one did: Ray re-raises a KeyboardInterrupt of its own
     on its way out of a run, so the exception itself no longer says."""
     return _received[-1] if _received else None
+
+
+# Settings of an embedded Ray (one this process starts; a joined cluster keeps its own).
+# Ray prestarts idle worker processes for the first driver, up to one a CPU, with no runtime_env.
+# Every task and actor of a raylaunch run carries one (`worker_env`), so none of them can run in
+# those processes: they would start beside the driver, then sit idle for the whole run, each
+# waking 100 times a second (its signal check) on the cores the training ranks use.
+EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 
 # How often Ray Train's controller polls its workers (Ray's default: every 2 s). The end of every
