@@ -685,6 +685,8 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
                 raise ConfigError([f"{_shown_path(parts[: i + 1])}: must be a mapping"])
             model = annotation
         elif str(annotation).startswith("dict["):
+            if not isinstance(node[part], dict):
+                raise ConfigError([f"{_shown_path(parts[: i + 1])}: must be a mapping"])
             node[part][".".join(parts[i + 1 :])] = value
             return raw
         else:

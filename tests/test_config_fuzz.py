@@ -96,6 +96,7 @@ def work(tmp_path_factory) -> Path:
 @given(doc=documents(), sets=overrides)
 @example(doc={"\x08": None}, sets=[])  # found by it: a control character the console drops left the path empty
 @example(doc={}, sets=["'\"=null"])  # found by it: a key with both quotes is shown with one escaped
+@example(doc={"tune": {"space": []}}, sets=["tune.space.train.lr=null"])  # found by it: a traceback, not a line
 def test_random_documents_and_overrides_are_a_config_or_one_line_problems(doc, sets, capsys, work):
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
