@@ -679,18 +679,15 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
             return raw
         if node.get(part) is None:
             node[part] = {}
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError([f"{_shown_path(parts[: i + 1])}: must be a mapping"])
-            model = annotation
-        elif str(annotation).startswith("dict["):
-            if not isinstance(node[part], dict):
-                raise ConfigError([f"{_shown_path(parts[: i + 1])}: must be a mapping"])
+        section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if not section and not str(annotation).startswith("dict["):
+            raise ConfigError([f"{_shown_path(parts[: i + 2])}: unknown key ({_shown_path(parts[: i + 1])} is not a section)"])
+        if not isinstance(node[part], dict):  # a section, or a mapping-valued field such as tune.space
+            raise ConfigError([f"{_shown_path(parts[: i + 1])}: must be a mapping"])
+        if not section:
             node[part][".".join(parts[i + 1 :])] = value
             return raw
-        else:
-            raise ConfigError([f"{_shown_path(parts[: i + 2])}: unknown key ({_shown_path(parts[: i + 1])} is not a section)"])
+        node, model = node[part], annotation
     return raw
 
 
