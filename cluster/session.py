@@ -86,11 +86,19 @@ def stop_signal() -> str | None:
 
 
 # Settings of an embedded Ray (one this process starts; a joined cluster keeps its own).
-# Ray prestarts idle worker processes for the first driver, up to one a CPU, with no runtime_env.
-# Every task and actor of a raylaunch run carries one (`worker_env`), so none of them can run in
-# those processes: they would start beside the driver, then sit idle for the whole run, each
-# waking 100 times a second (its signal check) on the cores the training ranks use.
-EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+# - prestart_worker_first_driver: Ray prestarts idle worker processes for the first driver, up to
+#   one a CPU, with no runtime_env. Every task and actor of a raylaunch run carries one
+#   (`worker_env`), so none of them can run in those processes: they would start beside the
+#   driver, then sit idle for the whole run, each waking 100 times a second (its signal check) on
+#   the cores the training ranks use.
+# - idle_worker_killing_time_threshold_ms: while every CPU is leased (Ray Data's tasks during
+#   preprocessing, the ranks during training), Ray ends a task worker after 1 s idle (its default),
+#   and the next task starts a new process, which costs 1.5-2 s of CPU to import Ray, pyarrow and
+#   the task's modules again. Preprocessing alone went through 8 processes where 2 do, and each
+#   sweep trial started its own. Kept for 60 s, a worker serves the next operator, fit and trial;
+#   bench/RESULTS.md ("idle workers") has the figures. Idle workers hold no CPU or GPU, only their
+#   memory (about 100-200 MiB each), and Ray still ends them when their job ends.
+EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
 # How often Ray Train's controller polls its workers (Ray's default: every 2 s). The end of every
