@@ -94,10 +94,11 @@ def stop_signal() -> str | None:
 # - idle_worker_killing_time_threshold_ms: while every CPU is leased (Ray Data's tasks during
 #   preprocessing, the ranks during training), Ray ends a task worker after 1 s idle (its default),
 #   and the next task starts a new process, which costs 1.5-2 s of CPU to import Ray, pyarrow and
-#   the task's modules again. Preprocessing alone went through 8 processes where 2 do, and each
-#   sweep trial started its own. Kept for 60 s, a worker serves the next operator, fit and trial;
-#   bench/RESULTS.md ("idle workers") has the figures. Idle workers hold no CPU or GPU, only their
-#   memory (about 100-200 MiB each), and Ray still ends them when their job ends.
+#   the task's modules again: preprocessing the digits went through 6 processes (4 with this), and
+#   Ray Data-heavy test modules spent a third of their time on it. Kept for 60 s, an idle worker
+#   serves the next operator and the next dataset's tasks (bench/RESULTS.md, "idle task workers").
+#   Idle workers hold no CPU or GPU, only memory (the peak of two test modules rose 460 MiB), and
+#   go when Ray stops.
 EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
