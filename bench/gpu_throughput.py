@@ -102,7 +102,7 @@ def main() -> None:
     import ray
     import torch
 
-    from cluster.session import EMBEDDED_SYSTEM_CONFIG, free_port, quiet_driver_logs, worker_env
+    from cluster.session import embedded_ray_options, quiet_driver_logs
     from dataprep.cache import prepare
     from launcher.config import load
     from launcher.plan import model_size
@@ -111,14 +111,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"no GPU ({os.cpu_count()} CPUs)"
     print(f"device: {device}; torch {torch.__version__}; precision {'bf16' if cuda else 'fp32 (CPU check)'}", flush=True)
     quiet_driver_logs(False)
-    port = free_port()
-    env = worker_env(None, port)
+    scratch = {}
     if args.scratch:
         Path(args.scratch).mkdir(parents=True, exist_ok=True)
-        env["env_vars"]["TMPDIR"] = args.scratch
+        scratch["TMPDIR"] = args.scratch
     # The data is a few MB: a small object store leaves /dev/shm to the checkpoints (see --scratch).
     ray.init(num_cpus=max(args.cpus, 2), num_gpus=1 if cuda else 0, object_store_memory=2 * 2**30, log_to_driver=False,
-             logging_level="error", dashboard_port=port, runtime_env=env, _system_config=EMBEDDED_SYSTEM_CONFIG)
+             logging_level="error", **embedded_ray_options(**scratch))
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: list[dict] = []
     try:

@@ -42,20 +42,11 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
     quiet_driver_logs(verbose)
     started_here = not ray.is_initialized()
     if started_here:
-        joining = address is not None or "RAY_ADDRESS" in os.environ
-        dashboard_port = None if joining else free_port()
-        ray.init(
-            address=address,
-            num_cpus=None if joining else num_cpus,
-            # Keep the dashboard: Ray Train v2's placement-group cleaner queries the state API it
-            # serves; without it, a Tune trial's worker group is never released and the next
-            # trial waits forever for its CPUs.
-            dashboard_port=dashboard_port,
-            runtime_env=worker_env(address or os.environ.get("RAY_ADDRESS"), dashboard_port),
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.ERROR,
-            _system_config=None if joining else EMBEDDED_SYSTEM_CONFIG,
-        )
+        if address is not None or "RAY_ADDRESS" in os.environ:
+            options = {"address": address, "runtime_env": worker_env(address or os.environ.get("RAY_ADDRESS"), None)}
+        else:
+            options = embedded_ray_options() | {"num_cpus": num_cpus}
+        ray.init(**options, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     _quiet_ray_data(verbose)
     previous = None
     if started_here and threading.current_thread() is threading.main_thread():
@@ -100,6 +91,21 @@ def stop_signal() -> str | None:
 #   Idle workers hold no CPU or GPU, only memory (the peak of two test modules rose 460 MiB), and
 #   go when Ray stops.
 EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "idle_worker_killing_time_threshold_ms": 60_000}
+
+
+def embedded_ray_options(**env_vars: str) -> dict:
+    """The `ray.init` arguments every embedded Ray starts with (`ray_session` when it joins no
+    cluster; the test suite's cluster and bench/gpu_throughput.py, which add their own resources):
+    a dashboard on a free port, the workers' runtime_env (`worker_env`, plus `env_vars`) and
+    EMBEDDED_SYSTEM_CONFIG.
+
+    The dashboard stays: Ray Train v2's placement-group cleaner queries the state API it serves;
+    without it, a Tune trial's worker group is never released and the next trial waits forever for
+    its CPUs."""
+    port = free_port()
+    runtime_env = worker_env(None, port)
+    runtime_env["env_vars"] |= env_vars
+    return {"dashboard_port": port, "runtime_env": runtime_env, "_system_config": EMBEDDED_SYSTEM_CONFIG}
 
 
 # How often Ray Train's controller polls its workers (Ray's default: every 2 s). The end of every

@@ -23,11 +23,9 @@ BIN = Path(sys.executable).parent
 def ray_cluster():
     # The pipeline joins an existing connection and leaves it running (cluster.session.ray_session),
     # so this cluster's workers get told their cluster's address the way ray_session tells its own.
-    from cluster.session import EMBEDDED_SYSTEM_CONFIG, free_port, worker_env
+    from cluster.session import embedded_ray_options
 
-    port = free_port()
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="error", dashboard_port=port,
-             runtime_env=worker_env(None, port), _system_config=EMBEDDED_SYSTEM_CONFIG)
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="error", **embedded_ray_options())
     yield ray.cluster_resources()
     ray.shutdown()
 
