@@ -25,6 +25,8 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from cluster.session import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
+
 
 def remove_after_first_checkpoint(cluster, node, run_dir: Path, removed: dict) -> threading.Thread:
     def watch():
@@ -43,7 +45,11 @@ def main(work: Path, data_dir: Path | None) -> None:
     # The GCS declares a node dead after missing health checks: every 1 s, 4 misses (Ray's default
     # is every 3 s, 5 misses: 15 s before Ray Train hears of the lost worker).
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 4}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health})
+    # And the worker-pool settings of raylaunch's embedded Ray (no idle workers prestarted, idle
+    # workers kept for 60 s): nothing this test checks depends on them, and it runs faster with them
+    # (bench/RESULTS.md, "2026-12-02 (night)").
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "_system_config": health | EMBEDDED_SYSTEM_CONFIG})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
