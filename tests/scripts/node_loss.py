@@ -47,7 +47,7 @@ def main(work: Path, data_dir: Path | None) -> None:
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 4}
     # And the worker-pool settings of raylaunch's embedded Ray (no idle workers prestarted, idle
     # workers kept for 60 s): nothing this test checks depends on them, and it runs faster with them
-    # (bench/RESULTS.md, "2026-12-02 (night)").
+    # (bench/RESULTS.md, "2026-12-02 (03:00)").
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 0, "_system_config": health | EMBEDDED_SYSTEM_CONFIG})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
