@@ -110,9 +110,15 @@ def embedded_ray_options(**env_vars: str) -> dict:
 
 # How often Ray Train's controller polls its workers (Ray's default: every 2 s). The end of every
 # training run is noticed only at the next poll: with the default, 2-3 s went by between a run's
-# last report and fit() returning, paid again by every sweep trial and every PBT restart. A poll
-# is one small actor call per worker. Set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to choose another.
-TRAIN_POLL_S = "0.5"
+# last report and fit() returning, paid again by every sweep trial and every PBT restart. Each
+# poll also takes at most one report from each rank, whose queue holds one: a rank's next report
+# waits for it, so a run can make no more reports than polls. At 0.5 s, small runs that report
+# every epoch or every few steps waited on it: three tiny fits took 47-57 s at 0.5 s, 36-54 s at
+# 0.1 s, 40-48 s at 0.2 s, in alternating rounds (bench/RESULTS.md). A poll is one small actor call
+# per worker, and one that does not answer in time is waited on at the next poll (a worker is
+# declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). Set
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to choose another.
+TRAIN_POLL_S = "0.1"
 
 
 def worker_env(address: str | None, dashboard_port: int | None) -> dict:

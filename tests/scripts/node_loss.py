@@ -17,15 +17,15 @@ import threading
 import time
 from pathlib import Path
 
+from cluster.session import EMBEDDED_SYSTEM_CONFIG, TRAIN_POLL_S
+
 # Read by Ray Train's controller, a process the raylets below start: set before they start.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
 # The controller polls its workers this often (as cluster.session.worker_env sets for raylaunch runs).
-os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRAIN_POLL_S
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-
-from cluster.session import EMBEDDED_SYSTEM_CONFIG  # noqa: E402
 
 
 def remove_after_first_checkpoint(cluster, node, run_dir: Path, removed: dict) -> threading.Thread:
