@@ -108,24 +108,15 @@ def embedded_ray_options(**env_vars: str) -> dict:
     return {"dashboard_port": port, "runtime_env": runtime_env, "_system_config": EMBEDDED_SYSTEM_CONFIG}
 
 
-# How often Ray Train's controller polls its workers (Ray's default: every 2 s). The end of every
-# training run is noticed only at the next poll: with the default, 2-3 s went by between a run's
-# last report and fit() returning, paid again by every sweep trial and every PBT restart. Each
-# poll also takes at most one report from each rank, whose queue holds one: a rank's next report
-# waits for it, so a run can make no more reports than polls. At 0.5 s, small runs that report
-# every epoch or every few steps waited on it: three tiny fits took 47-57 s at 0.5 s, 36-54 s at
-# 0.1 s, 40-48 s at 0.2 s, in alternating rounds (bench/RESULTS.md). A poll is one small actor call
-# per worker, and one that does not answer in time is waited on at the next poll (a worker is
-# declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). The polls' CPU comes out of
-# training where cores are few: a 2-worker GPT on 2 cores trained 5.7% slower in steady state than
-# at 0.5 s. Set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to choose another (0.5 for long runs that report
-# rarely on a small machine).
-TRAIN_POLL_S = "0.1"
+# Ray Train's poll interval. Each training run chooses its own (`trainers.fit.poll_interval_s`); one the
+# user sets in the environment raylaunch starts in (or in a job's env_vars) is passed on to the job's
+# processes and used by every run.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def worker_env(address: str | None, dashboard_port: int | None) -> dict:
-    """The runtime_env of this job's worker processes: Ray Train's poll interval (`TRAIN_POLL_S`),
-    and which cluster they are in.
+    """The runtime_env of this job's worker processes: Ray Train's poll interval where the user set
+    one (`TRAIN_POLL_ENV`), and which cluster they are in.
 
     Ray Train v2's placement-group cleaner (an actor of the job) asks the state API whether the
     run's controller is alive without an address, so Ray looks for running GCS processes on its
@@ -133,7 +124,7 @@ def worker_env(address: str | None, dashboard_port: int | None) -> dict:
     thread dies and worker groups' placement groups are never removed: the next trainer waits
     for CPUs that never come back. Given the address (or, for an embedded Ray, the dashboard
     port chosen for it), it asks the right cluster."""
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)}
+    env = {TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV]} if TRAIN_POLL_ENV in os.environ else {}
     if dashboard_port is not None:
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         # Ray Train starts a preemption watcher actor per training run, for nodes a cloud autoscaler

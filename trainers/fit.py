@@ -3,6 +3,7 @@ pick of its best checkpoint. Used by the train and distill stages and by every s
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +16,54 @@ from ray.train.v2.api.callback import UserCallback
 
 from cluster.remote import is_uri, to_uri
 from cluster.resources import describe, missing_resources, worker_group_demand
+from cluster.session import TRAIN_POLL_ENV
 from launcher.config import metric_mode
 from trainers.loop import shard_name, train_loop_per_worker
+
+
+# How often Ray Train's controller polls a run's workers (Ray's default: every 2 s). A run's end is
+# noticed only at the next poll. Each poll also takes at most one report from each rank, whose queue
+# holds one: a report made before the one ahead of it was taken waits for the next poll. Runs that
+# report every few steps (the digits, sweeps of small models, the test suite) are held by slow polls:
+# three small fits took 47-57 s at 0.5 s, 36-54 s at 0.1 s, in alternating rounds. Runs that report
+# rarely only pay for fast ones: a poll is an actor call on every rank, and where the ranks fill the
+# CPUs it comes out of training (a 2-worker GPT on 2 cores, 5.7% slower at 0.1 s than at 0.5 s;
+# bench/RESULTS.md). So each run polls at its own interval: FAST_POLL_S when its reports are fewer
+# than FREQUENT_REPORTS micro-batches apart, else SLOW_POLL_S. At 10 ms or more a micro-batch (all
+# but toy models), the reports of the others come at least 0.5 s apart and never wait. A poll not
+# answered in time is waited on at the next; a worker is declared dead only after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min). An interval the user set (in the environment
+# raylaunch started in) is used by every run.
+FAST_POLL_S, SLOW_POLL_S, FREQUENT_REPORTS = 0.1, 0.5, 50
+_USER_POLL_S = os.environ.get(TRAIN_POLL_ENV)
+
+
+def poll_interval_s(config: dict) -> float:
+    """Ray Train's poll interval for a `loop_config`'s run, from how often it reports: at each
+    epoch's end, and every `train.checkpoint_every` steps."""
+    train = config["train"]
+    steps = min(train["checkpoint_every"] or config["steps_per_epoch"], config["steps_per_epoch"])
+    return FAST_POLL_S if steps * train["grad_accum_steps"] < FREQUENT_REPORTS else SLOW_POLL_S
+
+
+class _Trainer(TorchTrainer):
+    """A TorchTrainer whose controller polls at `poll_s`. Ray Train gives its controller the
+    RAY_TRAIN_* variables of the environment `fit()` is called in; set for the call, then restored."""
+
+    def __init__(self, *args, poll_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poll_s = _USER_POLL_S or str(poll_s)
+
+    def fit(self):
+        before = os.environ.get(TRAIN_POLL_ENV)
+        os.environ[TRAIN_POLL_ENV] = self.poll_s
+        try:
+            return super().fit()
+        finally:
+            if before is None:
+                os.environ.pop(TRAIN_POLL_ENV, None)
+            else:
+                os.environ[TRAIN_POLL_ENV] = before
 
 
 CHECKPOINT_PATH = "checkpoint_path"
@@ -124,7 +171,7 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
     """A TorchTrainer for a `loop_config` over the splits from `load_splits`."""
     train = config["train"]
     shards = rank_shards(datasets, train["workers"]) if splits_in_memory(datasets) else None
-    return TorchTrainer(
+    return _Trainer(
         train_loop_per_worker,
         train_loop_config=config | {"rank_shards": shards is not None},
         scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
@@ -148,6 +195,7 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
                                                checkpoint_score_order=metric_mode(config["metric"])),
             callbacks=list(callbacks),
         ),
+        poll_s=poll_interval_s(config),
     )
 
 

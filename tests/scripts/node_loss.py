@@ -17,12 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.session import EMBEDDED_SYSTEM_CONFIG, TRAIN_POLL_S
+from cluster.session import EMBEDDED_SYSTEM_CONFIG
 
 # Read by Ray Train's controller, a process the raylets below start: set before they start.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
-# The controller polls its workers this often (as cluster.session.worker_env sets for raylaunch runs).
-os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = TRAIN_POLL_S
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
