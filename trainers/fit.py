@@ -27,13 +27,13 @@ from trainers.loop import shard_name, train_loop_per_worker
 # report every few steps (the digits, sweeps of small models, the test suite) are held by slow polls:
 # three small fits took 47-57 s at 0.5 s, 36-54 s at 0.1 s, in alternating rounds. Runs that report
 # rarely only pay for fast ones: a poll is an actor call on every rank, and where the ranks fill the
-# CPUs it comes out of training (a 2-worker GPT on 2 cores, 5.7% slower at 0.1 s than at 0.5 s;
-# bench/RESULTS.md). So each run polls at its own interval: FAST_POLL_S when its reports are fewer
-# than FREQUENT_REPORTS micro-batches apart, else SLOW_POLL_S. At 10 ms or more a micro-batch (all
-# but toy models), the reports of the others come at least 0.5 s apart and never wait. A poll not
-# answered in time is waited on at the next; a worker is declared dead only after
-# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min). An interval the user set (in the environment
-# raylaunch started in) is used by every run.
+# CPUs it comes out of training (a 2-worker GPT on 2 cores: about 2% slower at 0.1 s than at 0.5 s,
+# medians of 12 alternating runs each; bench/RESULTS.md); a sweep's concurrent trials all poll. So
+# each run polls at its own interval: FAST_POLL_S when its reports are fewer than FREQUENT_REPORTS
+# micro-batches apart, else SLOW_POLL_S. At 10 ms or more a micro-batch (all but toy models), the
+# reports of the others come at least 0.5 s apart and never wait. A poll not answered in time is
+# waited on at the next; a worker is declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S
+# (10 min). An interval the user set (in the environment raylaunch started in) is used by every run.
 FAST_POLL_S, SLOW_POLL_S, FREQUENT_REPORTS = 0.1, 0.5, 50
 _USER_POLL_S = os.environ.get(TRAIN_POLL_ENV)
 
