@@ -10,10 +10,9 @@ import pytest
 import ray.train
 from ray.train import RunConfig, ScalingConfig
 
-import trainers.fit
 from cluster.session import TRAIN_POLL_ENV, worker_env
 from launcher.config import RunConfig as RaylaunchConfig
-from trainers.fit import FAST_POLL_S, SLOW_POLL_S, _Trainer, poll_interval_s
+from trainers.fit import FAST_POLL_S, SLOW_POLL_S, _Trainer, poll_interval_s, polled_every
 from trainers.loop import loop_config
 
 
@@ -42,16 +41,17 @@ def test_a_run_reporting_rarely_polls_slowly():
 
 
 def test_an_interval_the_user_set_is_used_by_every_run_and_passed_to_the_job(monkeypatch):
-    monkeypatch.setattr(trainers.fit, "_USER_POLL_S", "2.0")
-    assert _Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), poll_s=FAST_POLL_S).poll_s == "2.0"
     monkeypatch.setenv(TRAIN_POLL_ENV, "2.0")
+    with polled_every(FAST_POLL_S):
+        assert os.environ[TRAIN_POLL_ENV] == "2.0"
+    assert os.environ[TRAIN_POLL_ENV] == "2.0"
     assert worker_env(None, None)["env_vars"][TRAIN_POLL_ENV] == "2.0"
     monkeypatch.delenv(TRAIN_POLL_ENV)
     assert TRAIN_POLL_ENV not in worker_env(None, None)["env_vars"]  # each run chooses its own
 
 
 def test_the_run_s_controller_gets_the_interval_and_the_caller_s_environment_is_restored(ray_cluster, tmp_path):
-    if TRAIN_POLL_ENV in os.environ or trainers.fit._USER_POLL_S is not None:
+    if TRAIN_POLL_ENV in os.environ:
         pytest.skip(f"{TRAIN_POLL_ENV} is set in this environment")
 
     def report_interval():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray.data
@@ -35,7 +36,6 @@ from trainers.loop import shard_name, train_loop_per_worker
 # waited on at the next; a worker is declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S
 # (10 min). An interval the user set (in the environment raylaunch started in) is used by every run.
 FAST_POLL_S, SLOW_POLL_S, FREQUENT_REPORTS = 0.1, 0.5, 50
-_USER_POLL_S = os.environ.get(TRAIN_POLL_ENV)
 
 
 def poll_interval_s(config: dict) -> float:
@@ -46,24 +46,31 @@ def poll_interval_s(config: dict) -> float:
     return FAST_POLL_S if steps * train["grad_accum_steps"] < FREQUENT_REPORTS else SLOW_POLL_S
 
 
+@contextmanager
+def polled_every(seconds: float) -> Iterator[None]:
+    """The poll interval of the runs whose fit() is called inside: Ray Train gives a run's controller
+    the RAY_TRAIN_* variables of the environment fit() is called in. One the user set is left alone.
+    Meant for one fit() at a time in a process (a run started alongside would share the interval)."""
+    if TRAIN_POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[TRAIN_POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(TRAIN_POLL_ENV, None)
+
+
 class _Trainer(TorchTrainer):
-    """A TorchTrainer whose controller polls at `poll_s`. Ray Train gives its controller the
-    RAY_TRAIN_* variables of the environment `fit()` is called in; set for the call, then restored."""
+    """A TorchTrainer whose controller polls every `poll_s` seconds (`polled_every`)."""
 
     def __init__(self, *args, poll_s: float, **kwargs):
         super().__init__(*args, **kwargs)
-        self.poll_s = _USER_POLL_S or str(poll_s)
+        self.poll_s = poll_s
 
     def fit(self):
-        before = os.environ.get(TRAIN_POLL_ENV)
-        os.environ[TRAIN_POLL_ENV] = self.poll_s
-        try:
+        with polled_every(self.poll_s):
             return super().fit()
-        finally:
-            if before is None:
-                os.environ.pop(TRAIN_POLL_ENV, None)
-            else:
-                os.environ[TRAIN_POLL_ENV] = before
 
 
 CHECKPOINT_PATH = "checkpoint_path"
