@@ -186,9 +186,9 @@ class DataConfig(Section):
     ingest_memory_mb: int | None = Field(None, ge=1)
     """Object store memory Ray Data may hold while streaming the training data to the workers; null is Ray Data's default."""
     shuffle_buffer: int = Field(10_000, ge=1)
-    """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory."""
+    """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory. A split held in memory (data.in_memory) is shuffled whole instead."""
     in_memory: Literal["auto", True, False] = "auto"
-    """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short, and each rank reads its own shard instead of a streaming split. `auto`: when the two splits take at most 1/8 of the cluster's object store memory (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`); an exact resume needs the same choice as the run it continues."""
+    """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short, and each rank reads its own shard instead of a streaming split, once, into its own memory (so the splits take their size there too). `auto`: when the two splits take at most 1/8 of the cluster's object store memory (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`); an exact resume needs the same choice as the run it continues."""
 
     @field_validator("transforms", mode="before")
     @classmethod
