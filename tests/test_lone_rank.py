@@ -4,10 +4,11 @@ trains to the same weights, bit for bit, as with it."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from cluster.session import free_port
 
 # Real DeepSpeed engines over gloo with one rank, in a process of their own (torch.distributed's
 # process group is global to a process).
@@ -47,10 +48,7 @@ print(json.dumps({"kept": kept, "skipped": not flag, "zero1_kept": zero1_flag,
 
 
 def test_one_rank_without_zero_skips_the_all_reduce_and_trains_the_same_weights():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-c", CODE, str(port)], cwd=Path(__file__).parent.parent,
+    done = subprocess.run([sys.executable, "-c", CODE, str(free_port())], cwd=Path(__file__).parent.parent,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
