@@ -270,13 +270,8 @@ class _HeldShard:
                            pin_memory: bool = False):
         if local_shuffle_buffer_size is None:
             order = torch.arange(self.rows)
-        else:
-            generator = torch.Generator()
-            if local_shuffle_seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(local_shuffle_seed)
-            order = torch.randperm(self.rows, generator=generator)
+        else:  # the loop always seeds its shuffle (train.seed and the epoch)
+            order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(local_shuffle_seed))
         stop = self.rows - self.rows % batch_size if drop_last else self.rows
         for start in range(0, stop, batch_size):
             rows = order[start:start + batch_size]
