@@ -14,8 +14,8 @@ Every way's controller polls at the interval raylaunch picks for this run (`poll
 Throughput is steady state, as in train_overhead.py: samples/s over every epoch but the first, timed
 around the training steps only (the reports and checkpoints fall between the timed windows; what
 they cost shows in the steps after them). Rounds run the ways interleaved. Printed: each way's median,
-and the median over rounds of its ratio to the way above and to `torch` in the same round (the VM's
-speed drifts between rounds; a round's ways ran minutes apart).
+and the median over rounds of its ratio to the way above and to `torch` in the same round (a VM's
+speed can drift over the minutes a run takes; the ways of one round run close together).
 
     python bench/overhead_parts.py [--rounds 5] [--epochs 96] [--workdir /tmp/raylaunch-bench-parts]
 """
