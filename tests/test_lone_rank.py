@@ -24,7 +24,9 @@ def train(stage, skip):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
     config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-              "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+              # torch's AdamW, as raylaunch's CPU workers use (trainers.deepspeed_config): DeepSpeed's own
+              # would JIT-compile its fused Adam op on a machine's first run, about 40 s.
+              "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
               "zero_optimization": {"stage": stage}}
     initial = [p.detach().clone() for p in model.parameters()]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
