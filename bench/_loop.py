@@ -30,6 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(spec_path: str) -> None:
+    result = train(json.loads(Path(spec_path).read_text()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def train(spec: dict, after_epoch=None) -> dict:
+    """Train as `spec` says; this rank's result (what main prints from rank 0). `after_epoch(model,
+    epoch)`, where given, runs after each timed epoch (bench/overhead_parts.py: a Ray Train report)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -38,7 +46,6 @@ def main(spec_path: str) -> None:
     from trainers.batches import model_batch
     from trainers.models import build_model
 
-    spec = json.loads(Path(spec_path).read_text())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -57,9 +64,11 @@ def main(spec_path: str) -> None:
     train = spec["train"]
     if spec.get("deepspeed"):  # the engine raylaunch's workers build, without Ray
         from trainers import import_deepspeed
+        from trainers.loop import skip_lone_allreduce
 
         engine, *_ = import_deepspeed().initialize(model=model, model_parameters=model.parameters(),
                                                    config=spec["deepspeed"])
+        skip_lone_allreduce(engine)  # as raylaunch's workers do (a no-op for more than one rank)
         model, optimizer = engine, None
     else:
         if world > 1:
@@ -94,13 +103,13 @@ def main(spec_path: str) -> None:
                 first_step = time.perf_counter() - STARTED
         sync()
         epochs.append(time.perf_counter() - started)
-    if rank == 0:
-        items = steps * spec["global_batch"] * spec["items_per_row"]
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-        print("RESULT " + json.dumps({"epoch_seconds": epochs, "items_per_epoch": items, "first_step_s": first_step,
-                                      "gpu_memory_peak_mb": peak_mb}), flush=True)
+        if after_epoch is not None:
+            after_epoch(model, epoch)
     if world > 1:
         dist.destroy_process_group()
+    return {"epoch_seconds": epochs, "items_per_epoch": steps * spec["global_batch"] * spec["items_per_row"],
+            "first_step_s": first_step,
+            "gpu_memory_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None}
 
 
 def run(spec: Path, world: int, threads: int) -> tuple[dict, float]:

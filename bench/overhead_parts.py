@@ -4,7 +4,7 @@ The CNN trains an epoch in 0.05-0.1 s (steps of about 3 ms), and a raylaunch run
 checkpoints and reports at each epoch's end. Which of the pieces between a plain PyTorch loop and
 raylaunch costs what: the same rows in memory, model, global batch (64) and epochs, one Ray Train
 worker with both CPUs of an embedded Ray as raylaunch starts one, five ways:
-  1. torch        the plain loop (torch's AdamW) inside the TorchTrainer, no reports;
+  1. torch        bench/_loop.py's plain loop (torch's AdamW) inside the TorchTrainer, no reports;
   2. deepspeed    the same loop on the DeepSpeed engine raylaunch's 1 worker builds (the same JSON);
   3. metrics      (2), plus `ray.train.report(metrics)` at each epoch's end;
   4. checkpoint   (2), plus DeepSpeed's checkpoint written and reported with each epoch's metrics;
@@ -29,7 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,53 +39,21 @@ BATCH = 64
 
 
 def train_fn(spec: dict) -> None:
-    """One Ray Train worker: the plain loop of bench/_loop.py, reporting as `spec["way"]` says.
-    Writes each timed epoch's seconds to `spec["out"]`."""
+    """One Ray Train worker: bench/_loop.py's plain loop on `spec`, reporting after each epoch as
+    `spec["way"]` says. Writes the loop's result to `spec["out"]`."""
     import ray.train
-    import torch
-    import torch.nn.functional as F
 
-    from bench.train_overhead import load_rows
-    from trainers import import_deepspeed
-    from trainers.batches import model_batch
-    from trainers.loop import skip_lone_allreduce
-    from trainers.models import build_model
+    from bench._loop import train
 
-    meta, train, way = spec["meta"], spec["train"], spec["way"]
-    rows = load_rows(spec["data_dir"], meta)
-    count = len(rows["label"])
-    torch.manual_seed(0)
-    model = build_model(spec["model"], meta["input_shape"], meta["num_classes"])
-    if way == "torch":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"],
-                                      betas=tuple(train["adam_betas"]), eps=1e-8)
-    else:
-        model, *_ = import_deepspeed().initialize(model=model, model_parameters=model.parameters(),
-                                                  config=spec["deepspeed"])
-        skip_lone_allreduce(model)  # as raylaunch's 1 worker does
-    seconds = []
-    for epoch in range(spec["epochs"]):
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(epoch))
-        started = time.perf_counter()
-        for step in range(count // BATCH):
-            x, y = model_batch({k: v[order[step * BATCH:(step + 1) * BATCH]] for k, v in rows.items()}, meta, epoch)
-            loss = F.cross_entropy(model(x), y)
-            if way == "torch":
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            else:
-                model.backward(loss)
-                model.step()
-        seconds.append(time.perf_counter() - started)
-        metrics = {"epoch": epoch, "train_loss": loss.item()}
-        if way == "metrics":
-            ray.train.report(metrics)
-        elif way == "checkpoint":
+    def report(model, epoch: int) -> None:
+        if spec["way"] == "metrics":
+            ray.train.report({"epoch": epoch})
+        elif spec["way"] == "checkpoint":
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_checkpoint(f"{tmp}/deepspeed", tag="state")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    Path(spec["out"]).write_text(json.dumps({"seconds": seconds, "samples": count // BATCH * BATCH}))
+                ray.train.report({"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    Path(spec["out"]).write_text(json.dumps(train(spec, after_epoch=report)))
 
 
 def run_way(way: str, run: dict, meta: dict, data_dir: str, work: Path, name: str, epochs: int) -> float:
@@ -97,12 +64,15 @@ def run_way(way: str, run: dict, meta: dict, data_dir: str, work: Path, name: st
     from bench.train_overhead import _steady, loop_config_for, run_raylaunch
     from trainers.fit import poll_interval_s, polled_every
 
-    config = loop_config_for(run, meta, 1, 0, BATCH, epochs)
     if way == "raylaunch":
         return run_raylaunch(run, meta, data_dir, work / "ray", name, 1, 0, BATCH, epochs)["rate"]
+    config = loop_config_for(run, meta, 1, 0, BATCH, epochs)
     out = work / f"{name}.json"
-    spec = {"way": way, "meta": meta, "train": config["train"], "model": run["model"], "data_dir": data_dir,
-            "deepspeed": config["deepspeed"], "epochs": epochs, "out": str(out)}
+    # bench/_loop.py's spec, as train_overhead.py writes it for its plain way (2 threads, one process).
+    spec = {"way": way, "out": str(out), "data_dir": data_dir, "meta": meta, "model": run["model"],
+            "train": config["train"], "global_batch": BATCH, "epochs": epochs, "threads": 2, "items_per_row": 1}
+    if way != "torch":
+        spec["deepspeed"] = config["deepspeed"]
     trainer = TorchTrainer(train_fn, train_loop_config=spec, torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
                            run_config=RunConfig(name=name, storage_path=str(work / "ray"),
@@ -110,7 +80,7 @@ def run_way(way: str, run: dict, meta: dict, data_dir: str, work: Path, name: st
     with polled_every(poll_interval_s(config)):
         trainer.fit()
     result = json.loads(out.read_text())
-    return _steady(result["seconds"], result["samples"])
+    return _steady(result["epoch_seconds"], result["items_per_epoch"])
 
 
 def main() -> None:
