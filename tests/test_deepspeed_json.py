@@ -4,9 +4,13 @@ YAML, conflicts caught before launch, and the result trains under Ray Train on C
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from cluster.session import free_port
 from launcher.cli import main
 from launcher.config import load
 from trainers.deepspeed_config import deepspeed_config
@@ -79,7 +83,7 @@ def test_autos_in_the_hugging_face_example_are_filled(tmp_path):
                                        "grad_accum_steps": 2}))
     filled = deepspeed_config(cfg.train.model_dump(mode="json"), 32, 40, HF_ZERO2)
     assert filled["optimizer"]["params"] | {} == {"lr": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                                                   "torch_adam": True}
+                                                   "torch_adam": True, "fused": True}
     assert filled["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-4,
                                                                   "warmup_num_steps": 3}}
     assert (filled["gradient_clipping"], filled["gradient_accumulation_steps"], filled["train_batch_size"]) == (1.0, 2, 128)
@@ -122,6 +126,63 @@ def load_defaults() -> dict:
     from launcher.config import RunConfig
 
     return RunConfig().train.model_dump(mode="json")
+
+
+# Real DeepSpeed engines over gloo with one rank, in a process of their own (torch.distributed's
+# process group is global to a process), each built from the JSON `deepspeed_config` gives CPU workers.
+ENGINES = """
+import json, os, sys
+import torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+from trainers import import_deepspeed
+deepspeed = import_deepspeed()
+
+def train(config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        x, y = torch.randn(8, 8, generator=data), torch.randint(0, 3, (8,), generator=data)
+        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
+    return optimizer, torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+
+out = {}
+for name, config in json.loads(sys.argv[2]).items():
+    optimizer, weights = train(config)
+    out[name] = {"optimizer": type(optimizer).__name__, "fused": optimizer.defaults.get("fused"), "weights": weights.tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_cpu_workers_get_torchs_fused_adamw_and_other_optimizers_train_as_the_file_says():
+    train = load_defaults() | {"micro_batch_size": 8, "workers": 1, "grad_clip": 1.0, "lr_schedule": "constant"}
+    default = deepspeed_config(train, 32, 10)
+    assert default["optimizer"]["params"]["torch_adam"] and default["optimizer"]["params"]["fused"]
+    unfused = json.loads(json.dumps(default))
+    del unfused["optimizer"]["params"]["fused"]
+    autos = dict.fromkeys(("lr", "betas", "eps", "weight_decay"), "auto")
+    foreach = deepspeed_config(train, 32, 10, {"optimizer": {"type": "AdamW", "params": autos | {"foreach": True}}})
+    assert "fused" not in foreach["optimizer"]["params"]  # torch refuses fused and foreach together
+    adagrad = deepspeed_config(train, 32, 10, {"optimizer": {"type": "Adagrad", "params": {"lr": 0.01}}})
+    assert adagrad["optimizer"]["params"] == {"lr": 0.01}  # no Adam keys: torch's Adagrad refuses them
+    zero2 = json.loads(json.dumps(default)) | {"zero_optimization": {"stage": 2}}
+    configs = {"default": default, "unfused": unfused, "foreach": foreach, "adagrad": adagrad, "zero2": zero2}
+    done = subprocess.run([sys.executable, "-c", ENGINES, str(free_port()), json.dumps(configs)],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert (out["default"]["optimizer"], out["default"]["fused"]) == ("AdamW", True)
+    assert (out["zero2"]["optimizer"], out["zero2"]["fused"]) == ("AdamW", True)
+    assert (out["unfused"]["fused"], out["foreach"]["fused"]) == (None, None)
+    assert out["adagrad"]["optimizer"] == "Adagrad"
+    # The fused kernel is the same AdamW: after 10 steps the weights agree with torch's default kernel,
+    # with and without ZeRO's flat partition.
+    for name in ("unfused", "foreach", "zero2"):
+        assert out[name]["weights"] == pytest.approx(out["default"]["weights"], rel=1e-5, abs=1e-6), name
+    assert out["adagrad"]["weights"] != pytest.approx(out["default"]["weights"], rel=1e-3)
 
 
 def test_fp16_in_the_file_on_cpu_workers_is_refused(tmp_path, capsys):
