@@ -7,7 +7,8 @@ step, and on a GPU the peak memory its tensors took.
 With spec "deepspeed" (a DeepSpeed JSON), the model trains on the DeepSpeed engine that JSON
 describes instead of DDP and torch's AdamW: the engine raylaunch's workers build, without Ray.
 
-On a GPU (spec "device": "cuda") the rows sit in GPU memory, the model trains under
+torch's AdamW runs its default kernel on a CPU, or the fused one with spec "fused": true (raylaunch's
+CPU workers use the fused one). On a GPU (spec "device": "cuda") the rows sit in GPU memory, the model trains under
 `torch.autocast(bfloat16)` over fp32 weights with torch's fused AdamW (spec "precision": "bf16"),
 and each epoch's time ends at a device synchronize.
 
@@ -74,7 +75,7 @@ def train(spec: dict, after_epoch=None) -> dict:
         if world > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"],
-                                      betas=tuple(train["adam_betas"]), eps=1e-8, fused=cuda or None)
+                                      betas=tuple(train["adam_betas"]), eps=1e-8, fused=cuda or spec.get("fused") or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("precision") == "bf16")
     steps = per_rank // batch
     epochs, first_step = [], None

@@ -1,14 +1,18 @@
 """raylaunch's training overhead against raw PyTorch and torchrun, measured in one run.
 
 The same model, the same rows in memory (the cached train split), the same global batch, optimizer
-(AdamW, constant lr) and epochs, five ways:
-  1. plain    a single-process PyTorch loop, 2 threads;
+(AdamW, constant lr) and epochs, these ways:
+  1. plain    a single-process PyTorch loop, 2 threads, torch's AdamW as a user writes it (its
+              default CPU kernel);
   2. rl-1w    raylaunch (Ray Train + DeepSpeed), 1 worker with 2 CPUs, ZeRO-0;
   3. ddp      `torchrun --nproc_per_node 2`, DistributedDataParallel over gloo, 1 thread a rank;
   4. rl-2w-z0, rl-2w-z2, rl-2w-z3   raylaunch, 2 workers of 1 CPU, ZeRO-0, -2 and -3;
 and, to tell Ray's and raylaunch's share of (4)'s cost from DeepSpeed's:
   5. ds-z0, ds-z2   the plain loop under `torchrun --nproc_per_node 2` on the DeepSpeed engine
-     raylaunch's 2 workers build (the same JSON), ZeRO-0 and -2: DeepSpeed without Ray.
+     raylaunch's 2 workers build (the same JSON), ZeRO-0 and -2: DeepSpeed without Ray;
+and, to show how much of raylaunch's ratios is the optimizer kernel it picks:
+  6. plain-fused, ddp-fused   (1) and (3) with torch's fused AdamW kernel, which raylaunch's CPU
+     workers use (trainers.deepspeed_config.cpu_optimizer).
 Throughput is steady state: samples/s (tokens/s for the GPT) over every epoch but the first, the
 median over rounds that run the ways interleaved. Start-up is reported apart: for the baselines the
 seconds to their first optimizer step; for raylaunch the time fit() took beyond its steady-state
@@ -21,9 +25,9 @@ hide part of what Ray costs. Each round's first raylaunch way (rl-1w) starts its
 
 Cases: `cnn` (the quickstart's digits CNN) and `gpt` (configs/lm.yaml's GPT at its CPU size).
 Targets on a 2-core machine: rl-1w / plain >= 0.90; rl-2w-z0 / ddp >= 0.975; rl-2w-z2 / ddp >= 0.85.
-Also printed: ds-z0 / ddp and ds-z2 / ddp (DeepSpeed's own cost against DDP), rl-2w-z0 / ds-z0 and
-rl-2w-z2 / ds-z2 (what Ray's own processes, Ray Train, Ray Data and raylaunch's loop cost on top of
-the same engine).
+Also printed: raylaunch's ways against the fused baselines; ds-z0 / ddp and ds-z2 / ddp (DeepSpeed's
+own cost against DDP); rl-2w-z0 / ds-z0 and rl-2w-z2 / ds-z2 (what Ray's own processes, Ray Train,
+Ray Data and raylaunch's loop cost on top of the same engine).
 
     python bench/train_overhead.py [--cases cnn,gpt] [--rounds 3] [--workdir /tmp/raylaunch-bench-overhead]
 """
@@ -50,8 +54,9 @@ CASES = {
     "cnn": ("configs/quickstart.yaml", ["train.lr_schedule=constant"], 64, 16),
     "gpt": ("configs/lm.yaml", ["train.lr_schedule=constant", "train.grad_accum_steps=1", "train.warmup_steps=0"], 32, 3),
 }
-WAYS = ["plain", "ddp", "ds-z0", "ds-z2", "rl-1w", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]  # baselines first
+WAYS = ["plain", "plain-fused", "ddp", "ddp-fused", "ds-z0", "ds-z2", "rl-1w", "rl-2w-z0", "rl-2w-z2", "rl-2w-z3"]  # baselines first
 TARGETS = {("rl-1w", "plain"): 0.90, ("rl-2w-z0", "ddp"): 0.975, ("rl-2w-z2", "ddp"): 0.85, ("rl-2w-z3", "ddp"): None,
+           ("rl-1w", "plain-fused"): None, ("rl-2w-z0", "ddp-fused"): None, ("rl-2w-z2", "ddp-fused"): None,
            ("ds-z0", "ddp"): None, ("ds-z2", "ddp"): None, ("rl-2w-z0", "ds-z0"): None, ("rl-2w-z2", "ds-z2"): None}
 
 
@@ -148,14 +153,16 @@ def main() -> None:
             items_per_row = meta["seq_len"] if meta.get("task") == "lm" else 1
             base = {"data_dir": str(data_dir), "meta": meta, "model": run["model"], "train": run["train"],
                     "global_batch": batch, "epochs": epochs, "threads": 1, "items_per_row": items_per_row}
-            docs = {"plain": base | {"threads": 2}, "ddp": base}  # one process with both threads; 2 ranks, one each
+            # one process with both threads; 2 ranks, one each
+            docs = {"plain": base | {"threads": 2}, "plain-fused": base | {"threads": 2, "fused": True}, "ddp": base,
+                    "ddp-fused": base | {"fused": True}}
             for stage in (0, 2):
                 docs[f"ds-z{stage}"] = base | {"deepspeed": loop_config_for(run, meta, 2, stage, batch, epochs)["deepspeed"]}
             baselines = {}  # the plain loop's ways: (spec file, processes)
             for way, doc in docs.items():
                 path = work / f"{case}-{way}.json"
                 path.write_text(json.dumps(doc))
-                baselines[way] = (path, 1 if way == "plain" else 2)
+                baselines[way] = (path, 1 if way.startswith("plain") else 2)
             runs: dict[str, list[dict]] = {w: [] for w in WAYS}
             for r in range(args.rounds):
                 for way in WAYS:
