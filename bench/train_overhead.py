@@ -175,14 +175,14 @@ def main() -> None:
                         out = run_raylaunch(run, meta, str(data_dir), work / "ray", f"{case}-{way}-{r}", workers, stage,
                                             batch, epochs)
                     runs[way].append(out)
-                    print(f"  {case} round {r + 1} {way:<9} {out['rate']:>10,.0f} items/s  start-up {out['startup_s']:5.1f} s"
+                    print(f"  {case} round {r + 1} {way:<11} {out['rate']:>10,.0f} items/s  start-up {out['startup_s']:5.1f} s"
                           f"  wall {out['wall_s']:5.1f} s", flush=True)
             unit = "tokens/s" if items_per_row > 1 else "samples/s"
             medians = {w: {k: statistics.median(o[k] for o in runs[w]) for k in ("rate", "startup_s", "wall_s")} for w in WAYS}
             print(f"\n{case}: global batch {batch}, {epochs} epochs, median of {args.rounds} interleaved rounds ({unit})")
             for way in WAYS:
                 m = medians[way]
-                print(f"  {way:<9} {m['rate']:>10,.0f}   start-up {m['startup_s']:5.1f} s   wall {m['wall_s']:5.1f} s")
+                print(f"  {way:<11} {m['rate']:>10,.0f}   start-up {m['startup_s']:5.1f} s   wall {m['wall_s']:5.1f} s")
             for (a, b), target in TARGETS.items():
                 ratio = medians[a]["rate"] / medians[b]["rate"]
                 verdict = "" if target is None else (" (target >= %.3f: %s)" % (target, "met" if ratio >= target else "NOT met"))
