@@ -21,7 +21,9 @@ training (worker group start, DeepSpeed set-up, data pipeline start, validation 
 Each round runs the baselines with no Ray running, as a user of `torchrun` has none, then starts an
 embedded Ray for raylaunch's ways and stops it. On 2 cores, an idle Ray beside `torchrun` slows
 DeepSpeed's ZeRO-0 by about 4% (bench/RESULTS.md, 2026-12-01 evening), so baselines run beside it would
-hide part of what Ray costs. Each round's first raylaunch way (rl-1w) starts its workers in a fresh Ray.
+hide part of what Ray costs. Each round's raylaunch ways run in a fresh Ray. The order of the ways is
+reversed every other round, so that a drift of the machine's speed within a round (this VM's speed can
+halve within minutes) does not always land on the same side of a ratio.
 
 Cases: `cnn` (the quickstart's digits CNN) and `gpt` (configs/lm.yaml's GPT at its CPU size).
 Targets on a 2-core machine: rl-1w / plain >= 0.90; rl-2w-z0 / ddp >= 0.975; rl-2w-z2 / ddp >= 0.85.
@@ -165,7 +167,11 @@ def main() -> None:
                 baselines[way] = (path, 1 if way.startswith("plain") else 2)
             runs: dict[str, list[dict]] = {w: [] for w in WAYS}
             for r in range(args.rounds):
-                for way in WAYS:
+                ray_up(False)  # every round's raylaunch ways start their workers in a fresh Ray
+                # Baselines first in the 1st, 3rd, ... round, raylaunch's ways first in the others: the
+                # VM's speed can drift within a round (2x within minutes here, bench/RESULTS.md), and a
+                # fixed order would put that drift on one side of every ratio.
+                for way in WAYS if r % 2 == 0 else WAYS[::-1]:
                     ray_up(way not in baselines)
                     if way in baselines:
                         out = run_baseline(*baselines[way])
