@@ -8,9 +8,9 @@ With spec "deepspeed" (a DeepSpeed JSON), the model trains on the DeepSpeed engi
 describes instead of DDP and torch's AdamW: the engine raylaunch's workers build, without Ray.
 
 torch's AdamW runs its default kernel on a CPU, or the fused one with spec "fused": true (raylaunch's
-CPU workers use the fused one). On a GPU (spec "device": "cuda") the rows sit in GPU memory, the model trains under
-`torch.autocast(bfloat16)` over fp32 weights with torch's fused AdamW (spec "precision": "bf16"),
-and each epoch's time ends at a device synchronize.
+CPU workers use the fused one). On a GPU (spec "device": "cuda") the rows sit in GPU memory, the
+model trains under `torch.autocast(bfloat16)` over fp32 weights with torch's fused AdamW (spec
+"precision": "bf16"), and each epoch's time ends at a device synchronize.
 
     python bench/_loop.py SPEC.json          (SPEC: written by train_overhead.py)
     torchrun --nproc_per_node 2 bench/_loop.py SPEC.json
