@@ -128,33 +128,7 @@ def load_defaults() -> dict:
     return RunConfig().train.model_dump(mode="json")
 
 
-# Real DeepSpeed engines over gloo with one rank, in a process of their own (torch.distributed's
-# process group is global to a process), each built from the JSON `deepspeed_config` gives CPU workers.
-ENGINES = """
-import json, os, sys
-import torch
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-from trainers import import_deepspeed
-deepspeed = import_deepspeed()
-
-def train(config):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    data = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        x, y = torch.randn(8, 8, generator=data), torch.randint(0, 3, (8,), generator=data)
-        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
-        engine.step()
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's optimizer
-    return optimizer, torch.cat([p.detach().flatten() for p in engine.module.parameters()])
-
-out = {}
-for name, config in json.loads(sys.argv[2]).items():
-    optimizer, weights = train(config)
-    out[name] = {"optimizer": type(optimizer).__name__, "fused": optimizer.defaults.get("fused"), "weights": weights.tolist()}
-print(json.dumps(out))
-"""
+ONE_RANK = Path(__file__).parent / "scripts" / "one_rank.py"  # real DeepSpeed engines over gloo, one rank
 
 
 def test_cpu_workers_get_torchs_fused_adamw_and_other_optimizers_train_as_the_file_says():
@@ -170,8 +144,9 @@ def test_cpu_workers_get_torchs_fused_adamw_and_other_optimizers_train_as_the_fi
     assert adagrad["optimizer"]["params"] == {"lr": 0.01}  # no Adam keys: torch's Adagrad refuses them
     zero2 = json.loads(json.dumps(default)) | {"zero_optimization": {"stage": 2}}
     configs = {"default": default, "unfused": unfused, "foreach": foreach, "adagrad": adagrad, "zero2": zero2}
-    done = subprocess.run([sys.executable, "-c", ENGINES, str(free_port()), json.dumps(configs)],
-                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    runs = {name: {"config": config, "micro_batches": 10} for name, config in configs.items()}
+    done = subprocess.run([sys.executable, str(ONE_RANK), str(free_port()), json.dumps(runs)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.splitlines()[-1])
     assert (out["default"]["optimizer"], out["default"]["fused"]) == ("AdamW", True)
