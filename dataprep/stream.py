@@ -85,11 +85,12 @@ def split_bytes(data_dir: Path | str, split: str) -> int:
 
 def held_split(data_dir: Path | str, split: str) -> ray.data.Dataset:
     """One cached split read here, once, into Ray's object store: the blocks `stream_split` streams,
-    in the same order, and no read tasks to start again every epoch. Reading in this process starts
-    no Ray worker either, which tasks would. (Training cuts it into one shard a rank:
-    `trainers.fit.rank_shards`.)"""
+    in the same order, and no read tasks to start again every epoch. Neither the read nor the
+    dataset starts a Ray worker: `ray.data.from_arrow` would run a task a table to compute metadata
+    of tables this process holds (Ray 2.60), and start worker processes for it; `from_blocks`
+    computes it here. (Training cuts it into one shard a rank: `trainers.fit.rank_shards`.)"""
     tables = list(_read_files(pa.table({"path": parquet_files(f"{data_dir}/{split}")})))
-    return ray.data.from_arrow(tables) if tables else stream_split(data_dir, split)
+    return ray.data.from_blocks(tables) if tables else stream_split(data_dir, split)
 
 
 def stream_folder(folder: Path | str) -> ray.data.Dataset:

@@ -87,3 +87,21 @@ def test_splits_held_in_memory_are_cut_into_equal_contiguous_shards_one_a_rank(r
     for rank in range(3):
         assert shards[f"train.{rank}"].to_pandas()["key"].tolist() == keys[rank * per_rank:(rank + 1) * per_rank]
     assert {shards[f"val.{rank}"].count() for rank in range(3)} == {meta["rows"]["val"] // 3}
+
+
+def test_equal_slices_are_consecutive_equal_runs_across_table_boundaries():
+    import pyarrow as pa
+
+    from trainers.fit import equal_slices
+
+    tables = [pa.table({"x": list(range(a, b))}) for a, b in ((0, 5), (5, 6), (6, 13))]
+
+    def runs(parts):
+        return [[x for t in run for x in t["x"].to_pylist()] for run in equal_slices(tables, parts)]
+
+    assert runs(1) == [list(range(13))]
+    assert runs(2) == [list(range(6)), list(range(6, 12))]  # row 12 dropped
+    assert runs(4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert runs(13) == [[i] for i in range(13)]
+    empty = equal_slices(tables, 14)  # fewer rows than ranks: each an empty slice with the columns
+    assert [[t.num_rows for t in run] for run in empty] == [[0]] * 14 and empty[0][0].column_names == ["x"]

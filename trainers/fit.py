@@ -212,10 +212,38 @@ def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str
     instead passes every block through a coordinator actor, which every rank waits on at the start
     of each epoch; on 2 CPU workers that cost the GPT 8-9% of its throughput (bench/RESULTS.md).
     Contiguous row ranges in file order, the remainder dropped as a streaming split's equal mode
-    does, so every rank gets the same rows on every run (an exact resume). Cutting a block runs a
-    small Ray Data task: here, before the worker group holds its CPUs."""
-    return {shard_name(name, rank, True): shard for name, dataset in datasets.items()
-            for rank, shard in enumerate(dataset.split(workers, equal=True))}
+    does, so every rank gets the same rows on every run (an exact resume).
+
+    Cut here, from the held blocks read zero-copy out of the object store (`equal_slices`): the
+    shards are copies of them, so a split held in memory takes twice its size while a trainer
+    holds its shards. `Dataset.split` would keep whole blocks and copy only the ones a cut
+    crosses, but it runs Ray Data tasks, and on a fresh embedded Ray the first of them waits for
+    worker processes to start: 1.8 s before the worker group could start (bench/RESULTS.md)."""
+    shards = {}
+    for name, dataset in datasets.items():
+        tables = ray.get(dataset.to_arrow_refs())
+        for rank, blocks in enumerate(equal_slices(tables, workers)):
+            shards[shard_name(name, rank, True)] = ray.data.from_blocks(blocks)
+    return shards
+
+
+def equal_slices(tables: list, parts: int) -> list[list]:
+    """`parts` runs of consecutive rows of `tables` (Arrow tables), each as long as the others and
+    as long as possible (the remainder dropped), as zero-copy slices; a run of no rows is one empty
+    slice, which keeps the columns."""
+    length = sum(t.num_rows for t in tables) // parts
+    runs: list[list] = [[] for _ in range(parts)]
+    part, wanted = 0, length
+    for table in tables:
+        start = 0
+        while start < table.num_rows and part < parts:
+            take = min(wanted, table.num_rows - start)
+            if take:
+                runs[part].append(table.slice(start, take))
+            start, wanted = start + take, wanted - take
+            if not wanted:
+                part, wanted = part + 1, length
+    return [run or [tables[0].slice(0, 0)] for run in runs]
 
 
 def _ingest_options(memory_mb: int | None) -> ExecutionOptions:
