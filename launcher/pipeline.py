@@ -308,11 +308,12 @@ def _train(run: Run) -> dict:
     return _training_summary("teacher", metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
 
 
-def _splits(run: Run, train_dir: str | None = None) -> dict:
-    """The train and val splits for a training stage, held in memory as `data.in_memory` says."""
+def _splits(run: Run, train_dir: str | None = None, trainers: int = 1) -> dict:
+    """The train and val splits for a training stage, held in memory as `data.in_memory` says
+    (`trainers`: the training runs at once that cut shards from them)."""
     from trainers.fit import load_splits
 
-    return load_splits(run.data_dir, run.cfg.data.in_memory, run.cfg.data.ingest_memory_mb, train_dir)
+    return load_splits(run.data_dir, run.cfg.data.in_memory, run.cfg.data.ingest_memory_mb, train_dir, trainers)
 
 
 def _tune(run: Run) -> dict:
@@ -337,7 +338,8 @@ def _tune(run: Run) -> dict:
         teacher_dir = run.shared(run.models["teacher"])
         if cfg.distill.teacher_outputs == "precompute":
             train_dir = _precompute_teacher_outputs(run)["path"]
-    datasets = _splits(run, train_dir)  # one copy serves every trial, held in memory or streamed
+    # One read serves every trial; held in memory, each running trial cuts its ranks' shards from it.
+    datasets = _splits(run, train_dir, trainers=concurrent)
     progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
     sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
                       resume=run.resume, teacher_dir=teacher_dir, callbacks=[progress])

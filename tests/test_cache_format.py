@@ -47,7 +47,10 @@ def test_a_splits_decoded_size_and_whether_auto_holds_it_in_memory(tmp_path):
     assert tokens.nbytes <= size < 1.05 * tokens.nbytes  # every row group of both files, decoded
 
     store = 100 * 2**20
-    assert hold_in_memory(store // IN_MEMORY_SHARE, store, None)
-    assert not hold_in_memory(store // IN_MEMORY_SHARE + 1, store, None)
+    one_run = store // (2 * IN_MEMORY_SHARE)  # the splits and one run's shards cut from them
+    assert hold_in_memory(one_run, store, None)
+    assert not hold_in_memory(one_run + 1, store, None)
+    assert hold_in_memory(store // (4 * IN_MEMORY_SHARE), store, None, trainers=3)  # a sweep's 3 trials at once
+    assert not hold_in_memory(store // (4 * IN_MEMORY_SHARE) + 1, store, None, trainers=3)
     assert not hold_in_memory(2 * 2**20, store, ingest_memory_mb=1)  # never past data.ingest_memory_mb
     assert hold_in_memory(2**20, store, ingest_memory_mb=1)

@@ -135,32 +135,36 @@ class WorkerGroupUnplaceable(RuntimeError):
     """The worker group could not be (re)started: the cluster no longer holds it."""
 
 
-IN_MEMORY_SHARE = 8
-"""`data.in_memory: auto` holds the splits in memory when they take at most 1/8 of the object store."""
+IN_MEMORY_SHARE = 4
+"""`data.in_memory: auto` holds the splits in memory when they and the shards every training run at once
+cuts from them (`rank_shards`: a copy each) take at most 1/4 of the object store: up to 1/8 for one run."""
 
 
 def load_splits(data_dir: Path | str, in_memory: bool | str = False, ingest_memory_mb: int | None = None,
-                train_dir: Path | str | None = None) -> dict[str, ray.data.Dataset]:
+                train_dir: Path | str | None = None, trainers: int = 1) -> dict[str, ray.data.Dataset]:
     """The cached train and val splits (the train split from `train_dir` where given: the teacher's
     outputs beside the rows), streamed to the workers as they train (see dataprep.stream).
 
     `in_memory` (`data.in_memory`): True reads them once into the object store before training,
     so that no epoch waits for read tasks to start over the files; `auto` does so when they are
-    small (`hold_in_memory`)."""
+    small (`hold_in_memory`) against the object store, counting the shards that `trainers` training
+    runs at once (a sweep's concurrent trials) cut from them."""
     from dataprep.stream import held_split, split_bytes, stream_split
 
     folders = {"train": train_dir or data_dir, "val": data_dir}
     if in_memory == "auto":
         size = sum(split_bytes(folder, split) for split, folder in folders.items())
-        in_memory = hold_in_memory(size, ray.cluster_resources().get("object_store_memory", 0), ingest_memory_mb)
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        in_memory = hold_in_memory(size, store, ingest_memory_mb, trainers)
     read = held_split if in_memory else stream_split
     return {split: read(folder, split) for split, folder in folders.items()}
 
 
-def hold_in_memory(size: int, store_bytes: float, ingest_memory_mb: int | None) -> bool:
+def hold_in_memory(size: int, store_bytes: float, ingest_memory_mb: int | None, trainers: int = 1) -> bool:
     """`data.in_memory: auto`: whether splits of `size` bytes are held in the object store: when
-    they take at most 1/IN_MEMORY_SHARE of it, and no more than `data.ingest_memory_mb` where set."""
-    budget = store_bytes / IN_MEMORY_SHARE
+    they and a copy for each of `trainers` training runs at once (their rank shards) take at most
+    1/IN_MEMORY_SHARE of it, and the splits no more than `data.ingest_memory_mb` where set."""
+    budget = store_bytes / IN_MEMORY_SHARE / (1 + trainers)
     if ingest_memory_mb is not None:
         budget = min(budget, ingest_memory_mb * 2**20)
     return size <= budget
@@ -215,8 +219,8 @@ def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str
     does, so every rank gets the same rows on every run (an exact resume).
 
     Cut here, from the held blocks read zero-copy out of the object store (`equal_slices`): the
-    shards are copies of them, so a split held in memory takes twice its size while a trainer
-    holds its shards. `Dataset.split` would keep whole blocks and copy only the ones a cut
+    shards are copies of them, so a split held in memory takes its size again for each trainer
+    that holds shards of it (`hold_in_memory` counts them). `Dataset.split` would keep whole blocks and copy only the ones a cut
     crosses, but it runs Ray Data tasks, and on a fresh embedded Ray the first of them waits for
     worker processes to start: 1.8 s before the worker group could start (bench/RESULTS.md)."""
     shards = {}
