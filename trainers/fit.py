@@ -220,9 +220,10 @@ def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str
 
     Cut here, from the held blocks read zero-copy out of the object store (`equal_slices`): the
     shards are copies of them, so a split held in memory takes its size again for each trainer
-    that holds shards of it (`hold_in_memory` counts them). `Dataset.split` would keep whole blocks and copy only the ones a cut
-    crosses, but it runs Ray Data tasks, and on a fresh embedded Ray the first of them waits for
-    worker processes to start: 1.8 s before the worker group could start (bench/RESULTS.md)."""
+    that holds shards of it (`hold_in_memory` counts them). `Dataset.split` would keep whole
+    blocks and copy only the ones a cut crosses, but it runs Ray Data tasks, and on a fresh
+    embedded Ray the first of them waits for worker processes to start: 1.8 s before the worker
+    group could start (bench/RESULTS.md)."""
     shards = {}
     for name, dataset in datasets.items():
         tables = ray.get(dataset.to_arrow_refs())
@@ -233,21 +234,13 @@ def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str
 
 def equal_slices(tables: list, parts: int) -> list[list]:
     """`parts` runs of consecutive rows of `tables` (Arrow tables), each as long as the others and
-    as long as possible (the remainder dropped), as zero-copy slices; a run of no rows is one empty
-    slice, which keeps the columns."""
-    length = sum(t.num_rows for t in tables) // parts
-    runs: list[list] = [[] for _ in range(parts)]
-    part, wanted = 0, length
-    for table in tables:
-        start = 0
-        while start < table.num_rows and part < parts:
-            take = min(wanted, table.num_rows - start)
-            if take:
-                runs[part].append(table.slice(start, take))
-            start, wanted = start + take, wanted - take
-            if not wanted:
-                part, wanted = part + 1, length
-    return [run or [tables[0].slice(0, 0)] for run in runs]
+    as long as possible (the remainder dropped): one zero-copy slice each of the tables joined
+    (`concat_tables` joins their chunks without copying them). A run of no rows keeps the columns."""
+    import pyarrow as pa
+
+    joined = pa.concat_tables(tables, promote_options="default")
+    length = joined.num_rows // parts
+    return [[joined.slice(part * length, length)] for part in range(parts)]
 
 
 def _ingest_options(memory_mb: int | None) -> ExecutionOptions:
