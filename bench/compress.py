@@ -7,10 +7,12 @@ issue 6's targets:
   - a quantized student is within 2 accuracy points of the teacher (test split),
     has at least 2x lower batch-1 CPU latency than the teacher,
     and a file at least 3.5x smaller than the fp32 student's.
-Latencies are the evaluate stage's: eager PyTorch, the models as `load_model` returns them, p50 of
-0.6 s of batch-1 calls (1 s when the figures in RESULTS.md were taken). Measured here as well, in this process: every model compiled with
-torch.compile (inductor), which is how a PT2E static_int8 program is meant to run (eagerly it
-executes reference quantize/dequantize ops), batch-1 latency and batch-64 throughput.
+Latencies are the evaluate stage's, on the models as `load_model` returns them (the deployable
+form): eager PyTorch for the fp32 and torchao models, and for static_int8 its AOTInductor program
+(`model.pt2`, `quantize.compile`), whose int8 kernels are how a PT2E program is meant to run
+(eagerly it executes reference quantize/dequantize ops); p50 of 0.6 s of batch-1 calls. The
+targets are judged on these. For context, measured here in this process as well: every eager model
+compiled with torch.compile (inductor), the same form as the compiled program.
 
     python bench/compress.py [--run-dir DIR] [--workdir /tmp/raylaunch-bench-compress]
 """
@@ -56,7 +58,10 @@ def compiled_numbers(run_dir: Path, models: dict) -> dict:
     example = first_rows(data_dir / "test", meta, 64)
     numbers = {}
     for name in models:
-        model, _ = load_model(run_dir / "models" / name)
+        model, spec = load_model(run_dir / "models" / name)
+        if str(spec.get("program", "")).endswith(".pt2"):  # compiled ahead of time already
+            numbers[name] = {**latency(model, example), "compile_s": 0.0}
+            continue
         # The models share CNN.forward: without a reset, dynamo's per-function recompile limit would
         # silently leave the later ones eager.
         torch._dynamo.reset()
@@ -109,7 +114,8 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     for name, m in models.items():
         c = compiled[name]
-        table.add_row(name, f"{m['accuracy']:.4f}", f"{m['params']:,}", f"{m['size_bytes'] / 1024:.1f}",
+        table.add_row(name + (" (model.pt2)" if str(m.get("program", "")).endswith(".pt2") else ""),
+                      f"{m['accuracy']:.4f}", f"{m['params']:,}", f"{m['size_bytes'] / 1024:.1f}",
                       f"{m['latency_ms_p50']:.3f}", f"{m['latency_ms_p95']:.3f}", f"{m['rows_per_s_b64']:,.0f}",
                       f"{c['latency_ms_p50']:.3f}", f"{c['rows_per_s_b64']:,.0f}")
     console.print(table)
@@ -119,15 +125,14 @@ def main() -> None:
              f"{'met' if params_ratio >= TARGETS['params'] else 'NOT met'}"]
     for name, m in quantized.items():
         drop = (teacher["accuracy"] - m["accuracy"]) * 100
-        eager = teacher["latency_ms_p50"] / m["latency_ms_p50"]
-        best_compiled = teacher["latency_ms_p50"] / compiled[name]["latency_ms_p50"]
+        exported = teacher["latency_ms_p50"] / m["latency_ms_p50"]
         same_form = compiled["teacher"]["latency_ms_p50"] / compiled[name]["latency_ms_p50"]
         size = student["size_bytes"] / m["size_bytes"]
-        met = [drop <= TARGETS["drop_points"], max(eager, best_compiled) >= TARGETS["latency"], size >= TARGETS["size"]]
+        met = [drop <= TARGETS["drop_points"], exported >= TARGETS["latency"], size >= TARGETS["size"]]
         lines.append(
-            f"{name}: {drop:+.2f} points below the teacher ({'met' if met[0] else 'NOT met'}); batch-1 latency vs teacher "
-            f"{eager:.2f}x eager, {best_compiled:.2f}x compiled (vs the teacher compiled too: {same_form:.2f}x) "
-            f"({'met' if met[1] else 'NOT met'}); file {size:.2f}x smaller than the fp32 student ({'met' if met[2] else 'NOT met'})")
+            f"{name}: {drop:+.2f} points below the teacher ({'met' if met[0] else 'NOT met'}); batch-1 latency "
+            f"{exported:.2f}x lower than the teacher's, both as exported ({'met' if met[1] else 'NOT met'}; with both "
+            f"compiled: {same_form:.2f}x); file {size:.2f}x smaller than the fp32 student ({'met' if met[2] else 'NOT met'})")
     console.print("\n".join(lines), highlight=False)
     skipped = summary["stages"].get("quantize", {}).get("skipped", {})
     for method, reason in skipped.items():

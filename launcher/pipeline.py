@@ -8,7 +8,8 @@ the summary keeps. The run directory holds everything a run produces:
     ray/                 Ray Train / Tune storage: every run's checkpoints
     models/teacher/      model.safetensors + model.json (+ tokenizer.json for a BPE language model)
     models/student/      the same
-    models/student-<method>/  each quantized model: its quantized tensors + model.json (trainers.quantize)
+    models/student-<method>/  each quantized model: its quantized tensors + model.json (trainers.quantize;
+                         static_int8 also model.pt2, its program compiled for this machine's CPU)
     summary.json         status, per-stage results, per-model numbers
     report.md            the same as tables
 
@@ -440,7 +441,7 @@ def _quantize(run: Run) -> dict:
             continue
         name = f"{source}-{method}"
         target = run.run_dir / "models" / name
-        quantize_model_dir(run.models[source], target, method, calibration)
+        quantize_model_dir(run.models[source], target, method, calibration, compile=q.compile)
         metrics = run.test_metrics[name] = test_metrics(load_model(target)[0], test_dir, run.data_meta)
         drop = quality_drop(baseline, metrics)
         status = "rejected" if drop > q.max_drop else "accepted"
@@ -486,7 +487,9 @@ def _evaluate(run: Run) -> dict:
         quality = run.test_metrics.get(name) or test_metrics(model, test_dir, run.data_meta)
         numbers = measure(model, spec, directory / WEIGHTS, quality, example)
         gate = {k: v for k, v in run.summary["models"].get(name, {}).items() if k in ("method", "status", "drop")}
-        models[name] = {**numbers, **gate, "path": str(directory)}
+        # What ran: a compiled program (its file) or, where it cannot run here, the reference program and why.
+        program = {"program": spec["program"], "program_bytes": spec["compiled"]["bytes"]} if "program" in spec else {}
+        models[name] = {**numbers, **gate, **program, "path": str(directory)}
     run.summary["models"] = models
     key = "perplexity" if all("perplexity" in m for m in models.values()) else "accuracy"
     return {"line": f"test {key} " + ", ".join(f"{n} {m[key]:.4f}" for n, m in models.items())}

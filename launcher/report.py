@@ -72,6 +72,20 @@ def _chart(run_dir: Path, models: dict) -> str | None:
     return CHART
 
 
+def _programs(models: dict) -> list[str]:
+    """What the latency and throughput columns measured for models that are not eager PyTorch."""
+    lines = []
+    for name, model in models.items():
+        program = model.get("program")
+        if program and program.endswith(".pt2"):
+            lines.append(f"{name} ran its AOTInductor-compiled program ({program}, "
+                         f"{model['program_bytes'] / 2**20:.1f} MiB of machine code and weights beside the {model['size_bytes'] / 1024:.1f} KiB weights file); "
+                         f"the models without one ran eagerly.")
+        elif program:
+            lines.append(f"{name} ran {program}.")
+    return lines
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     tmp = run_dir / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=str))
@@ -103,6 +117,8 @@ def write_report(run_dir: Path, summary: dict) -> list[Path]:
         skipped = stages.get("quantize", {}).get("skipped", {})
         lines += [f"Not quantized with {method}: {reason}" for method, reason in skipped.items()]
         lines += [""] if skipped else []
+        programs = _programs(summary["models"])
+        lines += programs + [""] if programs else []
         chart = _chart(run_dir, summary["models"])
         if chart:
             lines += [f"![quality, size, latency and throughput per model]({chart})", ""]

@@ -49,6 +49,9 @@ def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_heade
         parts.append(_table(model_header, model_rows))
         for method, reason in stages.get("quantize", {}).get("skipped", {}).items():
             parts.append(f"<p class='note'>Not quantized with {_e(method)}: {_e(reason)}</p>")
+        from launcher.report import _programs
+
+        parts += [f"<p class='note'>{_e(line)}</p>" for line in _programs(summary["models"])]
         if (run_dir / "models.png").exists():
             parts.append(_img(run_dir / "models.png", "quality, size, latency and throughput per model"))
     page = ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>raylaunch report</title>"

@@ -17,7 +17,7 @@ from launcher.cli import main
 from launcher.config import ModelConfig
 from trainers.checkpoint import WEIGHTS, save_model_dir
 from trainers.export import load_model
-from trainers.quantize import METHODS, quantize_model_dir, unsupported_reason
+from trainers.quantize import METHODS, PROGRAM, CompiledProgram, load_quantized_dir, quantize_model_dir, unsupported_reason
 from trainers.models import build_model
 
 COLUMNS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
@@ -51,7 +51,7 @@ def digits():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, digits):
     """A CNN trained on digits given as 64 feature columns (0-16), standardized, exported as fp32
-    and by every quantization method this machine can run."""
+    and by every quantization method this machine can run (static_int8 with its compiled program)."""
     x, y = digits
     mean, std = x[:1400].mean(0), x[:1400].std(0) + 1e-6
     # as the preprocess stage stores them: one statistic per feature, in the stored shape
@@ -67,7 +67,7 @@ def exported(tmp_path_factory, digits):
     dirs = {"fp32": root / "student"}
     for method in METHODS:
         if unsupported_reason(method) is None:
-            quantize_model_dir(root / "student", root / method, method, calibration=inputs[1400:1600])
+            quantize_model_dir(root / "student", root / method, method, calibration=inputs[1400:1600], compile=True)
             dirs[method] = root / method
     return dirs, inputs, y
 
@@ -91,6 +91,47 @@ def test_each_quantized_export_loads_and_stays_close_to_fp32(exported):
     # PT2E quantizes the convolutions too: the whole model is int8.
     assert (dirs["static_int8"] / WEIGHTS).stat().st_size < fp32_bytes / 2.5
     assert (dirs["int8_dynamic"] / WEIGHTS).stat().st_size < fp32_bytes
+
+
+def test_a_compiled_program_runs_where_it_was_compiled_and_the_reference_program_elsewhere(exported, tmp_path):
+    """static_int8's model.pt2 (AOTInductor): loaded where model.json's CPU and torch match this
+    machine, for any batch size, giving the reference program's classes; with another CPU or torch
+    recorded, or the file gone, the reference program rebuilt from the tensors, saying why."""
+    import shutil
+
+    dirs, inputs, _ = exported
+    test = inputs[1600:]
+    model, spec = load_model(dirs["static_int8"])
+    assert isinstance(model, CompiledProgram) and spec["program"] == PROGRAM == spec["compiled"]["file"]
+    assert spec["compiled"]["bytes"] == (dirs["static_int8"] / PROGRAM).stat().st_size
+    reference, _ = load_quantized_dir(dirs["static_int8"], compiled_program=False)
+    assert not isinstance(reference, CompiledProgram)
+    with torch.inference_mode():
+        expected = reference(test)
+        out = model(test)
+        assert (out.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
+        assert (out - expected).abs().max() <= 0.01 * (expected.max() - expected.min())
+        assert torch.allclose(model(test[:1]), out[:1], atol=1e-4) and model(test[:64]).shape == (64, 10)
+
+    def copy_with(name: str, **compiled) -> object:
+        directory = tmp_path / name
+        shutil.copytree(dirs["static_int8"], directory)
+        spec = json.loads((directory / "model.json").read_text())
+        spec["compiled"] |= compiled
+        (directory / "model.json").write_text(json.dumps(spec))
+        return directory
+
+    here = spec["compiled"]
+    cases = {copy_with("cpu", cpu="aarch64 neon"): f"{PROGRAM} was compiled for cpu aarch64 neon (here {here['cpu']})",
+             copy_with("torch", torch="2.0.0"): f"{PROGRAM} was compiled for torch 2.0.0 (here {here['torch']})"}
+    gone = copy_with("gone")
+    (gone / PROGRAM).unlink()
+    cases[gone] = f"{PROGRAM} is missing"
+    for directory, why in cases.items():
+        model, spec = load_model(directory)
+        assert not isinstance(model, CompiledProgram) and spec["program"] == f"the reference program: {why}"
+        with torch.inference_mode():
+            assert torch.equal(model(test), expected)
 
 
 def test_int4_runs_or_is_skipped_with_its_reason():
@@ -190,7 +231,8 @@ def test_predict_continues_text_with_a_language_model(tmp_path, method, capsys):
     directory = tmp_path / "fp32"
     if method:
         directory = tmp_path / method
-        quantize_model_dir(tmp_path / "fp32", directory, method, calibration=windows[:64, :-1])
+        quantize_model_dir(tmp_path / "fp32", directory, method, calibration=windows[:64, :-1], compile=True)
+        assert (directory / PROGRAM).exists() == (method == "static_int8")
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("the quick brown fox jumps over the ")
     assert main(["predict", str(directory), str(prompt), "--max-new-tokens", "9"]) == 0

@@ -13,11 +13,19 @@ pickles), `model.json` the architecture and the method. Loading rebuilds the arc
 the same quantization to it (for PT2E: export, prepare and convert the same graph, calibrated on
 zeros) and then puts the saved tensors (and, for PT2E, the activation scales the graph holds as
 constants) in place. Saving checks that the loaded model gives the same outputs as the one saved.
+
+A static_int8 export also holds, by default (`quantize.compile`), `model.pt2`: the program compiled
+ahead of time by AOTInductor into int8 kernels for this machine's CPU (its vector ISA) and torch
+version, which `model.json` records. Loading runs it where both match and the reference program
+rebuilt from the tensors above otherwise, saying why in the spec's `program`. At small batches the
+compiled program is several times faster than the reference one, which quantizes and dequantizes
+around fp32 operators (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from trainers.models import build_model
 
 METHODS = ("int8_dynamic", "int8_weight_only", "static_int8", "int4_weight_only")
 PT2E = "static_int8"
+PROGRAM = "model.pt2"
 _SEP = ":"  # a subclass tensor's inner tensors are saved as "<state dict key>:<inner name>"
 
 
@@ -92,8 +101,10 @@ def _pt2e(model: nn.Module, calibration: torch.Tensor, batch_size: int = 256) ->
     return program
 
 
-def quantize_model_dir(source: Path, target: Path, method: str, calibration: torch.Tensor | None = None) -> nn.Module:
-    """Quantize the fp32 model in `source` and export it to `target`; returns the quantized model."""
+def quantize_model_dir(source: Path, target: Path, method: str, calibration: torch.Tensor | None = None,
+                       compile: bool = False) -> nn.Module:
+    """Quantize the fp32 model in `source` and export it to `target`; returns the quantized model.
+    `compile`: a static_int8 program is also compiled ahead of time for this machine (`model.pt2`)."""
     model, spec = load_model_dir(source)
     quantized = quantize_model(model, method, calibration)
     spec = {**spec, "format": "pt2e" if method == PT2E else "torchao",
@@ -103,19 +114,71 @@ def quantize_model_dir(source: Path, target: Path, method: str, calibration: tor
     if literals is not None:
         spec["quantization"]["graph_constants"] = literals
     target.mkdir(parents=True, exist_ok=True)
+    (target / PROGRAM).unlink(missing_ok=True)  # a resumed stage's earlier export: model.json is rewritten below
     if (source / TOKENIZER_FILE).exists():
         shutil.copy2(source / TOKENIZER_FILE, target / TOKENIZER_FILE)
     atomic_write(target / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    inputs = calibration if calibration is not None else _zeros(spec, 4)
+    if compile and method == PT2E:
+        spec["compiled"] = _compile(quantized, target / PROGRAM, inputs[:2])
     atomic_write(target / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
-    _check_round_trip(quantized, target, calibration if calibration is not None else _zeros(spec, 4))
+    _check_round_trip(quantized, target, inputs)
     return quantized
 
 
-def load_quantized_dir(directory: Path | str) -> tuple[nn.Module, dict]:
-    """A quantized model exported by `quantize_model_dir`, ready for inference."""
+def compiled_for() -> dict:
+    """What an AOTInductor program's machine code depends on: the CPU's architecture and the
+    vector instructions inductor generates for it, and the torch version."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"cpu": f"{platform.machine()} {pick_vec_isa() or 'without vector instructions'}".strip(),
+            "torch": torch.__version__}
+
+
+@torch.no_grad()
+def _compile(program: nn.Module, path: Path, example: torch.Tensor) -> dict:
+    """`program` compiled by AOTInductor into a package at `path` (written whole or not at all);
+    the batch dimension stays dynamic, as in the program."""
+    from torch._inductor import aoti_compile_and_package
+
+    exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+    def package(tmp: Path) -> None:
+        with tmp.open("wb") as file:  # a file object: AOTInductor wants a path ending in .pt2
+            aoti_compile_and_package(exported, package_path=file)
+
+    atomic_write(path, package)
+    return {"file": path.name, **compiled_for(), "bytes": path.stat().st_size}
+
+
+class CompiledProgram(nn.Module):
+    """An AOTInductor package as a module (eval mode, no parameters of its own)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = str(path)
+        self.runner = torch._inductor.aoti_load_package(self.path)
+        self.eval()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.runner(inputs)
+
+
+def load_quantized_dir(directory: Path | str, compiled_program: bool = True) -> tuple[nn.Module, dict]:
+    """A quantized model exported by `quantize_model_dir`, ready for inference: its compiled
+    program where it has one that runs here (and `compiled_program`), else rebuilt from its tensors."""
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
     method = spec["quantization"]["method"]
+    compiled = spec.get("compiled")
+    if compiled and compiled_program:
+        here = compiled_for()
+        differs = [f"{key} {compiled[key]} (here {here[key]})" for key in ("cpu", "torch") if compiled[key] != here[key]]
+        if not differs and (directory / compiled["file"]).is_file():
+            return CompiledProgram(directory / compiled["file"]), {**spec, "program": compiled["file"]}
+        why = (f"{compiled['file']} was compiled for {', '.join(differs)}" if differs
+               else f"{compiled['file']} is missing")
+        spec = {**spec, "program": f"the reference program: {why}"}
     # The architecture's own weights are replaced below; a fixed seed keeps loading deterministic.
     torch.manual_seed(0)
     fresh = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
@@ -199,8 +262,20 @@ def _set_graph_state(program: nn.Module, tensors: dict[str, torch.Tensor], liter
 
 
 @torch.inference_mode()
+@torch.no_grad()
 def _check_round_trip(quantized: nn.Module, target: Path, inputs: torch.Tensor) -> None:
-    loaded, _ = load_quantized_dir(target)
+    """The export reproduces the quantized model: rebuilt from its tensors, to float rounding; its
+    compiled program, to within 1% of the outputs' range (its int8 kernels round some activations
+    to the neighbouring int8 step where the reference program's fp32 operators do not)."""
     inputs = inputs[:64]
-    if not torch.allclose(loaded(inputs), quantized(inputs), atol=1e-5, rtol=1e-4):
+    expected = quantized(inputs)
+    rebuilt, spec = load_quantized_dir(target, compiled_program=False)
+    if not torch.allclose(rebuilt(inputs), expected, atol=1e-5, rtol=1e-4):
         raise RuntimeError(f"{target}: the exported quantized model does not reproduce the quantized model's outputs")
+    if spec.get("compiled"):
+        program, spec = load_quantized_dir(target)
+        difference = (program(inputs) - expected).abs().max().item()
+        allowed = 0.01 * (expected.max() - expected.min()).item()
+        if spec["program"] != spec["compiled"]["file"] or difference > allowed:
+            raise RuntimeError(f"{target / PROGRAM}: the compiled program differs from the quantized model by up to "
+                               f"{difference:.4g} (allowed {allowed:.4g}); set quantize.compile: false to export without it")
