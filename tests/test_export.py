@@ -134,6 +134,21 @@ def test_a_compiled_program_runs_where_it_was_compiled_and_the_reference_program
             assert torch.equal(model(test), expected)
 
 
+def test_a_program_that_cannot_be_compiled_fails_in_one_line_and_leaves_no_package(exported, tmp_path):
+    """Without a C++ compiler AOTInductor cannot build model.pt2: the export fails naming
+    quantize.compile and the fix, and leaves neither a package nor a model.json naming one."""
+    import torch._inductor.config
+
+    dirs, inputs, _ = exported
+    target = tmp_path / "static_int8"
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}), pytest.raises(RuntimeError) as failed:
+        quantize_model_dir(dirs["fp32"], target, "static_int8", calibration=inputs[1400:1600], compile=True)
+    message = str(failed.value)
+    assert message.startswith("quantize.compile: AOTInductor could not compile static_int8's program (")
+    assert "No working C++ compiler" in message and "quantize.compile: false" in message and "\n" not in message
+    assert sorted(p.name for p in target.iterdir()) == [WEIGHTS]  # the tensors only; no model.json, no package
+
+
 def test_int4_runs_or_is_skipped_with_its_reason():
     reason = unsupported_reason("int4_weight_only")
     if reason is not None:  # this CPU build: torchao's int4 kernels need a package it cannot import

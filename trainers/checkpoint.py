@@ -47,7 +47,12 @@ def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """`write(temporary path)`, then rename it to `path`: a reader never sees half a file."""
+    """`write(temporary path)`, then rename it to `path`: a reader never sees half a file, and a
+    write that fails leaves nothing behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -147,7 +147,13 @@ def _compile(program: nn.Module, path: Path, example: torch.Tensor) -> dict:
         with tmp.open("wb") as file:  # a file object: AOTInductor wants a path ending in .pt2
             aoti_compile_and_package(exported, package_path=file)
 
-    atomic_write(path, package)
+    try:
+        atomic_write(path, package)
+    except Exception as exc:  # no C++ compiler, most often (inductor needs one, as DeepSpeed's ops do)
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RuntimeError(f"quantize.compile: AOTInductor could not compile {path.parent.name}'s program "
+                           f"({type(exc).__name__}: {cause}); install g++ (or set CXX to a C++ compiler), "
+                           f"or set quantize.compile: false to export the reference program only") from None
     return {"file": path.name, **compiled_for(), "bytes": path.stat().st_size}
 
 
