@@ -131,8 +131,7 @@ def compiled_for() -> dict:
     vector instructions inductor generates for it, and the torch version."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return {"cpu": f"{platform.machine()} {pick_vec_isa() or 'without vector instructions'}".strip(),
-            "torch": torch.__version__}
+    return {"cpu": f"{platform.machine()} {pick_vec_isa() or 'without vector instructions'}", "torch": torch.__version__}
 
 
 @torch.no_grad()
@@ -143,9 +142,14 @@ def _compile(program: nn.Module, path: Path, example: torch.Tensor) -> dict:
 
     exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
+    # Inductor compiles with -march=native: machine code for this very CPU model, which another CPU
+    # with the same vector instructions may not run (SIGILL). On x86 the baseline architecture plus
+    # the vector ISA's own flags (which inductor adds) make it need exactly what model.json records.
+    configs = {"cpp.march": "x86-64"} if platform.machine() in ("x86_64", "AMD64") else {}
+
     def package(tmp: Path) -> None:
         with tmp.open("wb") as file:  # a file object: AOTInductor wants a path ending in .pt2
-            aoti_compile_and_package(exported, package_path=file)
+            aoti_compile_and_package(exported, package_path=file, inductor_configs=configs)
 
     try:
         atomic_write(path, package)
@@ -268,7 +272,6 @@ def _set_graph_state(program: nn.Module, tensors: dict[str, torch.Tensor], liter
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def _check_round_trip(quantized: nn.Module, target: Path, inputs: torch.Tensor) -> None:
     """The export reproduces the quantized model: rebuilt from its tensors, to float rounding; its
     compiled program, to within 1% of the outputs' range (its int8 kernels round some activations
