@@ -6,6 +6,7 @@ training."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def test_a_compiled_program_runs_where_it_was_compiled_and_the_reference_program
         assert (out - expected).abs().max() <= 0.01 * (expected.max() - expected.min())
         assert torch.allclose(model(test[:1]), out[:1], atol=1e-4) and model(test[:64]).shape == (64, 10)
 
-    def copy_with(name: str, **compiled) -> object:
+    def copy_with(name: str, **compiled) -> Path:
         directory = tmp_path / name
         shutil.copytree(dirs["static_int8"], directory)
         spec = json.loads((directory / "model.json").read_text())

@@ -1,6 +1,7 @@
 """Exported models: `load_model` for any model directory a run writes, and inference on raw input.
 
-A model directory holds `model.safetensors` and `model.json`. The spec says how to rebuild the
+A model directory holds `model.safetensors` and `model.json` (and a static_int8 model its program
+compiled for a CPU, `model.pt2`: trainers.quantize). The spec says how to rebuild the
 model (`format`: fp32, torchao or pt2e; the architecture; the quantization) and how raw input
 becomes its input (`preprocess`: the feature columns, the normalization fitted on the train split,
 the image shape, the tokenizer; a BPE tokenizer's `tokenizer.json` lies beside it).
