@@ -173,6 +173,8 @@ def print_table(console: Console, summary: dict) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for line in _programs(models):
+        console.print(line, markup=False, highlight=False)
 
 
 def print_trials(console: Console, trials: list[dict], metric: str, searched: list[str]) -> None:

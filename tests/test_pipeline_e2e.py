@@ -71,6 +71,7 @@ def test_quickstart_submitted_as_a_job_produces_every_artifact(quickstart_job, t
     report = (run_dir / "report.md").read_text()
     assert "| student-static_int8 |" in report and "](models.png)" in report
     assert "student-static_int8 ran its AOTInductor-compiled program (model.pt2, " in report
+    assert "student-static_int8 ran its AOTInductor-compiled program" in out  # under the console's table too
     assert (run_dir / "models.png").stat().st_size > 10_000
     if skipped:
         assert f"Not quantized with int4_weight_only: {skipped['int4_weight_only']}" in report
