@@ -449,7 +449,7 @@ class QuantizeConfig(Section):
     calibration_rows: int = Field(512, ge=1)
     """Validation rows static_int8 calibrates its activation ranges on."""
     compile: bool = True
-    """static_int8: also compile the quantized program ahead of time with AOTInductor (`model.pt2` beside the weights, machine code for this machine's CPU and torch version; about 10 s a model, g++ needed). `load_model`, `raylaunch predict` and the evaluate stage run it where the CPU's vector instructions and torch match, and the reference program (several times slower at small batches) elsewhere."""
+    """static_int8: also compile the quantized program ahead of time with AOTInductor (`model.pt2` beside the weights, machine code for this machine's CPU and torch version; about 10 s a model; it needs a C++ compiler, and without one the model is exported without it, saying why). `load_model`, `raylaunch predict` and the evaluate stage run it where the CPU's vector instructions and torch match, and the reference program (several times slower at small batches) elsewhere."""
     max_drop: float = Field(0.02, ge=0, le=1)
     """Accuracy gate: the most a quantized model may lose against its fp32 source on the test split, as a fraction (0.02 = 2 accuracy points; for a language model, 0.02 = 2% higher perplexity). A model over it fails the stage and is kept, marked rejected."""
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
@@ -442,11 +443,15 @@ def _quantize(run: Run) -> dict:
         name = f"{source}-{method}"
         target = run.run_dir / "models" / name
         quantize_model_dir(run.models[source], target, method, calibration, compile=q.compile)
-        metrics = run.test_metrics[name] = test_metrics(load_model(target)[0], test_dir, run.data_meta)
+        model, spec = load_model(target)
+        if spec.get("not_compiled"):
+            run.console.print(f"  [yellow]{name} not compiled[/]: {escape(spec['not_compiled'])}")
+        metrics = run.test_metrics[name] = test_metrics(model, test_dir, run.data_meta)
         drop = quality_drop(baseline, metrics)
         status = "rejected" if drop > q.max_drop else "accepted"
         made[name] = {"method": method, "status": status, "drop": round(drop, 6), "path": str(target),
-                      **{k: metrics[k] for k in ("accuracy", "perplexity") if k in metrics}}
+                      **{k: metrics[k] for k in ("accuracy", "perplexity") if k in metrics},
+                      **({"not_compiled": spec["not_compiled"]} if spec.get("not_compiled") else {})}
         run.models[name] = target
         # In the summary now: a rejection below fails the stage before its result is recorded.
         run.summary["models"][name] = dict(made[name])
@@ -488,7 +493,9 @@ def _evaluate(run: Run) -> dict:
         numbers = measure(model, spec, directory / WEIGHTS, quality, example)
         gate = {k: v for k, v in run.summary["models"].get(name, {}).items() if k in ("method", "status", "drop")}
         # What ran: a compiled program (its file) or, where it cannot run here, the reference program and why.
-        program = {"program": spec["program"], "program_bytes": spec["compiled"]["bytes"]} if "program" in spec else {}
+        program = {"program": spec["program"]} if "program" in spec else {}
+        if "compiled" in spec:
+            program["program_bytes"] = spec["compiled"]["bytes"]
         models[name] = {**numbers, **gate, **program, "path": str(directory)}
     run.summary["models"] = models
     key = "perplexity" if all("perplexity" in m for m in models.values()) else "accuracy"

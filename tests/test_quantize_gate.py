@@ -1,5 +1,6 @@
 """The accuracy gate: a quantized model that loses more than quantize.max_drop fails the stage
-with the numbers, and stays on disk, marked rejected in summary.json."""
+with the numbers, and stays on disk, marked rejected in summary.json. And static_int8 where no C++
+compiler is found: exported without its compiled program, saying why."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -30,7 +32,7 @@ def test_a_quantized_model_over_max_drop_fails_the_stage_and_is_kept_marked_reje
     raw["train"] |= {"workers": 1, "epochs": 1, "micro_batch_size": 64}
     raw["tune"] = {"enabled": False}
     raw["distill"] = {"enabled": False}
-    raw["quantize"] = {"methods": ["int8_weight_only"], "max_drop": 0.02}
+    raw["quantize"] = {"methods": ["int8_weight_only", "static_int8"], "max_drop": 0.02}
     raw["output"] = {"dir": str(tmp_path / "run")}
     config = tmp_path / "gate.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -45,8 +47,10 @@ def test_a_quantized_model_over_max_drop_fails_the_stage_and_is_kept_marked_reje
     save_file(weights, str(weights_file))
     capsys.readouterr()
 
-    code = main(["run", str(config), "--stages", "preprocess,train,quantize,evaluate", "--resume"])
-    err = capsys.readouterr().err
+    # And no C++ compiler to be found: static_int8 is exported without its compiled program, saying why.
+    with torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        code = main(["run", str(config), "--stages", "preprocess,train,quantize,evaluate", "--resume"])
+    out, err = capsys.readouterr()
     assert code == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rejected = summary["models"]["teacher-int8_weight_only"]
@@ -60,3 +64,9 @@ def test_a_quantized_model_over_max_drop_fails_the_stage_and_is_kept_marked_reje
     assert (artifact / "model.safetensors").is_file() and json.loads((artifact / "model.json").read_text())["quantization"]
     assert torch.isfinite(next(iter(load_file(str(artifact / "model.safetensors")).values())).float()).all()
     assert "teacher-int8_weight_only" in (tmp_path / "run" / "report.md").read_text()
+
+    reason = "AOTInductor could not compile teacher-static_int8's program ("
+    assert summary["models"]["teacher-static_int8"]["not_compiled"].startswith(reason)
+    assert f"teacher-static_int8 not compiled: {reason}" in " ".join(out.split())
+    assert {p.name for p in (tmp_path / "run" / "models" / "teacher-static_int8").iterdir()} == {"model.json", "model.safetensors"}
+

@@ -19,7 +19,8 @@ ahead of time by AOTInductor into int8 kernels for this machine's CPU (its vecto
 version, which `model.json` records. Loading runs it where both match and the reference program
 rebuilt from the tensors above otherwise, saying why in the spec's `program`. At small batches the
 compiled program is several times faster than the reference one, which quantizes and dequantizes
-around fp32 operators (bench/RESULTS.md).
+around fp32 operators (bench/RESULTS.md). Where it cannot be compiled (no C++ compiler), the model
+is exported without it and `model.json` says why (`not_compiled`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def quantize_model_dir(source: Path, target: Path, method: str, calibration: tor
     atomic_write(target / WEIGHTS, lambda p: save_file(tensors, str(p)))
     inputs = calibration if calibration is not None else _zeros(spec, 4)
     if compile and method == PT2E:
-        spec["compiled"] = _compile(quantized, target / PROGRAM, inputs[:2])
+        try:
+            spec["compiled"] = _compile(quantized, target / PROGRAM, inputs[:2])
+        except CompileError as exc:  # exported all the same: the reference program runs, and says why
+            spec["not_compiled"] = str(exc)
     atomic_write(target / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
     _check_round_trip(quantized, target, inputs)
     return quantized
@@ -155,10 +159,14 @@ def _compile(program: nn.Module, path: Path, example: torch.Tensor) -> dict:
         atomic_write(path, package)
     except Exception as exc:  # no C++ compiler, most often (inductor needs one, as DeepSpeed's ops do)
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RuntimeError(f"quantize.compile: AOTInductor could not compile {path.parent.name}'s program "
-                           f"({type(exc).__name__}: {cause}); install g++ (or set CXX to a C++ compiler), "
-                           f"or set quantize.compile: false to export the reference program only") from None
+        raise CompileError(f"AOTInductor could not compile {path.parent.name}'s program ({type(exc).__name__}: "
+                           f"{cause}); install g++ (or set CXX to a C++ compiler) and quantize again, or set "
+                           f"quantize.compile: false") from None
     return {"file": path.name, **compiled_for(), "bytes": path.stat().st_size}
+
+
+class CompileError(RuntimeError):
+    """AOTInductor could not compile a program (the model is exported without it)."""
 
 
 class CompiledProgram(nn.Module):
@@ -189,6 +197,8 @@ def load_quantized_dir(directory: Path | str, compiled_program: bool = True) -> 
         why = (f"{compiled['file']} was compiled for {', '.join(differs)}" if differs
                else f"{compiled['file']} is missing")
         spec = {**spec, "program": f"the reference program: {why}"}
+    elif spec.get("not_compiled") and compiled_program:
+        spec = {**spec, "program": f"the reference program: {spec['not_compiled']}"}
     # The architecture's own weights are replaced below; a fixed seed keeps loading deterministic.
     torch.manual_seed(0)
     fresh = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
