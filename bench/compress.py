@@ -10,7 +10,8 @@ issue 6's targets:
 Latencies are the evaluate stage's, on the models as `load_model` returns them (the deployable
 form): eager PyTorch for the fp32 and torchao models, and for static_int8 its AOTInductor program
 (`model.pt2`, `quantize.compile`), whose int8 kernels are how a PT2E program is meant to run
-(eagerly it executes reference quantize/dequantize ops); p50 of 0.6 s of batch-1 calls. The
+(eagerly it executes reference quantize/dequantize ops); p50 of batch-1 calls, the models in turns over
+3 rounds of 0.2 s (`trainers.evaluate.interleaved_latency`), the median round. The
 targets are judged on these. For context, measured here in this process as well: every eager model
 compiled with torch.compile (inductor), the same form as the compiled program.
 

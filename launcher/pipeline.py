@@ -480,17 +480,19 @@ def _drop_words(drop: float, quality: str) -> str:
 
 def _evaluate(run: Run) -> dict:
     from trainers.checkpoint import WEIGHTS
-    from trainers.evaluate import first_rows, measure, test_metrics
+    from trainers.evaluate import first_rows, interleaved_latency, measure, test_metrics
     from trainers.export import load_model
 
     test_dir = run.data_dir / "test"
     example = first_rows(test_dir, run.data_meta, 1)
+    loaded = {name: load_model(directory) for name, directory in run.models.items()}
+    timings = interleaved_latency({name: model for name, (model, _) in loaded.items()}, example)
     models = {}
     for name, directory in run.models.items():
-        model, spec = load_model(directory)
+        model, spec = loaded[name]
         # The quantize stage has measured the final model and its quantized ones on the test split.
         quality = run.test_metrics.get(name) or test_metrics(model, test_dir, run.data_meta)
-        numbers = measure(model, spec, directory / WEIGHTS, quality, example)
+        numbers = measure(spec, directory / WEIGHTS, quality, timings[name])
         gate = {k: v for k, v in run.summary["models"].get(name, {}).items() if k in ("method", "status", "drop")}
         # What ran: a compiled program (its file) or, where it cannot run here, the reference program and why.
         program = {"program": spec["program"]} if "program" in spec else {}

@@ -60,15 +60,29 @@ def latency(model: nn.Module, example: torch.Tensor, seconds: float = 0.6, batch
     return {"latency_ms_p50": float(p50), "latency_ms_p95": float(p95), "rows_per_s_b64": batches * batch_size / elapsed}
 
 
-def measure(model: nn.Module, spec: dict, weights_file: Path, quality: dict, example: torch.Tensor) -> dict:
-    """The numbers the report shows for one model, given its `test_metrics`. `params` counts the
-    architecture's parameters (a quantized model stores the same ones in fewer bytes)."""
+def interleaved_latency(models: dict[str, nn.Module], example: torch.Tensor, rounds: int = 3,
+                        seconds: float = 0.6) -> dict[str, dict]:
+    """`latency` of each model, measured in `rounds` rounds of `seconds / rounds` each that take
+    the models in turns (the order rotated every round), and the median of the rounds: a burst of
+    other work on the machine lands on one round of one model, not on a model's whole figure."""
+    names = list(models)
+    measured = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            measured[name].append(latency(models[name], example, seconds / rounds))
+    return {name: {key: float(np.median([r[key] for r in runs])) for key in runs[0]} for name, runs in measured.items()}
+
+
+def measure(spec: dict, weights_file: Path, quality: dict, timing: dict) -> dict:
+    """The numbers the report shows for one model, given its `test_metrics` and its
+    `interleaved_latency`. `params` counts the architecture's parameters (a quantized model stores
+    the same ones in fewer bytes)."""
     architecture = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     return {
         **quality,
         "params": count_params(architecture),
         "size_bytes": weights_file.stat().st_size,
-        **latency(model, example),
+        **timing,
     }
 
 
