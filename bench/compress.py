@@ -53,14 +53,15 @@ def compiled_numbers(run_dir: Path, models: dict) -> dict:
 
     from trainers.evaluate import first_rows, latency
     from trainers.export import load_model
+    from trainers.quantize import CompiledProgram
 
     data_dir = Path(json.loads((run_dir / "data.json").read_text())["path"])
     meta = json.loads((data_dir / "meta.json").read_text())
     example = first_rows(data_dir / "test", meta, 64)
     numbers = {}
     for name in models:
-        model, spec = load_model(run_dir / "models" / name)
-        if str(spec.get("program", "")).endswith(".pt2"):  # compiled ahead of time already
+        model, _ = load_model(run_dir / "models" / name)
+        if isinstance(model, CompiledProgram):  # compiled ahead of time already
             numbers[name] = {**latency(model, example), "compile_s": 0.0}
             continue
         # The models share CNN.forward: without a reset, dynamo's per-function recompile limit would
