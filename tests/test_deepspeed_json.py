@@ -12,7 +12,7 @@ import pytest
 
 from cluster.session import free_port
 from launcher.cli import main
-from launcher.config import load
+from launcher.config import RunConfig, load
 from trainers.deepspeed_config import deepspeed_config
 from trainers.fit import build_trainer, load_splits
 from trainers.loop import loop_config
@@ -175,3 +175,46 @@ def test_published_configs_train_under_ray_train(name, digits_data, tmp_path):
     run = cfg.model_dump(mode="json") | {"deepspeed_user": user}
     result = build_trainer(loop_config(run, meta), load_splits(data_dir), tmp_path / "ray", name=name).fit()
     assert result.metrics["val_accuracy"] > 0.7  # 10 classes
+
+
+def test_zero_without_clipping_skips_the_gradient_norm_and_an_adopted_checkpoint_clips_as_the_trial_says(tmp_path):
+    base = load_defaults() | {"micro_batch_size": 8, "workers": 1, "lr_schedule": "constant"}
+
+    def config(stage: int, clip: float, offload: bool = False, **kwargs) -> dict:
+        zero = base["zero"] | {"stage": stage, "offload_optimizer": offload}
+        return deepspeed_config(base | {"grad_clip": clip, "zero": zero}, 32, 10, **kwargs)
+
+    for stage in (1, 2):
+        assert config(stage, 0.0)["zero_optimization"]["compute_grad_norm"] is False
+    # Clipping reads the norm; ZeRO-0 and 3 have no such setting; DeepSpeed refuses it with offload; a run
+    # that may continue a checkpoint saved with clipping keeps it; a file's own value stands.
+    for stage, clip, offload, kwargs in [(2, 1.0, False, {}), (0, 0.0, False, {}), (3, 0.0, False, {}),
+                                         (2, 0.0, True, {}), (2, 0.0, False, {"keep_grad_norm": True}),
+                                         (2, 0.0, False, {"user": {"zero_optimization": {"compute_grad_norm": True}}})]:
+        assert config(stage, clip, offload, **kwargs)["zero_optimization"].get("compute_grad_norm", True), (stage, clip, kwargs)
+    # A sweep searching train.grad_clip keeps the norm in every trial (PBT may hand a trial without clipping
+    # another's checkpoint saved with it); one that does not search it skips the norm.
+    run = RunConfig.model_validate({"model": {"type": "mlp", "width": 32, "depth": 1},
+                                    "train": {"workers": 1, "micro_batch_size": 8, "zero": {"stage": 2}}}).model_dump(mode="json")
+    meta = {"rows": {"train": 100}, "input_shape": [64], "num_classes": 10}
+    assert loop_config(run, meta)["deepspeed"]["zero_optimization"]["compute_grad_norm"] is False
+    searched = run | {"tune": run["tune"] | {"space": {"train.grad_clip": {"grid": [0.0, 1.0]}}}}
+    assert "compute_grad_norm" not in loop_config(searched, meta)["deepspeed"]["zero_optimization"]
+
+    with_norm = config(2, 0.0)
+    del with_norm["zero_optimization"]["compute_grad_norm"]
+    checkpoint = str(tmp_path / "clipped")
+    runs = {"with_norm": {"config": with_norm, "micro_batches": 10},
+            "without_norm": {"config": config(2, 0.0), "micro_batches": 10},
+            "clipped": {"config": config(2, 1.0), "micro_batches": 4, "save": checkpoint},
+            # PBT trials continuing the clipped trial's checkpoint with their own clipping
+            "adopted_unclipped": {"config": config(2, 0.0, keep_grad_norm=True), "micro_batches": 2, "adopt": checkpoint},
+            "adopted_tighter": {"config": config(2, 0.25), "micro_batches": 2, "adopt": checkpoint}}
+    done = subprocess.run([sys.executable, str(ONE_RANK), str(free_port()), json.dumps(runs)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["without_norm"]["grad_norm"] is None and out["with_norm"]["grad_norm"] > 0
+    assert out["without_norm"]["moved"] and out["without_norm"]["weights"] == out["with_norm"]["weights"]  # bit for bit
+    # DeepSpeed's ZeRO-1/2 take the clipping saved in a checkpoint they load; the trial's own is put back.
+    assert (out["clipped"]["clip"], out["adopted_unclipped"]["clip"], out["adopted_tighter"]["clip"]) == (1.0, 0.0, 0.25)

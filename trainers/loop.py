@@ -73,7 +73,8 @@ def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> d
     return {"model": model, "train": train, "data_meta": data_meta, "distill": distill,
             "ingest_memory_mb": run["data"]["ingest_memory_mb"], "shuffle_buffer": run["data"]["shuffle_buffer"],
             "metric": run["tune"]["metric"], "lr_path": lr_path, "steps_per_epoch": per_epoch,
-            "deepspeed": deepspeed_config(train, hidden_size(model), per_epoch * train["epochs"], run.get("deepspeed_user"))}
+            "deepspeed": deepspeed_config(train, hidden_size(model), per_epoch * train["epochs"], run.get("deepspeed_user"),
+                                          keep_grad_norm="train.grad_clip" in run["tune"]["space"])}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -400,7 +401,11 @@ def _load_state(engine, directory: Path, rank: int) -> dict:
 def _apply_optimizer_values(engine, deepspeed: dict) -> None:
     """Loading a checkpoint restores the optimizer's hyperparameters with its state; a PBT trial
     continuing another trial's checkpoint trains with its own: the lr its schedule gives at the
-    loaded step (the schedule's state is only its step count), its weight decay and betas."""
+    loaded step (the schedule's state is only its step count), its weight decay and betas, and its
+    gradient clipping (ZeRO-1/2 restore the clipping saved in the checkpoint; ZeRO-0 and 3 keep
+    the config's)."""
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = deepspeed.get("gradient_clipping", 0.0)
     params = deepspeed.get("optimizer", {}).get("params", {})
     groups = engine.optimizer.param_groups
     scheduler = engine.lr_scheduler
