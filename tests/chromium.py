@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,8 +31,11 @@ def render(page: Path, screenshot: Path | None = None, timeout_s: float = 60) ->
     """What Chromium rendered of `page`: its title, each image's load state and natural size, the
     number of tables, the h2 headings; with `screenshot`, a PNG of the viewport."""
     with tempfile.TemporaryDirectory() as profile:
+        # TMPDIR: Chromium puts its singleton socket in a directory of its own under the temporary
+        # directory and leaves it there when terminated; inside the profile, it goes with it.
         process = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=os.environ | {"TMPDIR": profile})
         try:
             endpoint = _devtools_endpoint(process, time.monotonic() + timeout_s)
             return asyncio.run(asyncio.wait_for(_inspect(endpoint, page.resolve().as_uri(), screenshot), timeout_s))
