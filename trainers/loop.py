@@ -402,8 +402,8 @@ def _apply_optimizer_values(engine, deepspeed: dict) -> None:
     """Loading a checkpoint restores the optimizer's hyperparameters with its state; a PBT trial
     continuing another trial's checkpoint trains with its own: the lr its schedule gives at the
     loaded step (the schedule's state is only its step count), its weight decay and betas, and its
-    gradient clipping (ZeRO-1/2 restore the clipping saved in the checkpoint; ZeRO-0 and 3 keep
-    the config's)."""
+    gradient clipping (ZeRO-1/2's optimizer and DeepSpeed's fp16 and bf16 wrappers restore the
+    clipping saved in the checkpoint; ZeRO-3 and fp32 ZeRO-0 read the config's)."""
     if hasattr(engine.optimizer, "clip_grad"):
         engine.optimizer.clip_grad = deepspeed.get("gradient_clipping", 0.0)
     params = deepspeed.get("optimizer", {}).get("params", {})
