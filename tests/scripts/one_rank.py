@@ -9,9 +9,9 @@ RUNS_JSON maps a name to {"config": a DeepSpeed JSON, "micro_batches": N, "skip_
 it first loads the one there and takes its own optimizer values back, as a PBT trial does
 (trainers.loop._apply_optimizer_values). Prints one JSON line: for each name, the optimizer torch built
 (its class and `fused` default), whether the engine still all-reduces gradients after backward, the
-clipping its ZeRO optimizer applies (null without ZeRO-1/2), the last step's global gradient norm (null
-where none was computed), whether every weight tensor moved, and the final weights (floats survive JSON
-exactly, so they can be compared bit for bit).
+clipping its DeepSpeed optimizer holds (null without one: fp32 without ZeRO), the last step's global
+gradient norm (null where none was computed), whether every weight tensor moved, and the final weights
+(floats survive JSON exactly, so they can be compared bit for bit).
 """
 
 from __future__ import annotations
