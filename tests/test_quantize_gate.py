@@ -69,4 +69,3 @@ def test_a_quantized_model_over_max_drop_fails_the_stage_and_is_kept_marked_reje
     assert summary["models"]["teacher-static_int8"]["not_compiled"].startswith(reason)
     assert f"teacher-static_int8 not compiled: {reason}" in " ".join(out.split())
     assert {p.name for p in (tmp_path / "run" / "models" / "teacher-static_int8").iterdir()} == {"model.json", "model.safetensors"}
-
