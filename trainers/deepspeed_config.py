@@ -210,12 +210,12 @@ def grad_norm_unused(config: dict) -> bool:
     with optimizer offload, ZenFlow, ZeRO-1's own bf16 optimizer (bf16 weights, fp32 gradient
     accumulation) and, on loading, a checkpoint saved with clipping: a run that may continue another's
     checkpoint trained with clipping (a sweep searching `train.grad_clip`) keeps the norm."""
-    zero = config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    offload = zero.get("offload_optimizer", {}).get("device") not in OFF
-    bf16_optimizer = (stage == 1 and config.get("bf16", {}).get("enabled") is True
-                      and config.get("data_types", {}).get("grad_accum_dtype") is not None)
-    return (stage in (1, 2) and not config.get("gradient_clipping") and not offload and "zenflow" not in zero
+    stage = _get(config, "zero_optimization.stage", 0)
+    offload = _get(config, "zero_optimization.offload_optimizer.device") not in OFF
+    bf16_optimizer = (stage == 1 and _get(config, "bf16.enabled") is True
+                      and _get(config, "data_types.grad_accum_dtype") is not None)
+    zenflow = "zenflow" in (_get(config, "zero_optimization") or {})
+    return (stage in (1, 2) and not config.get("gradient_clipping") and not offload and not zenflow
             and not bf16_optimizer)
 
 
