@@ -2,6 +2,9 @@
 
 # The transforms drawn afresh every epoch by the training workers (not cached, not in the cache key).
 AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
+# A column preprocessing adds where two rows may share a key (a user's key column repeats a value):
+# their content, which orders them when the cache sorts each split by key. Not stored.
+ORDER = "order"
 
 
 def find_transform(transforms: list[dict], *kinds: str) -> dict | None:

@@ -24,12 +24,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray.data
 
-from dataprep import AUGMENTATIONS, DataError, find_transform
+from dataprep import AUGMENTATIONS, ORDER, DataError, find_transform
 from dataprep.sources import BadRows, Files, Problems, data_files, format_of, sources_of
 from dataprep.stream import encode_tensors
 from dataprep.transforms import FeatureStats, model_input_shape
 
-VERSION = 4  # bump when the cached layout or the meaning of a setting changes
+VERSION = 5  # bump when the cached layout or the meaning of a setting changes
 META = "meta.json"
 SPLITS = ("train", "val", "test")
 # Settings that decide how rows are read and made, not how fast.
@@ -85,13 +85,11 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
     context.op_resource_reservation_enabled = False
 
     def writer(dataset: ray.data.Dataset, fit: tuple[str, str] | None = None) -> tuple[dict[str, int], list | None]:
-        """Write a dataset with a `split` column (0 train, 1 val, 2 test) in one pass as train/,
-        val/ and test/ Parquet folders; returns their row counts and, given `fit` (column, per),
+        """Write a dataset with a `split` column (0 train, 1 val, 2 test) as train/, val/ and test/
+        Parquet folders (`write_splits`); returns their row counts and, given `fit` (column, per),
         the train rows' `FeatureStats`, taken by the same tasks that write them."""
-        sink = SplitWriter(str(tmp), fit)
         with _watch(tmp, progress, expected_rows(data, files) if progress else None):
-            dataset.write_datasink(sink)
-        return sink.rows, sink.stats
+            return write_splits(dataset, tmp, fit)
 
     try:
         if data["format"] == "text":
@@ -175,47 +173,76 @@ def _watch(folder: Path, progress: Callable[[int, int | None], None] | None, exp
     count()
 
 
-class SplitWriter(ray.data.Datasink):
-    """Writes each write task's rows as one Parquet file per split (`train/part-000007.parquet`),
-    without the `split` column, tensors as `dataprep.stream.encode_tensors` stores them. Each task returns its row counts and, when fitting, the
-    `FeatureStats` of its train rows; the driver combines those few vectors. So the statistics a
-    standardize or minmax needs come from the pass that writes, not from another pass over the data.
-    A retried task rewrites the same file names, and only its successful return is counted."""
+# A split is cut into files of about FILE_BYTES, and into at least MIN_FILES where it has the rows:
+# enough files for the read tasks that stream it to run side by side.
+FILE_BYTES, MIN_FILES = 32 << 20, 8
 
-    def __init__(self, root: str, fit: tuple[str, str] | None):
-        self.root, self.fit = root, fit
-        self.rows: dict[str, int] = dict.fromkeys(SPLITS, 0)
-        self.stats: list | None = None
 
-    def write(self, blocks, ctx) -> dict:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-        from ray.data.block import BlockAccessor
+def write_splits(dataset: ray.data.Dataset, root: Path, fit: tuple[str, str] | None) -> tuple[dict[str, int], list | None]:
+    """Write each split as Parquet files whose rows and order depend on the inputs and settings
+    alone, not on how Ray Data happened to spread the work: the rows are sorted by split, key (and
+    ORDER), then cut into files at fixed positions, part-000000.parquet first. A cache rebuilt on
+    another machine or cluster then holds the same rows in the same files, which is what lets a
+    resume or a second run of the same config train the same model from step 1. Returns the
+    splits' row counts and, given `fit` (column, per), the train rows' `FeatureStats`, combined in
+    file order (floating-point sums depend on their order)."""
+    keys = ["split", "key", *([ORDER] if ORDER in dataset.schema().names else [])]
+    tables = dataset.sort(keys).materialize().to_arrow_refs()
+    summaries = ray.get([_block_summary.remote(table) for table in tables])
+    blocks = [(table, summary["rows"]) for table, summary in zip(tables, summaries) if summary["rows"]]
+    counts = [sum(s["splits"][i] for s in summaries) for i in range(len(SPLITS))]
+    total = max(sum(counts), 1)
+    row_bytes = max(1, sum(s["bytes"] for s in summaries) // total)
+    writes, start = [], 0
+    for number, name in enumerate(SPLITS):
+        rows = counts[number]
+        per_file = max(1, min(-(-rows // MIN_FILES), FILE_BYTES // row_bytes))
+        for index, first in enumerate(range(start, start + rows, per_file)):
+            last = min(first + per_file, start + rows)
+            pieces = _pieces(blocks, first, last)
+            writes.append(_write_part.remote(str(root / name / f"part-{index:06d}.parquet"),
+                                             fit if number == 0 else None, [p[1:] for p in pieces], *[p[0] for p in pieces]))
+        start += rows
+    stats = None
+    combine = FeatureStats(*fit).combine if fit else None
+    for returned in ray.get(writes):
+        if combine and returned is not None:
+            stats = combine(stats, returned)
+    return dict(zip(SPLITS, counts)), stats
 
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        rows, stats = [0] * len(SPLITS), None
-        if not tables:
-            return {"rows": rows, "stats": None}
-        table = pa.concat_tables(tables)
-        for number, name in enumerate(SPLITS):
-            part = table.filter(pc.equal(table["split"], number)).drop_columns(["split"])
-            rows[number] = part.num_rows
-            if not part.num_rows:
-                continue
-            if number == 0 and self.fit:
-                stats = FeatureStats(*self.fit).aggregate_block(part)
-            os.makedirs(f"{self.root}/{name}", exist_ok=True)
-            pq.write_table(encode_tensors(part), f"{self.root}/{name}/part-{ctx.task_idx:06d}.parquet")
-        return {"rows": rows, "stats": stats}
 
-    def on_write_complete(self, write_result) -> None:
-        combine = FeatureStats(*self.fit).combine if self.fit else None
-        for returned in write_result.write_returns:
-            for name, count in zip(SPLITS, returned["rows"]):
-                self.rows[name] += count
-            if combine:
-                self.stats = combine(self.stats, returned["stats"])
+def _pieces(blocks: list[tuple], first: int, last: int) -> list[tuple]:
+    """The (table, start, stop) slices of the sorted blocks that hold global rows [first, last)."""
+    pieces, offset = [], 0
+    for table, rows in blocks:
+        lo, hi = max(first, offset), min(last, offset + rows)
+        if lo < hi:
+            pieces.append((table, lo - offset, hi - offset))
+        offset += rows
+    return pieces
+
+
+@ray.remote(num_cpus=1)
+def _block_summary(table) -> dict:
+    """A sorted block's rows per split, and the bytes its stored columns take."""
+    split = table["split"].to_numpy()
+    kept = table.drop_columns([c for c in ("split", ORDER) if c in table.column_names])
+    return {"rows": table.num_rows, "splits": [int((split == i).sum()) for i in range(len(SPLITS))],
+            "bytes": int(kept.nbytes)}
+
+
+@ray.remote(num_cpus=1)
+def _write_part(path: str, fit: tuple[str, str] | None, slices: list[tuple[int, int]], *tables) -> list | None:
+    """One cached file: the slices of sorted blocks it holds, without the ordering columns, tensors
+    as `dataprep.stream.encode_tensors` stores them; given `fit`, its rows' `FeatureStats`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = pa.concat_tables([table.slice(start, stop - start) for table, (start, stop) in zip(tables, slices)])
+    part = part.drop_columns([c for c in ("split", ORDER) if c in part.column_names])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(encode_tensors(part), path)
+    return FeatureStats(*fit).aggregate_block(part) if fit else None
 
 
 def with_augmentations(meta: dict, data: dict) -> dict:

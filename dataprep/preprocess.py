@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import ray.data
 
-from dataprep import DataError, find_transform, label_classes
+from dataprep import ORDER, DataError, find_transform, label_classes
 from dataprep.sources import (BUNDLED_IMAGE_SHAPES, FILE, ROW, Files, Problems, format_of, image_mode, read_bundled,
                               read_images, read_tables, sources_of, table_features)
 from dataprep.transforms import shift_and_scale
@@ -234,13 +234,13 @@ def _encode_table(batch: pa.Table, features: list[str], label: str, key: str | N
     keep = ~bad
     x = np.stack(columns, axis=1)[keep].astype(np.float32).reshape(-1, *shape)
     y = np.asarray(labels.to_pylist(), dtype=object)[keep]
-    if key:
-        keys = row_keys(batch[key].cast(pa.string()).to_pylist())[keep]
-    else:
-        frame = pd.DataFrame(x.reshape(len(x), -1))
-        frame["label"] = y
-        keys = row_keys(frame)
-    return {"features": x, "label": y.astype(str), "key": keys.view(np.int64),
+    frame = pd.DataFrame(x.reshape(len(x), -1))
+    frame["label"] = y
+    content = row_keys(frame)
+    keys = row_keys(batch[key].cast(pa.string()).to_pylist())[keep] if key else content
+    # A key column may give two rows the same key: their content orders them in the cache.
+    order = {ORDER: content.view(np.int64)} if key else {}
+    return {"features": x, "label": y.astype(str), "key": keys.view(np.int64), **order,
             "split": split_of(keys, seed, val_fraction, test_fraction),
             FILE: batch[FILE].to_numpy(zero_copy_only=False)[keep], ROW: batch[ROW].to_numpy()[keep]}
 
@@ -268,4 +268,4 @@ def _encode_images(batch: dict, shape: list[int], relative, index: dict, seed: i
 
 def _label_index(batch: dict, index: dict) -> dict:
     return {"features": batch["features"], "label": np.array([index[str(v)] for v in batch["label"]], dtype=np.int64),
-            "key": batch["key"], "split": batch["split"]}
+            "key": batch["key"], "split": batch["split"], **({ORDER: batch[ORDER]} if ORDER in batch else {})}

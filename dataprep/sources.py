@@ -371,7 +371,9 @@ def decode_images(batch: dict, filesystem, mode: str, size, problems: Problems) 
                     image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            bad.append((path, 0, f"not a readable image ({type(exc).__name__}: {exc})"))
+            # Pillow names the in-memory buffer it read from (`<_io.BytesIO object at 0x...>`), not the file.
+            reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+            bad.append((path, 0, f"not a readable image ({type(exc).__name__}: {reason})"))
             continue
         images.append((pixels[:, :, None] if pixels.ndim == 2 else pixels).transpose(2, 0, 1))
         paths.append(path)

@@ -300,3 +300,33 @@ def test_bpe_tokenizer_round_trips_and_packs_fewer_blocks_than_bytes(ray_cluster
     assert tokenizer.decode(block.tolist()) in sources  # a block is a stretch of one file's real text
     by_bytes, _, _ = prepare(text(["tokenize", "pack"]), 64, tmp_path / "cache")
     assert sum(meta["rows"].values()) < 0.6 * sum(by_bytes["rows"].values())  # BPE packs the same text into fewer tokens
+
+
+def _files(entry: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(entry)): p.read_bytes() for p in sorted(entry.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("source", ["sklearn:digits", "table with a repeated key"])
+def test_the_same_inputs_give_the_same_cache_byte_for_byte_however_the_work_was_spread(ray_cluster, tmp_path, source):
+    """Two builds into two folders, with Ray Data cutting the work differently (batch size and
+    concurrency are speed settings, not in the cache key): the same rows in the same order in the
+    same files. A cache rebuilt on another machine is then the one a resume or a rerun expects."""
+    from dataprep.cache import prepare
+
+    if source == "sklearn:digits":
+        extra = {"transforms": [{"type": "standardize", "per": "feature"}]}
+    else:
+        frame = _cancer()
+        frame["id"] = np.arange(len(frame)) // 3  # every key three times, over rows that differ
+        _write(frame, tmp_path / "rows.csv", "csv")
+        source, extra = str(tmp_path / "rows.csv"), {"key_column": "id", "transforms": ["minmax"]}
+    built = []
+    for name, speed in (("a", {"batch_size": 64, "concurrency": 1}), ("b", {"batch_size": 512, "concurrency": 2})):
+        data = _data(source, **extra, **speed) | ({"label_column": "label"} if source == "sklearn:digits" else {})
+        meta, entry, reused = prepare(data, 128, tmp_path / name)
+        assert not reused
+        built.append((meta["cache_key"], _files(entry)))
+    (key_a, files_a), (key_b, files_b) = built
+    assert key_a == key_b and list(files_a) == list(files_b)
+    assert len([f for f in files_a if f.startswith("train/")]) > 1  # several files, cut at the same rows
+    assert files_a == files_b

@@ -75,26 +75,20 @@ def precompute_teacher_outputs(teacher_dir: str, data_dir: Path, target: Path, m
 
     import ray.data
 
-    from dataprep.cache import SplitWriter
+    from dataprep.cache import write_splits
     from dataprep.stream import stream_split
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    context = ray.data.DataContext.get_current()
-    preserve = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # the rows in the train split's order
-    try:
-        outputs = stream_split(data_dir, "train").map_batches(
-            TeacherOutputs, fn_constructor_kwargs={"teacher_dir": teacher_dir, "meta": meta, "top_k": top_k},
-            batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-            # An actor that dies fails the stage (a --resume computes the outputs again). With
-            # restarts on, Ray logs an error line on the console for every actor pool whose
-            # constructor arguments it keeps in the object store (ray-project/ray#53727).
-            max_restarts=0)
-        sink = SplitWriter(str(tmp), None)
-        outputs.write_datasink(sink)
-    finally:
-        context.execution_options.preserve_order = preserve
+    outputs = stream_split(data_dir, "train").map_batches(
+        TeacherOutputs, fn_constructor_kwargs={"teacher_dir": teacher_dir, "meta": meta, "top_k": top_k},
+        batch_size=256, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        # An actor that dies fails the stage (a --resume computes the outputs again). With
+        # restarts on, Ray logs an error line on the console for every actor pool whose
+        # constructor arguments it keeps in the object store (ray-project/ray#53727).
+        max_restarts=0)
+    # Cut into files as the train split is (its rows in its order: by key), whatever order the actors finish in.
+    rows, _ = write_splits(outputs, tmp, None)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return sink.rows["train"]
+    return rows["train"]
