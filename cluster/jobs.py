@@ -67,11 +67,15 @@ def dashboard_address(address: str | None, environ: dict | None = None) -> str:
     return address.rstrip("/")
 
 
-def connect(address: str, timeout_s: float = 5.0):
+def connect(address: str, timeout_s: float = 5.0, warn: Callable[[str], None] | None = None):
     """A JobSubmissionClient for the dashboard at `address`, after checking within `timeout_s` that
-    it answers and accepts our token: an unreachable address or a refused token is one line, not a hang."""
+    it answers and accepts our token: an unreachable address or a refused token is one line, not a
+    hang. `warn` hears, before anything is sent, that the token is about to cross a network unencrypted."""
     token, where = find_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    risk = plain_http_risk(address) if token else None
+    if risk and warn:
+        warn(risk)
     try:
         response = requests.get(f"{address}/api/version", headers=headers, timeout=timeout_s)
     except requests.Timeout:
@@ -95,6 +99,30 @@ def connect(address: str, timeout_s: float = 5.0):
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.getLogger("ray").getEffectiveLevel())
     return JobSubmissionClient(address, headers=headers)
+
+
+def plain_http_risk(address: str) -> str | None:
+    """Why sending the cluster's auth token to `address` exposes it: plain http:// to a host that is
+    not this machine (anyone on the path can read the token and then run code on the cluster)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address)
+    if parsed.scheme != "http" or _loopback(parsed.hostname or ""):
+        return None
+    return (f"warning: sending the cluster's auth token to {address} over plain http: anyone who can see the traffic "
+            f"can read it and run code on the cluster; reach the dashboard over https, an SSH tunnel "
+            f"(ssh -L 8265:localhost:8265 HEAD, then --address http://127.0.0.1:8265) or a private network")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def runtime_env(working_dir: Path, modules: list[Path], pip: list[str] | str | None, image_uri: str | None,

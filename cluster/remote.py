@@ -11,6 +11,7 @@ Ray reads where it is). Paths are plain strings here: a URI, or a local path.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -80,6 +81,67 @@ def read_text(path: str | Path) -> str | None:
         return None
     with fs.open_input_stream(inner) as f:
         return f.read().decode()
+
+
+def create_exclusive(path: str | Path, text: str) -> bool:
+    """Write a new file at `path` (a URI or a local path) unless one is there already: True if this
+    call created it, False if it found one. Atomic where the store offers a conditional create: a
+    local or `file://` path (O_EXCL), S3 (a PUT with If-None-Match, through boto3). Other stores
+    are checked first and written after, which two writers starting within moments can both pass."""
+    if not is_uri(path) or str(path).startswith("file://"):
+        local = Path(str(path).removeprefix("file://")) if is_uri(path) else Path(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    fs, inner = filesystem(str(path))
+    if fs.type_name == "s3":
+        return _s3_create_exclusive(str(path), inner, text)
+    if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        return False
+    fs.create_dir(inner.rpartition("/")[0], recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+    return True
+
+
+def _s3_create_exclusive(uri: str, inner: str, text: str) -> bool:
+    """S3's conditional write (If-None-Match: *): the store itself refuses a second object at the key."""
+    from urllib.parse import parse_qs, urlparse
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = inner.partition("/")
+    # pyarrow takes the endpoint and region from the URI's query where given; boto3 reads the rest
+    # (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, credentials) from the environment as pyarrow does.
+    query = {k: v[-1] for k, v in parse_qs(urlparse(uri).query).items()}
+    endpoint = query.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region"))
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or \
+                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            return False
+        raise
+    return True
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a folder and everything in it, at a URI or a local path (nothing there is fine)."""
+    if not is_uri(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, inner = filesystem(str(path))
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        fs.delete_dir(inner)
 
 
 def remove_dirs(parent: str | Path, prefix: str, keep: set[str]) -> list[str]:

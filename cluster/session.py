@@ -19,8 +19,10 @@ _CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "Dee
 
 
 def quiet_driver_logs(verbose: bool) -> None:
-    """Keep Ray's, DeepSpeed's and torchao's internal logs off the console unless `verbose`."""
-    level = logging.INFO if verbose else logging.ERROR
+    """Keep Ray's, DeepSpeed's and torchao's internal logs off the console unless `verbose`.
+    Their errors too: a failure reaches the user as raylaunch's own line (a bad row in a Ray Data
+    task was otherwise preceded by some 130 lines of Ray Data's ERROR logs and tracebacks)."""
+    level = logging.INFO if verbose else logging.CRITICAL
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
     # torch's logging configures this child logger itself; the parent's level does not reach it.

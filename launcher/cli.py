@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=1, help="classes to show per row, most likely first (default 1)")
     predict.add_argument("--max-new-tokens", type=int, default=64, help="tokens a language model generates (default 64)")
     predict.add_argument("--output", help="also write the predictions as JSON lines to this file")
+    predict.add_argument("--compiled", action="store_true",
+                         help="run a static_int8 model's compiled program (model.pt2: machine code, loaded into this "
+                              "process; only for models from runs you trust); otherwise its tensors run as the "
+                              "reference program")
     predict.add_argument("--verbose", action="store_true", help="show torch's and torchao's own logs")
 
     submit = commands.add_parser("submit", help="run a config as a Ray job on a running cluster, following it to its end")
@@ -113,12 +117,12 @@ def _job_command(args, console: Console, errors: Console) -> int:
 
 
 def _run(args, console: Console, errors: Console) -> int:
+    from cluster.remote import exists, join
     from dataprep import DataError
 
-    cfg = configuration.load(args.config, args.overrides)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else cfg.default_stages()
-    configuration.check_inputs(cfg, stages, resume=args.resume)
-    console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    cfg, stages = configuration.load_for_run(args.config, args.overrides, stages, resume=args.resume)
+    console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]", soft_wrap=True)
 
     from launcher.pipeline import failure_line, run_pipeline
     from launcher.report import print_table
@@ -129,14 +133,17 @@ def _run(args, console: Console, errors: Console) -> int:
         _print_problems(errors, exc.problems)
         return 2
     except KeyboardInterrupt:
-        errors.print("raylaunch: interrupted; continue with --resume", highlight=False)
+        kept = exists(join(cfg.output.dir, "config.yaml"))
+        errors.print(f"raylaunch: interrupted; {'continue with --resume' if kept else 'no stage had finished, nothing was kept'}",
+                     highlight=False)
         return 130
     except Exception as exc:  # the run failed: one line here, the whole story with --verbose
         if args.verbose:
             errors.print_exception()
         errors.print(f"error: {failure_line(exc)}", markup=False, highlight=False, soft_wrap=True)
-        errors.print(f"see {cfg.output.dir}/summary.json; rerun with --verbose for the full trace",
-                     markup=False, highlight=False, soft_wrap=True)
+        # A run that finished no stage removed its directory: nothing to look at but the trace.
+        record = f"see {cfg.output.dir}/summary.json; " if exists(join(cfg.output.dir, "summary.json")) else ""
+        errors.print(f"{record}rerun with --verbose for the full trace", markup=False, highlight=False, soft_wrap=True)
         return 1
     print_table(console, summary)
     console.print(f"summary: {cfg.output.dir}/summary.json, report: {cfg.output.dir}/report.html (and report.md), "
@@ -178,7 +185,7 @@ def _predict(args, console: Console, errors: Console) -> int:
             raise DataError(["--top-k and --max-new-tokens: at least 1"])
         spec = read_spec(args.model_dir)
         inputs, names = read_inputs(spec, args.input)
-        model, spec = load_model(args.model_dir)
+        model, spec = load_model(args.model_dir, compiled=args.compiled)
     except DataError as exc:
         _print_problems(errors, exc.problems)
         return 2
@@ -203,7 +210,9 @@ def _predict(args, console: Console, errors: Console) -> int:
 
 def _print_problems(errors: Console, problems: list[str]) -> None:
     for problem in problems:
-        errors.print(problem, markup=False, highlight=False, soft_wrap=True)
+        # One line each, whatever a library's message embedded in it holds (pyarrow's end in newlines).
+        errors.print(" ".join(problem.split()).replace("( ", "(").replace(" )", ")"), markup=False, highlight=False,
+                     soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.remote import is_empty_dir, is_uri, join, read_text
 from dataprep import AUGMENTATIONS
+from launcher.rundir import resume_problems
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
@@ -188,7 +189,7 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(10_000, ge=1)
     """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory. A split held in memory (data.in_memory) is shuffled whole instead."""
     in_memory: Literal["auto", True, False] = "auto"
-    """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short, and each rank reads its own shard instead of a streaming split, once, into its own memory (so the splits take their size there too). `auto`: when the two splits, and the copy of them each training run at once cuts into its ranks' shards, take at most 1/4 of the cluster's object store memory: splits up to 1/8 of it for one run, 1/16 for a sweep of 3 trials at once (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`); an exact resume needs the same choice as the run it continues."""
+    """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short, and each rank reads its own shard instead of a streaming split, once, into its own memory (so the splits take their size there too). `auto`: when the two splits, and the copy of them each training run at once cuts into its ranks' shards, take at most 1/4 of the cluster's object store memory: splits up to 1/8 of it for one run, 1/16 for a sweep of 3 trials at once (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`, per training stage); a `--resume` whose `auto` would choose otherwise is refused, saying the value that continues it exactly."""
 
     @field_validator("transforms", mode="before")
     @classmethod
@@ -576,9 +577,23 @@ def _unknown_key_hint(path: str) -> str:
 
 
 def validate(raw: dict) -> RunConfig:
-    """Validate a raw config mapping; raise ConfigError with every problem found."""
+    """Validate a raw config mapping; raise ConfigError with every problem found. The layers that
+    stand apart (the schema, the user's DeepSpeed JSON, the search space) are each checked as far
+    as they can be, so that fixing one never uncovers problems the others already had."""
+    cfg, problems = _schema(raw)
+    # The DeepSpeed JSON first: a file it cannot read is one problem, not one per searched value.
+    resolved, more = _apply_deepspeed_json(cfg, raw)
+    problems += more
+    problems += _search_space_problems(cfg, raw, problems)
+    if problems:
+        raise ConfigError(problems)
+    return resolved
+
+
+def _schema(raw: dict) -> tuple[RunConfig | None, list[str]]:
+    """The config the schema makes of `raw`, or None and its problems."""
     try:
-        cfg = RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw), []
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -586,37 +601,48 @@ def validate(raw: dict) -> RunConfig:
             if error["type"] == "extra_forbidden":
                 line += _unknown_key_hint(".".join(str(p) for p in error["loc"]))
             problems.append(line)
-        raise ConfigError(problems) from None
-    # The DeepSpeed JSON first: a file it cannot read is one problem, not one per searched value.
-    resolved = _apply_deepspeed_json(cfg, raw)
-    _check_search_space(cfg, raw)
-    return resolved
+        return None, problems
 
 
-def _apply_deepspeed_json(cfg: RunConfig, raw: dict) -> RunConfig:
+def _section(raw: dict, name: str) -> BaseModel | None:
+    """One top-level section validated alone (None where it has problems of its own): what the
+    checks of the other layers can still go by when another section is wrong."""
+    value = raw.get(name)
+    annotation = RunConfig.model_fields[name].annotation
+    try:
+        return annotation.model_validate({} if value is None else value)
+    except ValidationError:
+        return None
+
+
+def _apply_deepspeed_json(cfg: RunConfig | None, raw: dict) -> tuple[RunConfig | None, list[str]]:
     """Bring a user's DeepSpeed JSON and the `train` section into agreement: the file's concrete
     values decide the fields the YAML left at their defaults; a field both set differently is an
-    error naming both."""
+    error naming both. With a config the schema refused (`cfg` None), the file is still read."""
     from trainers.deepspeed_config import DeepSpeedConfigError, read_user_config, reconcile
 
-    path = cfg.train.deepspeed_config
-    if path is None:
-        return cfg
+    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    path = cfg.train.deepspeed_config if cfg is not None else train_raw.get("deepspeed_config")
+    if not isinstance(path, str):
+        return cfg, []
     try:
         user = read_user_config(path)
     except DeepSpeedConfigError as exc:
-        raise ConfigError(exc.problems) from None
-    train_raw = raw.get("train") or {}
-    explicit = {f"train.{k}" for k in train_raw} | {f"train.zero.{k}" for k in (train_raw.get("zero") or {})}
-    updates, problems = reconcile(user, cfg.train.model_dump(mode="json"), explicit, source=path)
-    if problems:
-        raise ConfigError(problems)
+        return None, exc.problems
+    train = cfg.train if cfg is not None else _section(raw, "train")
+    if train is None:
+        return None, []
+    zero_raw = train_raw.get("zero") if isinstance(train_raw.get("zero"), dict) else {}
+    explicit = {f"train.{k}" for k in train_raw} | {f"train.zero.{k}" for k in zero_raw}
+    updates, problems = reconcile(user, train.model_dump(mode="json"), explicit, source=path)
+    if problems or cfg is None:
+        return None, problems
     if not updates:
-        return cfg
+        return cfg, []
     resolved = copy.deepcopy(raw)
     for field, value in updates.items():
         set_path(resolved, field, list(value) if isinstance(value, tuple) else value)
-    return validate(resolved)  # the updated fields now agree with the file: no further updates
+    return validate(resolved), []  # the updated fields now agree with the file: no further updates
 
 
 def metric_mode(metric: str) -> str:
@@ -624,15 +650,23 @@ def metric_mode(metric: str) -> str:
     return "max" if metric == "val_accuracy" else "min"
 
 
-def _check_search_space(cfg: RunConfig, raw: dict) -> None:
+def _search_space_problems(cfg: RunConfig | None, raw: dict, known: list[str]) -> list[str]:
+    """The search space's problems. A searched value is blamed only for the problems it adds to
+    those the config already has (`known`); with a config the schema refused (`cfg` None), the
+    rest is checked against the sections that stand alone."""
+    tune = cfg.tune if cfg is not None else _section(raw, "tune")
+    if tune is None:
+        return []
+    distill = cfg.distill if cfg is not None else _section(raw, "distill")
+    base = set(known)
     problems = []
-    for path, domain in cfg.tune.space.items():
+    for path, domain in tune.space.items():
         where = f"tune.space.{path}"
-        if cfg.tune.search == "grid" and domain.kind not in ("choice", "grid"):
+        if tune.search == "grid" and domain.kind not in ("choice", "grid"):
             problems.append(f"{where}: tune.search grid tries every value, so it needs choice or grid (got {domain.kind})")
-        if cfg.tune.search == "optuna" and domain.kind == "grid":
+        if tune.search == "optuna" and domain.kind == "grid":
             problems.append(f"{where}: Optuna samples each value itself; use choice instead of grid with tune.search optuna")
-        if cfg.tune.scheduler == "pbt" and path not in PBT_MUTABLE:
+        if tune.scheduler == "pbt" and path not in PBT_MUTABLE:
             problems.append(f"{where}: pbt continues trials from other trials' checkpoints, so it can only change "
                             f"{', '.join(PBT_MUTABLE)}; search {path} with scheduler asha or fifo")
         if path.split(".")[0] not in TUNABLE_SECTIONS:
@@ -642,26 +676,27 @@ def _check_search_space(cfg: RunConfig, raw: dict) -> None:
             try:
                 validate(set_path(copy.deepcopy(raw), path, value) | {"tune": {}})
             except ConfigError as exc:
-                problems += [f"{where}: value {value!r} is rejected: {p}" for p in exc.problems]
-                break
-    if cfg.tune.scheduler == "pbt" and cfg.tune.search != "random":
+                added = [p for p in exc.problems if p not in base]
+                problems += [f"{where}: value {value!r} is rejected: {p}" for p in added]
+                if added:
+                    break
+    if tune.scheduler == "pbt" and tune.search != "random":
         problems.append(f"tune.search: pbt chooses its own values (it copies and perturbs the best trials'), so it "
-                        f"needs search random (got {cfg.tune.search})")
-    natural = metric_mode(cfg.tune.metric)
-    if cfg.tune.mode is not None and cfg.tune.mode != natural:
-        problems.append(f"tune.mode: {cfg.tune.metric} is better when {'higher' if natural == 'max' else 'lower'}, so mode "
-                        f"{cfg.tune.mode} would pick the worst trial; use {natural} or leave it out")
-    if cfg.tune.enabled and not cfg.tune.space:
+                        f"needs search random (got {tune.search})")
+    natural = metric_mode(tune.metric)
+    if tune.mode is not None and tune.mode != natural:
+        problems.append(f"tune.mode: {tune.metric} is better when {'higher' if natural == 'max' else 'lower'}, so mode "
+                        f"{tune.mode} would pick the worst trial; use {natural} or leave it out")
+    if tune.enabled and not tune.space:
         problems.append("tune.space: empty; add at least one path to search, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
-    student = sorted(p for p in cfg.tune.space if p.startswith("distill."))
-    if student and not searches_student(cfg.tune.space):
-        teacher = sorted(p for p in cfg.tune.space if not p.startswith("distill."))
+    student = sorted(p for p in tune.space if p.startswith("distill."))
+    if student and not searches_student(tune.space):
+        teacher = sorted(p for p in tune.space if not p.startswith("distill."))
         problems.append(f"tune.space: {', '.join(student)} search the student and {', '.join(teacher)} the teacher; a sweep "
                         f"trains one of them: search distill paths alone (the sweep distills the trained teacher) or none")
-    elif student and not cfg.distill.enabled:
+    elif student and distill is not None and not distill.enabled:
         problems.append(f"tune.space: {', '.join(student)} are searched by distilling students, but distill.enabled is false")
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def set_path(raw: dict, path: str, value: Any) -> dict:
@@ -707,13 +742,24 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_raw(config_path: str | os.PathLike) -> dict:
+    """A YAML config file as a mapping; a file that is not one, or that gives a key twice, is refused."""
+    raw, problems = _read_yaml(config_path)
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def _read_yaml(config_path: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The mapping and the keys it gives twice (problems found alongside the others), or ConfigError
+    for a file that is no config at all."""
     path = Path(config_path)
     if path.is_dir():
         raise ConfigError([f"{path}: a folder, not a config file; give the YAML file (e.g. configs/quickstart.yaml)"])
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -722,33 +768,104 @@ def load_raw(config_path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     if raw is None:
-        return {}
+        return {}, []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections (cluster, data, model, ...)"])
-    return raw
+    return raw, duplicate_keys(text, str(path))
+
+
+def duplicate_keys(text: str, source: str) -> list[str]:
+    """A problem line for each key given twice in one mapping: YAML keeps the last one silently, so
+    `lr:` set twice would train with whichever came last."""
+    problems: list[str] = []
+
+    def walk(node: yaml.Node, where: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                path = f"{where}.{name}" if where and name is not None else (name or where)
+                if name is not None and name != "<<":  # `<<` merges another mapping in; it may recur
+                    if name in seen:
+                        first, second = seen[name] + 1, key.start_mark.line + 1
+                        lines = f"lines {first} and {second}" if first != second else f"both on line {first}"
+                        problems.append(f"{source}: {path} is given twice ({lines}); YAML would keep only the second, "
+                                        f"so remove one")
+                    seen.setdefault(name, key.start_mark.line)
+                walk(value, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{where}[{i}]")
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, "")
+    return problems
 
 
 def load(config_path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config, apply `--set` overrides, validate."""
-    raw = load_raw(config_path)
+    """Read a YAML config, apply `--set` overrides, validate: ConfigError with every problem."""
+    cfg, _, problems = _load(config_path, overrides)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _load(config_path: str | os.PathLike, overrides: list[str]) -> tuple[RunConfig | None, dict, list[str]]:
+    """The config (None where it has problems), the raw mapping after the overrides, and the
+    problems; ConfigError only for a file that is no config at all."""
+    raw, problems = _read_yaml(config_path)
     for text in overrides:
         path, value = parse_override(text)
-        set_path(raw, path, value)
-    return validate(raw)
+        try:
+            set_path(raw, path, value)
+        except ConfigError as exc:
+            problems += exc.problems
+    try:
+        cfg = validate(raw)
+    except ConfigError as exc:
+        cfg, problems = None, problems + exc.problems
+    return (None if problems else cfg), raw, problems
+
+
+def load_for_run(config_path: str | os.PathLike, overrides: list[str], stages: list[str] | None,
+                 resume: bool = False) -> tuple[RunConfig, list[str]]:
+    """What `raylaunch run` starts from: the validated config and the stages to run (`stages`, or
+    the config's default), after every check that needs no cluster: the config's own, then the
+    files, stages and run directory it names. Every problem of every layer is reported at once;
+    the checks against the world go by the sections that are valid where another one is not."""
+    cfg, raw, problems = _load(config_path, overrides)
+    if stages is None and cfg is not None:
+        stages = cfg.default_stages()
+    problems += input_problems(cfg, raw, stages or [], resume)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, stages
 
 
 def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> None:
     """Checks against the world outside the config (files, run directory), still before Ray starts.
     With `resume`, the run directory must hold a run of this same config."""
-    problems = _data_problems(cfg)
-    for name in stages:
-        if name not in STAGES:
-            problems.append(f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})")
-    problems += _stage_order_problems([s for s in stages if s in STAGES], cfg.sweeps_student)
-    problems += output_dir_problems(cfg.output.dir)
-    if isinstance(cfg.output.mlflow, str):
-        problems += _mlflow_problems(cfg.output.mlflow)
-    out = cfg.output.dir
+    problems = input_problems(cfg, cfg.model_dump(mode="json"), stages, resume)
+    if problems:
+        raise ConfigError(problems)
+
+
+def input_problems(cfg: RunConfig | None, raw: dict, stages: list[str], resume: bool = False) -> list[str]:
+    """The files, stages and run directory a config names, checked as far as its valid sections go
+    (`cfg` None: a config with problems of its own, whose sections are taken one by one from `raw`)."""
+    def section(name: str):
+        return getattr(cfg, name) if cfg is not None else _section(raw, name)
+
+    data, model, tune, output = section("data"), section("model"), section("tune"), section("output")
+    problems = _data_problems(data, model) if data is not None else []
+    problems += stage_problems(stages, tune is not None and tune.enabled and searches_student(tune.space))
+    if output is None:
+        return problems
+    out = output.dir
+    problems += output_dir_problems(out)
+    if isinstance(output.mlflow, str):
+        problems += _mlflow_problems(output.mlflow)
     if not any(p.startswith("output.dir") for p in problems):
         if resume:
             problems += _resume_problems(cfg, out)
@@ -757,8 +874,7 @@ def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> Non
                 f"output.dir: {out} already exists and is not empty; a run never overwrites another "
                 f"(choose a new one with --set output.dir=..., or continue it with --resume)"
             )
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def output_dir_problems(out: str) -> list[str]:
@@ -793,16 +909,16 @@ def _mlflow_problems(uri: str) -> list[str]:
     return []
 
 
-def _data_problems(cfg: RunConfig) -> list[str]:
+def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
     """The data section against the files it names: they exist, and the model fits the data's kind."""
     from dataprep import DataError
     from dataprep.sources import data_files, sources_of
 
-    data, problems = cfg.data, []
+    problems = []
     text = data.format == "text"
-    if (cfg.model.type == "gpt") != text:
+    if model is not None and (model.type == "gpt") != text:
         problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
-                        f"; got model.type {cfg.model.type} with data.format {data.format}")
+                        f"; got model.type {model.type} with data.format {data.format}")
     sources = sources_of(data.model_dump(mode="json"))
     bundled = [s for s in sources if s.startswith("sklearn:")]
     if bundled and (len(sources) > 1 or text):
@@ -815,20 +931,25 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         except DataError as exc:
             problems += exc.problems
     image_input = data.format == "images" or data.image_shape is not None or data.source == "sklearn:digits"
-    if cfg.model.type == "cnn" and not image_input:
+    if model is not None and model.type == "cnn" and not image_input:
         problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width], "
                         "use data.format images, or use model.type: mlp")
     return problems
 
 
-def _resume_problems(cfg: RunConfig, out: str) -> list[str]:
+def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
     saved = join(out, "config.yaml")  # a path or a URI
     text = read_text(saved)
     if text is None:
         return [f"--resume: {out} holds no run to resume (no config.yaml); run without --resume to start one"]
+    problems = resume_problems(out)
+    if problems or cfg is None:
+        return problems
     before = yaml.safe_load(text) or {}
-    now = cfg.model_dump(mode="json")
-    differences = _differences(before, now)
+    now = redacted(cfg.model_dump(mode="json"))  # as config.yaml keeps it
+    # data.in_memory says how, not what, to read; the pipeline refuses a resume that would read
+    # the interrupted stage's splits otherwise than it did.
+    differences = [d for d in _differences(before, now) if d[0] != "data.in_memory"]
     return [f"--resume: {path} was {old!r} in {saved} but is {new!r} now; a resumed run keeps its config"
             for path, old, new in differences]
 
@@ -838,6 +959,12 @@ def _differences(before: Any, now: Any, path: str = "") -> list[tuple[str, Any, 
         return [d for key in sorted(set(before) | set(now), key=str)
                 for d in _differences(before.get(key), now.get(key), f"{path}.{key}" if path else str(key))]
     return [] if before == now else [(path, before, now)]
+
+
+def stage_problems(stages: list[str], sweeps_student: bool = False) -> list[str]:
+    """What is wrong with a `--stages` list: names that are no stage, and an order that cannot run."""
+    problems = [f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})" for name in stages if name not in STAGES]
+    return problems + _stage_order_problems([s for s in stages if s in STAGES], sweeps_student)
 
 
 def _stage_order_problems(stages: list[str], sweeps_student: bool = False) -> list[str]:
@@ -865,5 +992,21 @@ def _stage_order_problems(stages: list[str], sweeps_student: bool = False) -> li
     return problems
 
 
+REDACTED = "***"
+
+
+def redacted(dump: dict) -> dict:
+    """A config dump with the values of `cluster.job.env_vars` (tokens, passwords) replaced by
+    REDACTED: what goes anywhere but the job's own environment (config.yaml, MLflow, Tune's
+    experiment state, the workers)."""
+    env_vars = ((dump.get("cluster") or {}).get("job") or {}).get("env_vars")
+    if not env_vars:
+        return dump
+    dump = copy.deepcopy(dump)
+    dump["cluster"]["job"]["env_vars"] = dict.fromkeys(env_vars, REDACTED)
+    return dump
+
+
 def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, secrets redacted."""
+    return yaml.safe_dump(redacted(cfg.model_dump(mode="json")), sort_keys=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,12 +18,19 @@ from rich.console import Console
 
 from cluster.jobs import (EXIT_STOPPED, connect, dashboard_address, exit_code, follow_logs, job_info,
                           last_lines, runtime_env, wait)
-from launcher.config import ConfigError, RunConfig, dump_yaml, is_uri, load
+from launcher.config import REDACTED, ConfigError, RunConfig, dump_yaml, is_uri, load, stage_problems
 
 PACKAGES = ("launcher", "cluster", "dataprep", "trainers", "tuning")
 STAGING = Path(".raylaunch") / "jobs"
 """Where `submit` stages the resolved config inside the uploaded working directory, removed once
 uploaded. Ray leaves out what .gitignore names, so this folder must not be ignored."""
+
+
+def _connect(address: str):
+    """The cluster's job client; a warning on stderr first where the token would cross a network in the clear."""
+    errors = Console(stderr=True)
+    return connect(address, warn=lambda text: errors.print(text, style="yellow", markup=False, highlight=False,
+                                                          soft_wrap=True))
 
 
 def check_submittable(cfg: RunConfig) -> None:
@@ -50,17 +58,25 @@ def submit(config_path: str, overrides: list[str], address: str | None, no_wait:
 
     quiet_driver_logs(verbose)  # the job client's packaging and websocket chatter
     cfg = load(config_path, overrides)
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    problems = stage_problems(stage_list, cfg.sweeps_student) if stage_list is not None else []
+    # A config written by raylaunch (config.yaml, tune/best_config.yaml) holds its secrets redacted.
+    problems += [f"cluster.job.env_vars.{name}: {REDACTED} is a redacted value (raylaunch writes secrets so); give the "
+                 f"real one" for name, value in cfg.cluster.job.env_vars.items() if value == REDACTED]
+    if problems:
+        raise ConfigError(problems)
     check_submittable(cfg)
     cfg.cluster.address = None  # the job joins the cluster it runs in (RAY_ADDRESS, set by Ray)
     address = dashboard_address(address)
-    client = connect(address)
+    client = _connect(address)
 
     working_dir = Path.cwd()
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(config_path).stem)[:40] or "config"
     job_id = f"raylaunch-{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     staged = STAGING / f"{job_id}.yaml"
-    entrypoint = " ".join(["python -m launcher run", str(staged), *(["--stages", stages] if stages else []),
-                           *(["--resume"] if resume else []), *(["--verbose"] if verbose else [])])
+    entrypoint = shlex.join(["python", "-m", "launcher", "run", str(staged),
+                             *(["--stages", ",".join(stage_list)] if stage_list else []),
+                             *(["--resume"] if resume else []), *(["--verbose"] if verbose else [])])
     job = cfg.cluster.job
     # The job's console is a log file: rich wraps it at 80 columns unless told the width to fill.
     env_vars = {"COLUMNS": str(console.width)} | job.env_vars
@@ -112,7 +128,7 @@ def _outcome(client, job_id: str, info, console: Console, errors: Console) -> in
 
 
 def status(job_id: str, address: str | None, console: Console) -> int:
-    client = connect(dashboard_address(address))
+    client = _connect(dashboard_address(address))
     info = job_info(client, job_id)
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)) if info.start_time else "-"
     took = f", {(info.end_time - info.start_time) / 1000:.0f} s" if info.end_time and info.start_time else ""
@@ -124,7 +140,7 @@ def status(job_id: str, address: str | None, console: Console) -> int:
 
 
 def logs(job_id: str, address: str | None, follow: bool, console: Console) -> int:
-    client = connect(dashboard_address(address))
+    client = _connect(dashboard_address(address))
     job_info(client, job_id)  # an unknown id is one line, before any log request
     if follow:
         try:
@@ -137,7 +153,7 @@ def logs(job_id: str, address: str | None, follow: bool, console: Console) -> in
 
 
 def stop(job_id: str, address: str | None, console: Console) -> int:
-    client = connect(dashboard_address(address))
+    client = _connect(dashboard_address(address))
     info = job_info(client, job_id)
     if info.status.value in ("SUCCEEDED", "FAILED", "STOPPED"):
         console.print(f"{job_id}: already ended ({info.status.value})", highlight=False)

@@ -33,8 +33,9 @@ from rich.markup import escape
 from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session, stop_signal
-from launcher.config import ConfigError, RunConfig, dump_yaml
+from launcher.config import ConfigError, RunConfig, dump_yaml, redacted
 from launcher.live import Live
+from launcher.rundir import MANIFEST, claim, discard
 from launcher.report import write_report, write_summary
 
 
@@ -58,6 +59,8 @@ class Run:
     """Progress bars and the metric logs (TensorBoard, MLflow)."""
     remote: str | None = None
     """output.dir when it is a URI; `run_dir` is then the local staging folder copied up to it."""
+    reads_before: dict[str, bool] = field(default_factory=dict)
+    """How the interrupted run this one resumes read each training stage's splits (held in memory or not)."""
 
     @property
     def cache_root(self) -> Path:
@@ -84,7 +87,7 @@ class Run:
     def dump(self) -> dict:
         """The resolved config as plain data for Ray tasks and workers, with the user's DeepSpeed
         JSON (if any) read here, once: trials and workers may run where the file is not."""
-        dump = self.cfg.model_dump(mode="json")
+        dump = redacted(self.cfg.model_dump(mode="json"))  # the job's secrets stay in its environment
         if self.cfg.train.deepspeed_config:
             from trainers.deepspeed_config import read_user_config
 
@@ -101,29 +104,26 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     run_dir = staging_dir(remote) if remote else Path(cfg.output.dir).resolve()
     run = Run(cfg=cfg, run_dir=run_dir, console=console, resume=resume, remote=remote)
     run.summary["timeline"] = {"start": time.time()}
-    if remote:
-        # The staging folder starts as the URI holds the run: empty, or (a resume) all but ray/.
-        if resume:
-            download(remote, run_dir)
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    finished = _finished_stages(run.run_dir) if resume else {}
     stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
                        "quantize": _quantize, "evaluate": _evaluate}
     with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
         run.resources = resources
         run.summary["timeline"]["ray_ready"] = time.time()
-        _check_shared_storage(run)  # before anything is written: a refused run leaves nothing behind
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, cfg.model_dump(mode="json"),
+        # The checks that need the cluster, before anything is written: a refused run leaves nothing behind.
+        _check_shared_storage(run)
+        _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
+        # config.yaml keeps the config as given (`zero.stage: auto`), which `--resume` compares against.
+        config_text = dump_yaml(cfg)
+        if any(s in stages for s in ("train", "tune", "distill")):
+            _preflight(run, console)
+        created = _open_run_dir(run, config_text)
+        finished = _finished_stages(run.run_dir) if resume else {}
+        if resume and (run.run_dir / "summary.json").exists():
+            run.reads_before = json.loads((run.run_dir / "summary.json").read_text()).get("data_in_memory", {})
+        run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, redacted(cfg.model_dump(mode="json")),
                         verbose, name=remote.rstrip("/").rsplit("/", 1)[-1] if remote else None)
-        current = None
+        current, kept = None, True
         try:
-            _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
-            if any(s in stages for s in ("train", "tune", "distill")):
-                _preflight(run, console)
             for current in stages:
                 if current in finished:
                     _restore(run, current, finished[current])
@@ -135,20 +135,53 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
             run.summary["status"] = "succeeded"
         except BaseException as exc:
             run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
+            # Nothing finished, nothing to resume: the corrected command runs into the same output.dir.
+            kept = resume or bool(run.summary["stages"])
             raise
         finally:
-            write_summary(run.run_dir, run.summary)
-            files = write_report(run.run_dir, run.summary)
-            run.live.finish(run.summary, [run.run_dir / "summary.json", *files])
+            if kept:
+                _write_record(run)
+            else:
+                run.live.finish(run.summary, [])  # an MLflow server's run is ended, marked failed
             run.live.close()
-            try:
-                run.sync()
-            except Exception as exc:  # pyarrow raises OSError or ArrowInvalid; the run's own error must not be lost
-                console.print(f"[red]could not copy the run up to {remote}[/]: {' '.join(str(exc).split())[:300]}; "
-                              f"everything but ray/ is in {run.run_dir}", highlight=False)
-                if run.summary["status"] == "succeeded":
-                    raise
+            if not kept:
+                discard(run.run_dir, remote, created)
     return run.summary
+
+
+def _open_run_dir(run: Run, config_text: str) -> bool:
+    """Make the run directory ready: a new run claims it (its manifest, written only where none is)
+    and writes its config; a resumed one is copied down from its URI. Returns whether this run
+    created the (local) folder."""
+    created = not run.run_dir.exists()
+    if run.resume:
+        if run.remote:  # the staging folder starts as the URI holds the run: all but ray/
+            download(run.remote, run.run_dir)
+        return False
+    refused = claim(run.remote or str(run.run_dir))
+    if refused:
+        raise ConfigError([refused])
+    if run.remote:  # the URI was empty: so is its staging folder (another run's leftovers go)
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.remote:
+        (run.run_dir / MANIFEST).write_text(read_text(join(run.remote, MANIFEST)))
+    (run.run_dir / "config.yaml").write_text(config_text)
+    return created
+
+
+def _write_record(run: Run) -> None:
+    """summary.json and the reports (and to MLflow), copied up to a URI run's URI."""
+    write_summary(run.run_dir, run.summary)
+    files = write_report(run.run_dir, run.summary)
+    run.live.finish(run.summary, [run.run_dir / "summary.json", *files])
+    try:
+        run.sync()
+    except Exception as exc:  # pyarrow raises OSError or ArrowInvalid; the run's own error must not be lost
+        run.console.print(f"[red]could not copy the run up to {run.remote}[/]: {' '.join(str(exc).split())[:300]}; "
+                          f"everything but ray/ is in {run.run_dir}", highlight=False)
+        if run.summary["status"] == "succeeded":
+            raise
 
 
 def _check_shared_storage(run: Run) -> None:
@@ -301,7 +334,7 @@ def _train(run: Run) -> dict:
     config = loop_config(run.dump(), run.data_meta)
     (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
     resumed = _resume_point(run, "train")
-    splits = _splits(run)
+    splits = _splits(run, "train")
     with _reports(run, "teacher", config) as reports:
         result = fit(build_trainer(config, splits, run.storage, name="train", callbacks=[reports.callback()]),
                      config["train"])
@@ -310,12 +343,24 @@ def _train(run: Run) -> dict:
     return _training_summary("teacher", metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
 
 
-def _splits(run: Run, train_dir: str | None = None, trainers: int = 1) -> dict:
+def _splits(run: Run, stage: str, train_dir: str | None = None, trainers: int = 1) -> dict:
     """The train and val splits for a training stage, held in memory as `data.in_memory` says
-    (`trainers`: the training runs at once that cut shards from them)."""
-    from trainers.fit import load_splits
+    (`trainers`: the training runs at once that cut shards from them). How they are read decides
+    which rows each rank trains on: it is recorded before training starts, and a resume that would
+    read them the other way (`auto` deciding otherwise on another machine) is refused."""
+    from trainers.fit import load_splits, splits_in_memory
 
-    return load_splits(run.data_dir, run.cfg.data.in_memory, run.cfg.data.ingest_memory_mb, train_dir, trainers)
+    splits = load_splits(run.data_dir, run.cfg.data.in_memory, run.cfg.data.ingest_memory_mb, train_dir, trainers)
+    held, before = splits_in_memory(splits), run.reads_before.get(stage)
+    if before is not None and before != held:
+        how = {True: "held in memory", False: "streamed"}
+        raise ConfigError([f"data.in_memory: the interrupted {stage} stage read its splits {how[before]} and this run "
+                           f"would read them {how[held]}, which gives each rank other rows; continue it exactly with "
+                           f"--set data.in_memory={str(before).lower()}"])
+    run.summary.setdefault("data_in_memory", {})[stage] = held
+    write_summary(run.run_dir, run.summary)
+    run.sync()
+    return splits
 
 
 def _tune(run: Run) -> dict:
@@ -341,7 +386,7 @@ def _tune(run: Run) -> dict:
         if cfg.distill.teacher_outputs == "precompute":
             train_dir = _precompute_teacher_outputs(run)["path"]
     # One read serves every trial; held in memory, each running trial cuts its ranks' shards from it.
-    datasets = _splits(run, train_dir, trainers=concurrent)
+    datasets = _splits(run, "tune", train_dir, trainers=concurrent)
     progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
     sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
                       resume=run.resume, teacher_dir=teacher_dir, callbacks=[progress])
@@ -375,7 +420,7 @@ def _distill(run: Run) -> dict:
     config = loop_config(run.dump(), run.data_meta, teacher_dir=run.shared(run.models["teacher"]))
     resumed = _resume_point(run, "distill")
     precomputed = _precompute_teacher_outputs(run) if run.cfg.distill.teacher_outputs == "precompute" else {}
-    splits = _splits(run, precomputed.get("path"))
+    splits = _splits(run, "distill", precomputed.get("path"))
     with _reports(run, "student", config) as reports:
         result = fit(build_trainer(config, splits, run.storage, name="distill", callbacks=[reports.callback()]),
                      config["train"])
@@ -443,7 +488,7 @@ def _quantize(run: Run) -> dict:
         name = f"{source}-{method}"
         target = run.run_dir / "models" / name
         quantize_model_dir(run.models[source], target, method, calibration, compile=q.compile)
-        model, spec = load_model(target)
+        model, spec = load_model(target, compiled=True)  # this run compiled it: its gate measures what ships
         if spec.get("not_compiled"):
             run.console.print(f"  [yellow]{name} not compiled[/]: {escape(spec['not_compiled'])}")
         metrics = run.test_metrics[name] = test_metrics(model, test_dir, run.data_meta)
@@ -485,7 +530,8 @@ def _evaluate(run: Run) -> dict:
 
     test_dir = run.data_dir / "test"
     example = first_rows(test_dir, run.data_meta, 1)
-    loaded = {name: load_model(directory) for name, directory in run.models.items()}
+    # Every model here was made by this run: a compiled program among them is its own.
+    loaded = {name: load_model(directory, compiled=True) for name, directory in run.models.items()}
     timings = interleaved_latency({name: model for name, (model, _) in loaded.items()}, example)
     models = {}
     for name, directory in run.models.items():
@@ -508,24 +554,46 @@ def _resume_point(run: Run, name: str) -> dict:
     """Where a resumed training run continues: the step of the latest checkpoint Ray Train kept
     for it (read from its checkpoint manager's snapshot, for the console and the summary)."""
     experiment = join(str(run.storage), name)
-    snapshot = read_text(join(experiment, "checkpoint_manager_snapshot.json")) if run.resume else None
-    if snapshot is None:
+    text = read_text(join(experiment, "checkpoint_manager_snapshot.json")) if run.resume else None
+    if text is None:
         return {}
-    snapshot = json.loads(snapshot)
     # A driver killed while its workers were uploading a checkpoint leaves that folder behind,
     # possibly half written, which Ray Train never registered and will never read: remove it.
-    registered = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
-    if snapshot.get("latest_checkpoint_result"):
-        registered.add(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"])
+    registered = registered_checkpoints(text)
+    if registered is None:
+        run.console.print(f"  [yellow]{name}: Ray Train's checkpoint snapshot is not in the form raylaunch knows; "
+                          f"every checkpoint folder is kept[/]")
+        return {}
     dropped = remove_dirs(experiment, "checkpoint_", keep=registered)
     if dropped:
         run.console.print(f"  {name}: removed {len(dropped)} unregistered checkpoint folder(s) the interrupted run "
                           f"left half written: {', '.join(dropped)}")
-    latest = (snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}
+    latest = (json.loads(text).get("latest_checkpoint_result") or {}).get("metrics") or {}
     if "step" not in latest:
         return {}
     run.console.print(f"  {name}: continuing from the checkpoint at step {latest['step']} (epoch {latest['epoch']:.2f})")
     return {"resumed_from_step": latest["step"]}
+
+
+def registered_checkpoints(snapshot: str) -> set[str] | None:
+    """The checkpoint folders Ray Train's checkpoint manager snapshot (a private file of Ray's)
+    lists. None where it cannot be read as the form it had when this was written, or lists none:
+    then no folder can be told unregistered, and none may be deleted."""
+    try:
+        data = json.loads(snapshot)
+    except json.JSONDecodeError:
+        return None
+    results = data.get("checkpoint_results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or not results:
+        return None
+    latest = data.get("latest_checkpoint_result")
+    names = set()
+    for result in results + ([latest] if latest else []):
+        name = result.get("checkpoint_dir_name") if isinstance(result, dict) else None
+        if not isinstance(name, str) or not name.startswith("checkpoint_"):
+            return None
+        names.add(name)
+    return names
 
 
 def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
@@ -540,6 +608,9 @@ def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     tokenizer = data_dir / TOKENIZER_FILE
     if tokenizer.exists():  # a BPE model carries its tokenizer: `raylaunch predict` needs it
         shutil.copy2(tokenizer, tmp / TOKENIZER_FILE)
+    # A driver killed after an earlier copy and before the summary recorded its stage left one:
+    # the stage ran again, and its model replaces it.
+    shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
 

@@ -156,3 +156,42 @@ def test_default_stages_replace_train_with_tune_when_sweeping():
     # Only distill paths searched: the sweep's trials are distillations of the trained teacher.
     cfg = configuration.load(QUICKSTART, ["tune.space={distill.temperature: {choice: [2.0, 4.0]}, distill.alpha: {uniform: [0.3, 0.9]}}"])
     assert cfg.sweeps_student and cfg.default_stages() == ["preprocess", "train", "tune", "quantize", "evaluate"]
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\nmodel: {type: cnn, type: mlp}\n"
+                    "data:\n  transforms:\n    - {type: standardize, per: feature, per: channel}\n")
+    assert main(["run", str(path), "--set", f"output.dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{path}: train.lr is given twice (lines 2 and 4); YAML would keep only the second, so remove one",
+        f"{path}: model.type is given twice (both on line 5); YAML would keep only the second, so remove one",
+        f"{path}: data.transforms[0].per is given twice (both on line 8); YAML would keep only the second, so remove one"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_layer_reports_its_problems_in_the_same_pass(tmp_path):
+    """A schema error no longer hides the DeepSpeed JSON's, the search space's, the data path's,
+    the stages' and the key given twice: the user fixes them all from one run."""
+    deepspeed = tmp_path / "ds.json"
+    deepspeed.write_text('{"train_micro_batch_size_per_gpu": 16,')
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"source": str(tmp_path / "missing.csv")}, "model": {"type": "mlp"},
+        "train": {"workers": 0, "deepspeed_config": str(deepspeed)},
+        "tune": {"enabled": True, "space": {"model.width": {"choice": [16, 0]}}},
+        "output": {"dir": str(tmp_path / "out")}}) + "quantize: {enabled: true}\nquantize: {enabled: false}\n")
+    done = subprocess.run([sys.executable, "-m", "launcher", "run", str(path), "--stages", "preprocess,distill"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    expected = [f"{path}: quantize is given twice",
+                "train.workers: must be greater than or equal to 1 (got 0)",
+                f"train.deepspeed_config: {deepspeed} is not valid JSON",
+                "tune.space.model.width: value 0 is rejected: model.width: must be greater than or equal to 1 (got 0)",
+                f"data.source: no such file or folder '{tmp_path / 'missing.csv'}'",
+                "--stages: distill needs train or tune before it"]
+    assert len(lines) == len(expected), done.stderr
+    for line, start in zip(lines, expected):
+        assert line.startswith(start), (line, start)
+    assert not (tmp_path / "out").exists()

@@ -102,7 +102,7 @@ def test_a_compiled_program_runs_where_it_was_compiled_and_the_reference_program
 
     dirs, inputs, _ = exported
     test = inputs[1600:]
-    model, spec = load_model(dirs["static_int8"])
+    model, spec = load_model(dirs["static_int8"], compiled=True)
     assert isinstance(model, CompiledProgram) and spec["program"] == PROGRAM == spec["compiled"]["file"]
     assert spec["compiled"]["bytes"] == (dirs["static_int8"] / PROGRAM).stat().st_size
     reference, _ = load_quantized_dir(dirs["static_int8"], compiled_program=False)
@@ -129,10 +129,91 @@ def test_a_compiled_program_runs_where_it_was_compiled_and_the_reference_program
     (gone / PROGRAM).unlink()
     cases[gone] = f"{PROGRAM} is missing"
     for directory, why in cases.items():
-        model, spec = load_model(directory)
+        model, spec = load_model(directory, compiled=True)
         assert not isinstance(model, CompiledProgram) and spec["program"] == f"the reference program: {why}"
         with torch.inference_mode():
             assert torch.equal(model(test), expected)
+
+
+def test_a_compiled_program_loads_only_when_asked_for(exported):
+    """model.pt2 is machine code: `load_model` and `raylaunch predict` run the tensors unless told
+    otherwise (`compiled=True`, `--compiled`)."""
+    dirs, _, _ = exported
+    model, spec = load_model(dirs["static_int8"])
+    assert not isinstance(model, CompiledProgram)
+    assert spec["program"] == f"the reference program: {PROGRAM} runs only when asked for (--compiled)"
+
+
+@pytest.mark.parametrize("pointing", ["relative", "absolute", "symlink"])
+def test_a_model_json_naming_a_program_outside_its_folder_is_refused_before_anything_loads(exported, digits, tmp_path,
+                                                                                         monkeypatch, capsys, pointing):
+    """A crafted model.json alone, whose program is another folder's model.pt2 (here a real
+    package, as an attacker's would be), is refused in one line with exit 2, with or without
+    --compiled, before any native code could load."""
+    import shutil
+
+    import torch._inductor
+
+    dirs, _, _ = exported
+    crafted, elsewhere = tmp_path / "crafted", tmp_path / "elsewhere" / PROGRAM
+    shutil.copytree(dirs["static_int8"], crafted)
+    elsewhere.parent.mkdir()
+    (crafted / PROGRAM).rename(elsewhere)
+    spec = json.loads((crafted / "model.json").read_text())
+    named = {"relative": f"../elsewhere/{PROGRAM}", "absolute": str(elsewhere), "symlink": PROGRAM}[pointing]
+    if pointing == "symlink":
+        (crafted / PROGRAM).symlink_to(elsewhere)
+    spec["compiled"]["file"] = named
+    (crafted / "model.json").write_text(json.dumps(spec))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError(f"a compiled program was loaded: {args}")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", loaded)
+    rows = tmp_path / "rows.csv"
+    x, _ = digits
+    rows.write_text(",".join(COLUMNS) + "\n" + ",".join(f"{v:g}" for v in x[0]) + "\n")
+    shown = named if pointing != "symlink" else f"{PROGRAM} -> {elsewhere}"
+    for flags in ([], ["--compiled"]):
+        assert main(["predict", str(crafted), str(rows), *flags]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"{crafted / 'model.json'}: compiled.file names {shown!r}, outside the model folder; a compiled program is "
+            f"only ever {PROGRAM} in the folder itself: export the model again")
+
+
+def test_nothing_is_unpickled_loading_or_predicting_any_export(exported, digits, tmp_path, monkeypatch, capsys):
+    """`load_model` and `raylaunch predict` read safetensors and JSON only: with every way to unpickle
+    made to fail, each export kind still loads and predicts."""
+    import pickle
+
+    def unpickled(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    class Unpickler:
+        def __init__(self, *args, **kwargs):
+            unpickled()
+
+    real_load = torch.load
+
+    def load_weights_only(*args, weights_only=None, **kwargs):
+        if weights_only is not True:
+            unpickled()
+        return real_load(*args, weights_only=True, **kwargs)
+
+    dirs, inputs, _ = exported
+    x, _ = digits
+    rows = tmp_path / "rows.csv"
+    rows.write_text(",".join(COLUMNS) + "\n" + "\n".join(",".join(f"{v:g}" for v in row) for row in x[1600:1610]) + "\n")
+    with monkeypatch.context() as patch:
+        for name, value in (("load", unpickled), ("loads", unpickled), ("Unpickler", Unpickler)):
+            patch.setattr(pickle, name, value)
+        patch.setattr(torch, "load", load_weights_only)
+        for method, directory in dirs.items():
+            model, _ = load_model(directory)
+            with torch.inference_mode():
+                assert model(inputs[:4]).shape == (4, 10), method
+            assert main(["predict", str(directory), str(rows)]) == 0, method
+    assert "row 10" in capsys.readouterr().out
 
 
 def test_a_program_that_cannot_be_compiled_is_exported_without_it_saying_why(exported, tmp_path):
@@ -157,6 +238,31 @@ def test_a_program_that_cannot_be_compiled_is_exported_without_it_saying_why(exp
         assert torch.equal(model(inputs[1600:]), reference(inputs[1600:]))
 
 
+def test_only_a_missing_compiler_or_kernel_is_taken_for_one(exported, tmp_path, monkeypatch):
+    """A failure that is not "no C++ compiler" (compiling) or "no kernel in this build" (probing a
+    method) is a bug: it is raised, failing the quantize stage with its reason, not turned into an
+    export without its program or a method skipped."""
+    import torch._inductor
+    import torchao.quantization
+
+    dirs, inputs, _ = exported
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the program")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    with pytest.raises(ValueError, match="a bug in the program"):
+        quantize_model_dir(dirs["fp32"], tmp_path / "static_int8", "static_int8", calibration=inputs[1400:1600], compile=True)
+    assert not (tmp_path / "static_int8" / "model.json").exists() and not (tmp_path / "static_int8" / PROGRAM).exists()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("shape mismatch in a kernel")
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", failing)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        unsupported_reason("int8_dynamic")
+
+
 def test_int4_runs_or_is_skipped_with_its_reason():
     reason = unsupported_reason("int4_weight_only")
     if reason is not None:  # this CPU build: torchao's int4 kernels need a package it cannot import
@@ -172,13 +278,16 @@ def test_predict_reads_table_rows_with_each_export(exported, digits, tmp_path, c
     rows = tmp_path / "rows.csv"
     header = ",".join(COLUMNS)
     rows.write_text(header + "\n" + "\n".join(",".join(f"{v:g}" for v in row) for row in x[1600:1700]) + "\n")
-    for method, directory in dirs.items():
-        out = tmp_path / f"{method}.jsonl"
-        assert main(["predict", str(directory), str(rows), "--output", str(out), "--top-k", "2"]) == 0, method
+    for (method, directory), compiled in [(item, False) for item in dirs.items()] + [(("static_int8", dirs["static_int8"]), True)]:
+        out = tmp_path / f"{method}-{compiled}.jsonl"
+        assert main(["predict", str(directory), str(rows), "--output", str(out), "--top-k", "2",
+                     *(["--compiled"] if compiled else [])]) == 0, method
         predictions = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(predictions) == 100 and len(predictions[0]["top"]) == 2
         with torch.inference_mode():
-            expected = load_model(directory)[0](inputs[1600:1700]).argmax(-1).tolist()
+            model, spec = load_model(directory, compiled=compiled)
+            expected = model(inputs[1600:1700]).argmax(-1).tolist()
+        assert isinstance(model, CompiledProgram) == compiled
         assert [p["class"] for p in predictions] == expected, method
         assert np.mean([p["class"] == label for p, label in zip(predictions, y[1600:1700])]) > 0.8, method
     assert "row 100" in capsys.readouterr().out

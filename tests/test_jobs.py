@@ -94,6 +94,36 @@ def test_unreachable_address_is_one_line_within_seconds(capsys):
     assert err.startswith(f"--address http://127.0.0.1:{port}: cannot connect") and "\n" not in err
 
 
+def test_submit_checks_its_stages_and_refuses_a_redacted_secret_before_connecting(tmp_path, capsys):
+    config = _tiny_config(tmp_path, cluster={"job": {"env_vars": {"HF_TOKEN": "***", "MODE": "x"}}})
+    assert main(["submit", config, "--stages", "train,preprocess,trian", "--address", "http://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "--stages: unknown stage 'trian' (stages: preprocess, train, tune, distill, quantize, evaluate)",
+        "--stages: must start with preprocess (continuing an existing run directory is not supported yet)",
+        "--stages: train needs preprocess before it",
+        "--stages: stages run in the order preprocess, train, tune, distill, quantize, evaluate",
+        "cluster.job.env_vars.HF_TOKEN: *** is a redacted value (raylaunch writes secrets so); give the real one"]
+
+
+def test_a_token_about_to_cross_a_network_in_the_clear_is_warned_about(monkeypatch, capsys):
+    import socket
+
+    from cluster.jobs import plain_http_risk
+
+    for safe in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://head.example:8265"):
+        assert plain_http_risk(safe) is None, safe
+    assert plain_http_risk("http://10.0.0.5:8265").startswith(
+        "warning: sending the cluster's auth token to http://10.0.0.5:8265 over plain http: anyone who can see")
+    # This machine's own non-loopback address, on a port nobody listens on: the warning comes before
+    # the token is sent (and the connection is refused at once).
+    host = next(ip for ip in socket.gethostbyname_ex(socket.gethostname())[2] + ["192.0.2.1"] if not ip.startswith("127."))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token")
+    address = f"http://{host}:{free_port()}"
+    assert main(["status", "raysubmit_x", "--address", address]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == plain_http_risk(address) and lines[1].startswith(f"--address {address}: ")
+
+
 # ---------------------------------------------------------------------------------------------
 # Against a real head (conftest's ray_head; the quickstart's submission is in test_pipeline_e2e)
 
@@ -135,10 +165,25 @@ def test_a_failing_run_exits_non_zero_with_its_error(client_env, tmp_path, capsy
 
 
 def test_a_running_job_is_stopped_and_leaves_its_summary(client_env, tmp_path, capsys):
+    """Also: the job's secrets are in its environment and nowhere else; its entrypoint is quoted."""
+    import shlex
+
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster.jobs import find_token
+
     run_dir = tmp_path / "run"
-    config = _tiny_config(tmp_path, train={"workers": 1, "epochs": 500, "zero": {"stage": 0}})
-    assert main(["submit", config, "--address", client_env, "--no-wait"]) == 0
+    secret = "hf_s3cr3t-value"
+    config = _tiny_config(tmp_path, train={"workers": 1, "epochs": 500, "zero": {"stage": 0}},
+                          cluster={"job": {"env_vars": {"HF_TOKEN": secret}}}, output={"dir": str(run_dir), "mlflow": True})
+    assert main(["submit", config, "--address", client_env, "--no-wait", "--stages", "preprocess, train"]) == 0
     job_id = capsys.readouterr().out.split()[1]
+    client = JobSubmissionClient(client_env, headers={"Authorization": f"Bearer {find_token()[0]}"})
+    info = client.get_job_info(job_id)
+    assert info.runtime_env["env_vars"]["HF_TOKEN"] == secret
+    args = shlex.split(info.entrypoint)
+    assert args[:4] == ["python", "-m", "launcher", "run"] and args[-2:] == ["--stages", "preprocess,train"]
+    assert secret not in info.entrypoint
     deadline = time.monotonic() + 120
     while not (run_dir / "summary.json").exists():  # written once preprocessing is done: training now
         assert time.monotonic() < deadline, "the job never got to training"
@@ -150,3 +195,6 @@ def test_a_running_job_is_stopped_and_leaves_its_summary(client_env, tmp_path, c
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_stage"] == "train"
     assert summary["error"] == "stopped by SIGTERM" and "preprocess" in summary["stages"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["cluster"]["job"]["env_vars"] == {"HF_TOKEN": "***"}
+    leaked = [str(p) for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []  # not in config.yaml, MLflow's params (mlflow.db), the report or any checkpoint

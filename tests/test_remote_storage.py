@@ -152,3 +152,51 @@ def test_remove_dirs_drops_only_unlisted_checkpoint_folders(tmp_path, as_uri):
     assert sorted(p.name for p in experiment.iterdir()) == ["checkpoint_a", "checkpoint_b",
                                                             "checkpoint_manager_snapshot.json", "other"]
     assert remove_dirs(tmp_path / "missing", "checkpoint_", keep=set()) == []
+
+
+def test_a_run_that_finds_its_uri_claimed_after_checking_it_empty_is_refused(s3, quickstart_cache):
+    """Two runs started at once at the same empty URI both pass the emptiness check; the manifest
+    each then writes with a conditional PUT lets only the first through, and the second touches
+    neither the URI nor the staging folder the two would share."""
+    from launcher.rundir import MANIFEST, claim
+
+    fs, env = s3
+    uri = "s3://runs/claimed"
+    theirs = staging_dir(uri) / "theirs.txt"  # what the other run has staged so far
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_text("the other run's")
+    driver = subprocess.Popen(_args(quickstart_cache, "--set", f"output.dir={uri}"), cwd=ROOT, env=os.environ | env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        header = driver.stdout.readline()  # printed once every check before Ray passed: the URI was empty
+        assert header.startswith(f"raylaunch: {QUICKSTART} -> {uri}"), header + driver.stderr.read()
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            assert claim(uri) is None  # the other run claims the URI meanwhile
+            out, err = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 2, out + err
+    assert err.startswith(f"output.dir: another run claimed {uri} after this one found it empty (run "), err
+    assert len(err.splitlines()) == 1 and "choose another output.dir" in err
+    assert _files(fs, "runs/claimed") == {MANIFEST}
+    assert theirs.read_text() == "the other run's"
+    shutil.rmtree(staging_dir(uri))
+
+
+@pytest.mark.parametrize("where", ["path", "file_uri"])
+def test_only_the_first_claim_of_a_run_directory_wins(tmp_path, where):
+    from launcher.rundir import MANIFEST, claim, read_manifest, resume_problems
+
+    out = str(tmp_path / "run") if where == "path" else (tmp_path / "run").as_uri()
+    assert resume_problems(out)  # nothing there: raylaunch did not start a run in it
+    assert claim(out) is None
+    first = read_manifest(out)
+    refused = claim(out)
+    assert refused.startswith(f"output.dir: another run claimed {out} after this one found it empty (run "
+                              f"{first['run_id'][:8]} on ")
+    assert read_manifest(out) == first and resume_problems(out) == []
+    (tmp_path / "run" / MANIFEST).write_text("not json")
+    assert read_manifest(out) is None and resume_problems(out)

@@ -7,7 +7,7 @@ becomes its input (`preprocess`: the feature columns, the normalization fitted o
 the image shape, the tokenizer; a BPE tokenizer's `tokenizer.json` lies beside it).
 
     from trainers.export import load_model
-    model, spec = load_model("runs/quickstart/models/student-static_int8")
+    model, spec = load_model("runs/quickstart/models/student-static_int8", compiled=True)
 """
 
 from __future__ import annotations
@@ -43,14 +43,16 @@ def read_spec(directory: Path | str) -> dict:
         raise DataError([f"{directory / SPEC}: not valid JSON ({exc}); export the model again"]) from None
 
 
-def load_model(path: Path | str) -> tuple[nn.Module, dict]:
+def load_model(path: Path | str, compiled: bool = False) -> tuple[nn.Module, dict]:
     """Any exported model (fp32, torchao-quantized or PT2E static int8), ready for inference on
-    CPU, with its spec."""
+    CPU, with its spec. Nothing is unpickled: weights are safetensors, the spec JSON. `compiled`: a
+    static_int8 model runs its compiled program (`model.pt2`, machine code: only from runs you trust)
+    where it was compiled for this CPU and torch."""
     spec = read_spec(path)
     if spec.get("quantization"):
         from trainers.quantize import load_quantized_dir
 
-        model, spec = load_quantized_dir(path)
+        model, spec = load_quantized_dir(path, compiled_program=compiled)
     else:
         model, spec = load_model_dir(path)
     return model, {**spec, "directory": str(Path(path).resolve())}

@@ -391,7 +391,7 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
 
 def _load_state(engine, directory: Path, rank: int) -> dict:
     _, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-    rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False)
+    rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)  # tensors: nothing to unpickle
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from dataprep import DataError
 from trainers.checkpoint import SPEC, WEIGHTS, atomic_write, load_model_dir
 from trainers.export import TOKENIZER_FILE
 from trainers.models import build_model
@@ -65,7 +66,9 @@ def unsupported_reason(method: str) -> str | None:
         quantize_(probe, _torchao_config(method))
         with torch.inference_mode():
             probe(torch.randn(2, 256))
-    except (ImportError, NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+    # What torchao and torch raise for a kernel this build lacks (int4's optional package; an operator
+    # with no CPU kernel). Anything else is a bug, and fails the stage with its reason.
+    except (ImportError, NotImplementedError) as exc:
         return f"torchao {torchao.__version__} cannot run it on this CPU: {type(exc).__name__}: {str(exc).splitlines()[0]}"
     return None
 
@@ -143,6 +146,7 @@ def _compile(program: nn.Module, path: Path, example: torch.Tensor) -> dict:
     """`program` compiled by AOTInductor into a package at `path` (written whole or not at all);
     the batch dimension stays dynamic, as in the program."""
     from torch._inductor import aoti_compile_and_package
+    from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
     exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
@@ -157,12 +161,17 @@ def _compile(program: nn.Module, path: Path, example: torch.Tensor) -> dict:
 
     try:
         atomic_write(path, package)
-    except Exception as exc:  # no C++ compiler, most often (inductor needs one, as DeepSpeed's ops do)
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CompileError(f"AOTInductor could not compile {path.parent.name}'s program ({type(exc).__name__}: "
+    except (InductorError, InvalidCxxCompiler, CppCompileError) as exc:
+        # Only a C++ compiler that is missing or cannot build the code (inductor needs one, as
+        # DeepSpeed's ops do) exports the model without its program; any other failure is a bug.
+        inner = getattr(exc, "inner_exception", exc)
+        if not isinstance(inner, (InvalidCxxCompiler, CppCompileError)):
+            raise
+        cause = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+        raise CompileError(f"AOTInductor could not compile {path.parent.name}'s program ({type(inner).__name__}: "
                            f"{cause}); install g++ (or set CXX to a C++ compiler) and quantize again, or set "
                            f"quantize.compile: false") from None
-    return {"file": path.name, **compiled_for(), "bytes": path.stat().st_size}
+    return {"file": PROGRAM, **compiled_for(), "bytes": path.stat().st_size}
 
 
 class CompileError(RuntimeError):
@@ -182,22 +191,29 @@ class CompiledProgram(nn.Module):
         return self.runner(inputs)
 
 
-def load_quantized_dir(directory: Path | str, compiled_program: bool = True) -> tuple[nn.Module, dict]:
-    """A quantized model exported by `quantize_model_dir`, ready for inference: its compiled
-    program where it has one that runs here (and `compiled_program`), else rebuilt from its tensors."""
+def load_quantized_dir(directory: Path | str, compiled_program: bool = False) -> tuple[nn.Module, dict]:
+    """A quantized model exported by `quantize_model_dir`, ready for inference, rebuilt from its
+    tensors; with `compiled_program`, its compiled program where it has one that runs here.
+
+    A compiled program is machine code: loading it runs code from the model folder. So it is
+    loaded only when asked (`raylaunch predict --compiled`; the run that built it measures it),
+    and only as `model.pt2` inside the folder: a model.json naming any other file is refused."""
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
     method = spec["quantization"]["method"]
     compiled = spec.get("compiled")
+    if compiled:
+        _check_program_path(directory, compiled)
     if compiled and compiled_program:
         here = compiled_for()
         differs = [f"{key} {compiled[key]} (here {here[key]})" for key in ("cpu", "torch") if compiled[key] != here[key]]
-        if not differs and (directory / compiled["file"]).is_file():
-            return CompiledProgram(directory / compiled["file"]), {**spec, "program": compiled["file"]}
-        why = (f"{compiled['file']} was compiled for {', '.join(differs)}" if differs
-               else f"{compiled['file']} is missing")
+        if not differs and (directory / PROGRAM).is_file():
+            return CompiledProgram(directory / PROGRAM), {**spec, "program": PROGRAM}
+        why = f"{PROGRAM} was compiled for {', '.join(differs)}" if differs else f"{PROGRAM} is missing"
         spec = {**spec, "program": f"the reference program: {why}"}
-    elif spec.get("not_compiled") and compiled_program:
+    elif compiled:
+        spec = {**spec, "program": f"the reference program: {PROGRAM} runs only when asked for (--compiled)"}
+    elif spec.get("not_compiled"):
         spec = {**spec, "program": f"the reference program: {spec['not_compiled']}"}
     # The architecture's own weights are replaced below; a fixed seed keeps loading deterministic.
     torch.manual_seed(0)
@@ -210,6 +226,16 @@ def load_quantized_dir(directory: Path | str, compiled_program: bool = True) -> 
         model = quantize_model(fresh, method)
         model.load_state_dict(_unflatten_state(model.state_dict(), saved), assign=True)
     return model, spec
+
+
+def _check_program_path(directory: Path, compiled: dict) -> None:
+    """Refuse a model.json whose compiled program is anything but `model.pt2` inside its folder (a
+    path out of it, or a model.pt2 that links elsewhere): loading it would run that file's code."""
+    program = directory / PROGRAM
+    if compiled.get("file") != PROGRAM or (program.exists() and program.resolve().parent != directory.resolve()):
+        where = compiled.get("file") if compiled.get("file") != PROGRAM else f"{PROGRAM} -> {program.resolve()}"
+        raise DataError([f"{directory / SPEC}: compiled.file names {where!r}, outside the model folder; a compiled "
+                         f"program is only ever {PROGRAM} in the folder itself: export the model again"])
 
 
 def _zeros(spec: dict, rows: int) -> torch.Tensor:
@@ -292,7 +318,7 @@ def _check_round_trip(quantized: nn.Module, target: Path, inputs: torch.Tensor) 
     if not torch.allclose(rebuilt(inputs), expected, atol=1e-5, rtol=1e-4):
         raise RuntimeError(f"{target}: the exported quantized model does not reproduce the quantized model's outputs")
     if spec.get("compiled"):
-        program, spec = load_quantized_dir(target)
+        program, spec = load_quantized_dir(target, compiled_program=True)
         difference = (program(inputs) - expected).abs().max().item()
         allowed = 0.01 * (expected.max() - expected.min()).item()
         if spec["program"] != spec["compiled"]["file"] or difference > allowed:
