@@ -120,8 +120,14 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
         finished = _finished_stages(run.run_dir) if resume else {}
         if resume and (run.run_dir / "summary.json").exists():
             run.reads_before = json.loads((run.run_dir / "summary.json").read_text()).get("data_in_memory", {})
-        run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, redacted(cfg.model_dump(mode="json")),
-                        verbose, name=remote.rstrip("/").rsplit("/", 1)[-1] if remote else None)
+        try:
+            run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow,
+                            redacted(cfg.model_dump(mode="json")), verbose,
+                            name=remote.rstrip("/").rsplit("/", 1)[-1] if remote else None)
+        except BaseException:
+            if not resume:
+                discard(run.run_dir, remote, created)
+            raise
         current, kept = None, True
         try:
             for current in stages:
@@ -278,7 +284,8 @@ def _stage(run: Run, name: str):
             raise
     result = run.summary["stages"][name]
     result["seconds"] = round(time.perf_counter() - started, 1)
-    run.console.print(f"[green]✓ {name:<10}[/] {result.pop('line')}  [dim]({result['seconds']:.0f} s)[/]")
+    # One line however narrow the console (a log file is 80 columns): what grep and a reader expect.
+    run.console.print(f"[green]✓ {name:<10}[/] {result.pop('line')}  [dim]({result['seconds']:.0f} s)[/]", soft_wrap=True)
 
 
 def failure_line(exc: BaseException) -> str:

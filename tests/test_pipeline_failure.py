@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-from launcher.cli import main
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
 
-def test_diverging_training_fails_the_run_with_its_reason(ray_cluster, quickstart_cache, tmp_path, capsys):
+def test_diverging_training_fails_the_run_with_its_reason(ray_cluster, quickstart_cache, tmp_path):
+    """As a user meets it: the CLI in a process of its own (joining the session's Ray), stdout and
+    stderr holding raylaunch's lines only."""
+    import ray
+
     run_dir = tmp_path / "run"
     # Adam moves every weight by ~lr on its first step: at 1e30 the next forward pass overflows.
-    code = main(["run", str(QUICKSTART), "--stages", "preprocess,train", "--set", f"output.dir={run_dir}",
-                 "--set", f"data.cache_dir={quickstart_cache}",
-                 "--set", "train.lr=1e30", "--set", "train.epochs=2", "--set", "train.checkpoint_every=1",
-                 "--set", "train.keep_checkpoints=10"])
-    captured = capsys.readouterr()
-    assert code == 1, captured.out + captured.err
-    assert "✓ preprocess" in captured.out and "✗ train" in captured.out
-    error_lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "training diverged" in error_lines[0] and "train.lr" in error_lines[0]
-    bad_step = int(re.search(r"at step (\d+) \(epoch 1, micro batch \d+\)", error_lines[0]).group(1))
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", str(QUICKSTART), "--stages", "preprocess,train",
+         "--set", f"output.dir={run_dir}", "--set", f"data.cache_dir={quickstart_cache}", "--set", "tune.enabled=false",
+         "--set", "train.lr=1e30", "--set", "train.epochs=2", "--set", "train.checkpoint_every=1",
+         "--set", "train.keep_checkpoints=10", "--set", f"cluster.address={ray.get_runtime_context().gcs_address}"],
+        cwd=QUICKSTART.parent.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = [line for line in done.stdout.splitlines() if line.strip()]
+    assert out[0].startswith("raylaunch: ") and out[1].startswith("✓ preprocess") and out[2].startswith("✗ train"), out
+    assert len(out) == 3, done.stdout
+    error, hint = done.stderr.strip().splitlines()
+    assert error.startswith("error: ") and "training diverged" in error and "train.lr" in error
+    assert hint == f"see {run_dir}/summary.json; rerun with --verbose for the full trace"
+    bad_step = int(re.search(r"at step (\d+) \(epoch 1, micro batch \d+\)", error).group(1))
     assert bad_step >= 2  # step 1 ran from sane weights; its update blew them up
 
     summary = json.loads((run_dir / "summary.json").read_text())

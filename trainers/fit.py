@@ -178,8 +178,9 @@ def splits_in_memory(splits: dict[str, ray.data.Dataset]) -> bool:
 
 
 def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
-                  callbacks: Sequence = ()) -> TorchTrainer:
-    """A TorchTrainer for a `loop_config` over the splits from `load_splits`."""
+                  callbacks: Sequence = (), storage_filesystem=None) -> TorchTrainer:
+    """A TorchTrainer for a `loop_config` over the splits from `load_splits`; `storage_filesystem`:
+    the pyarrow filesystem `storage_path` is on, where Ray would not find it from the path itself."""
     train = config["train"]
     shards = rank_shards(datasets, train["workers"]) if splits_in_memory(datasets) else None
     return _Trainer(
@@ -196,7 +197,8 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
                                   execution_options=_ingest_options(config["ingest_memory_mb"])),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_uri(storage_path),
+            storage_path=storage_uri(storage_path) if storage_filesystem is None else str(storage_path),
+            storage_filesystem=storage_filesystem,
             # A worker group that cannot be placed again (a node left for good) times out after
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; without a limit Ray Train would retry forever.
             failure_config=FailureConfig(max_failures=train["max_failures"],

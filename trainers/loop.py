@@ -143,6 +143,8 @@ def train_loop_per_worker(config: dict) -> None:
             startup.setdefault("first_batch", time.time())
             if index < skip or index >= micro_per_epoch:
                 continue
+            if config.get("trace"):
+                _trace(config["trace"], rank, epoch, index, batch)
             x, y = model_batch(batch, meta, epoch)
             x = _model_input(x, dtype)
             loss = loss_fn(engine(x).float(), y, batch, x)
@@ -180,12 +182,22 @@ def shard_name(split: str, rank: int, per_rank: bool) -> str:
 def _fault(config: dict, rank: int, step: int, where: str) -> None:
     """Fault injection for the failure tests: `config["fault"] = {"rank", "step", "where", "marker"}`
     kills this worker with SIGKILL once (the marker file records that it happened) after optimizer
-    step `step` ("step") or halfway through saving that step's checkpoint ("save"). The driver
-    never sets it; tests build their loop configs with it."""
+    step `step` ("step"), or while saving that step's checkpoint: once DeepSpeed has written its
+    state and before the rest ("save:deepspeed"), or once every file is written and before the
+    upload ("save"). The driver never sets it; tests build their loop configs with it."""
     fault = config.get("fault")
     if fault and (fault["rank"], fault["step"], fault["where"]) == (rank, step, where) and not os.path.exists(fault["marker"]):
         Path(fault["marker"]).touch()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _trace(folder: str, rank: int, epoch: int, index: int, batch: dict) -> None:
+    """For the data tests: `config["trace"]` names a folder where each rank writes, as it trains on
+    them, the keys of the rows of each micro batch (one JSON line per micro batch, in order; a
+    restarted worker group writes again from where it continues). The driver never sets it."""
+    record = {"pid": os.getpid(), "epoch": epoch, "index": index, "keys": batch["key"].tolist()}
+    with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 class _Window:
@@ -378,6 +390,7 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"position": position})
+        _fault(config, rank, position["step"], "save:deepspeed")
         torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
         if rank == 0:
             save_model_dir(directory, state_dict, spec)
