@@ -78,22 +78,22 @@ def _own_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.strip()]
 
 
+# (data, the line, the fix whose rerun into the same output.dir runs: one case carries the rerun,
+# the others show their own line only)
 CASES = {
     "nonnumeric": ({"source": "nonnumeric.csv"}, "nonnumeric.csv, row 18: column 'f1': 'abc' is not a number; fix the "
                    "data, or set data.on_bad_rows: skip to drop such rows", {"on_bad_rows": "skip"}),
-    "corrupt-parquet": ({"source": "parquet"}, "parquet/b.parquet: not a readable Parquet file (",
-                        {"source": "parquet/a.parquet"}),
+    "corrupt-parquet": ({"source": "parquet"}, "parquet/b.parquet: not a readable Parquet file (", None),
     "columns-disagree": ({"source": "columns"}, "columns/b.csv: its columns differ from the first file's (missing f2; "
-                         "extra g2); make the files' schemas agree or list data.feature_columns",
-                         {"feature_columns": ["f1"]}),
+                         "extra g2); make the files' schemas agree or list data.feature_columns", None),
     "unreadable-image": ({"source": "images", "format": "images"}, "images/cat/broken.png: not a readable image "
                          "(UnidentifiedImageError: cannot identify image file); fix the data, or set "
-                         "data.on_bad_rows: skip to drop such rows", {"on_bad_rows": "skip"}),
+                         "data.on_bad_rows: skip to drop such rows", None),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_data_is_one_line_leaves_nothing_and_the_fixed_rerun_runs(case, bad_data, ray_address, tmp_path):
+def test_bad_data_is_one_line_and_leaves_nothing(case, bad_data, ray_address, tmp_path):
     data, message, fix = CASES[case]
     data = {k: (str(bad_data / v) if k == "source" else v) for k, v in data.items()}
     model = "cnn" if data.get("format") == "images" else "mlp"
@@ -104,6 +104,8 @@ def test_bad_data_is_one_line_leaves_nothing_and_the_fixed_rerun_runs(case, bad_
     assert len(lines) == 2 and lines[0].startswith("raylaunch: ") and lines[1].startswith("✗ preprocess failed after"), \
         done.stdout
     assert not (tmp_path / "run").exists()
+    if fix is None:
+        return
 
     fixed = data | {k: (str(bad_data / v) if k == "source" else v) for k, v in fix.items()}
     again = _raylaunch(_config(tmp_path, fixed, model), "--stages", "preprocess", address=ray_address)

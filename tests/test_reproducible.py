@@ -19,7 +19,7 @@ def test_two_fresh_runs_of_one_config_train_bitwise_identical_weights(ray_cluste
     for name in ("first", "second"):
         code = main(["run", QUICKSTART, "--stages", "preprocess,train", "--set", f"output.dir={tmp_path / name}",
                      "--set", f"data.cache_dir={tmp_path / f'cache-{name}'}", "--set", "tune.enabled=false",
-                     "--set", "model={type: mlp, width: 16, depth: 1, dropout: 0.1}", "--set", "train.epochs=2",
+                     "--set", "model={type: mlp, width: 16, depth: 1, dropout: 0.1}", "--set", "train.epochs=1",
                      "--set", "train.micro_batch_size=64", "--set", f"data.in_memory={str(in_memory).lower()}"])
         assert code == 0
         weights.append((tmp_path / name / "models" / "teacher" / "model.safetensors").read_bytes())
