@@ -18,8 +18,9 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray.data
@@ -88,8 +89,8 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
         """Write a dataset with a `split` column (0 train, 1 val, 2 test) as train/, val/ and test/
         Parquet folders (`write_splits`); returns their row counts and, given `fit` (column, per),
         the train rows' `FeatureStats`, taken by the same tasks that write them."""
-        with _watch(tmp, progress, expected_rows(data, files) if progress else None):
-            return write_splits(dataset, tmp, fit)
+        return write_splits(dataset, tmp, fit, lambda parts: _watch(parts, progress, expected_rows(data, files)
+                                                                    if progress else None))
 
     try:
         if data["format"] == "text":
@@ -173,76 +174,129 @@ def _watch(folder: Path, progress: Callable[[int, int | None], None] | None, exp
     count()
 
 
-# A split is cut into files of about FILE_BYTES, and into at least MIN_FILES where it has the rows:
-# enough files for the read tasks that stream it to run side by side.
-FILE_BYTES, MIN_FILES = 32 << 20, 8
+# A split's files: about FILE_BYTES each, and at least MIN_FILES where the split has MIN_FILES x
+# MIN_FILE_ROWS rows (enough files for the read tasks that stream it to run side by side).
+FILE_BYTES, MIN_FILES, MIN_FILE_ROWS = 32 << 20, 8, 256
+PARTS = ".parts"
+KEYS = 1 << 64  # row keys are 64-bit hashes (stored as int64): uniform over [-2**63, 2**63)
 
 
-def write_splits(dataset: ray.data.Dataset, root: Path, fit: tuple[str, str] | None) -> tuple[dict[str, int], list | None]:
-    """Write each split as Parquet files whose rows and order depend on the inputs and settings
-    alone, not on how Ray Data happened to spread the work: the rows are sorted by split, key (and
-    ORDER), then cut into files at fixed positions, part-000000.parquet first. A cache rebuilt on
-    another machine or cluster then holds the same rows in the same files, which is what lets a
-    resume or a second run of the same config train the same model from step 1. Returns the
-    splits' row counts and, given `fit` (column, per), the train rows' `FeatureStats`, combined in
-    file order (floating-point sums depend on their order)."""
-    keys = ["split", "key", *([ORDER] if ORDER in dataset.schema().names else [])]
-    tables = dataset.sort(keys).materialize().to_arrow_refs()
-    summaries = ray.get([_block_summary.remote(table) for table in tables])
-    blocks = [(table, summary["rows"]) for table, summary in zip(tables, summaries) if summary["rows"]]
-    counts = [sum(s["splits"][i] for s in summaries) for i in range(len(SPLITS))]
-    total = max(sum(counts), 1)
-    row_bytes = max(1, sum(s["bytes"] for s in summaries) // total)
-    writes, start = [], 0
+def write_splits(dataset: ray.data.Dataset, root: Path, fit: tuple[str, str] | None,
+                 watch: Callable[[Path], Any] | None = None) -> tuple[dict[str, int], list | None]:
+    """Write each split of a dataset with a `split` column (0 train, 1 val, 2 test) as Parquet files
+    whose rows and order depend on the inputs and settings alone, not on how Ray Data happened to
+    spread the work: file `part-00000j` of a split holds the rows whose keys fall in the j-th of
+    equal ranges of the key space, sorted by key (then ORDER). A cache rebuilt on another machine
+    or cluster then holds the same rows in the same files, which is what lets a resume or a second
+    run of the same config train the same model from step 1.
+
+    Two steps. The write tasks each write their rows as one file a split, sorted by key in small row
+    groups (`SplitWriter`, under root/.parts, `watch(that folder)` around it for progress). Then one
+    task a range reads the rows of its range from every such file (Parquet's row-group statistics
+    skip the rest), sorts them and writes the range's file. Returns the splits' row counts and,
+    given `fit` (column, per), the train rows' `FeatureStats`, combined in range order (a sum of
+    floats depends on its order)."""
+    parts = root / PARTS
+    sink = SplitWriter(str(parts))
+    with watch(parts) if watch else nullcontext():
+        dataset.write_datasink(sink)
+    writes = []
     for number, name in enumerate(SPLITS):
-        rows = counts[number]
-        per_file = max(1, min(-(-rows // MIN_FILES), FILE_BYTES // row_bytes))
-        for index, first in enumerate(range(start, start + rows, per_file)):
-            last = min(first + per_file, start + rows)
-            pieces = _pieces(blocks, first, last)
-            writes.append(_write_part.remote(str(root / name / f"part-{index:06d}.parquet"),
-                                             fit if number == 0 else None, [p[1:] for p in pieces], *[p[0] for p in pieces]))
-        start += rows
+        rows = sink.rows[name]
+        files = sorted(str(p) for p in (parts / name).glob("*.parquet"))
+        count = max(-(-rows * sink.row_bytes // FILE_BYTES), min(MIN_FILES, -(-rows // MIN_FILE_ROWS)))
+        for index in range(count if rows else 0):
+            low, high = (-(KEYS // 2) + KEYS * i // count for i in (index, index + 1))
+            writes.append(_write_range.remote(files, str(root / name / f"part-{index:06d}.parquet"), low, high,
+                                              fit if number == 0 else None))
     stats = None
     combine = FeatureStats(*fit).combine if fit else None
-    for returned in ray.get(writes):
+    for _, returned in ray.get(writes):
         if combine and returned is not None:
             stats = combine(stats, returned)
-    return dict(zip(SPLITS, counts)), stats
+    shutil.rmtree(parts)
+    return dict(sink.rows), stats
 
 
-def _pieces(blocks: list[tuple], first: int, last: int) -> list[tuple]:
-    """The (table, start, stop) slices of the sorted blocks that hold global rows [first, last)."""
-    pieces, offset = [], 0
-    for table, rows in blocks:
-        lo, hi = max(first, offset), min(last, offset + rows)
-        if lo < hi:
-            pieces.append((table, lo - offset, hi - offset))
-        offset += rows
-    return pieces
+class SplitWriter(ray.data.Datasink):
+    """Writes each write task's rows as one Parquet file a split (`train/part-000007.parquet`),
+    without the `split` column, sorted by key (and ORDER), in row groups of about a MiB, tensors as
+    `dataprep.stream.encode_tensors` stores them. Each task returns its row counts; the driver adds
+    them up. A retried task rewrites the same file names, and only its successful return is counted."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.rows: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.row_bytes = 1
+        """What a row takes as stored (fixed-width columns: the same however the rows were spread)."""
+
+    def write(self, blocks, ctx) -> dict:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        rows, row_bytes = [0] * len(SPLITS), 1
+        if not tables:
+            return {"rows": rows, "row_bytes": row_bytes}
+        table = pa.concat_tables(tables)
+        order = [("key", "ascending"), *([(ORDER, "ascending")] if ORDER in table.column_names else [])]
+        for number, name in enumerate(SPLITS):
+            part = table.filter(pc.equal(table["split"], number)).drop_columns(["split"])
+            rows[number] = part.num_rows
+            if not part.num_rows:
+                continue
+            part = encode_tensors(part.sort_by(order))
+            row_bytes = _row_bytes(part.schema)
+            os.makedirs(f"{self.root}/{name}", exist_ok=True)
+            # Read once more, by the range tasks, then removed: not worth compressing.
+            pq.write_table(part, f"{self.root}/{name}/part-{ctx.task_idx:06d}.parquet",
+                           row_group_size=max(16, (1 << 20) // row_bytes), compression="none")
+        return {"rows": rows, "row_bytes": row_bytes}
+
+    def on_write_complete(self, write_result) -> None:
+        for returned in write_result.write_returns:
+            for name, count in zip(SPLITS, returned["rows"]):
+                self.rows[name] += count
+            self.row_bytes = max(self.row_bytes, returned["row_bytes"])
 
 
-@ray.remote(num_cpus=1)
-def _block_summary(table) -> dict:
-    """A sorted block's rows per split, and the bytes its stored columns take."""
-    split = table["split"].to_numpy()
-    kept = table.drop_columns([c for c in ("split", ORDER) if c in table.column_names])
-    return {"rows": table.num_rows, "splits": [int((split == i).sum()) for i in range(len(SPLITS))],
-            "bytes": int(kept.nbytes)}
-
-
-@ray.remote(num_cpus=1)
-def _write_part(path: str, fit: tuple[str, str] | None, slices: list[tuple[int, int]], *tables) -> list | None:
-    """One cached file: the slices of sorted blocks it holds, without the ordering columns, tensors
-    as `dataprep.stream.encode_tensors` stores them; given `fit`, its rows' `FeatureStats`."""
+def _row_bytes(schema) -> int:
+    """Bytes a row of fixed-width columns takes (64 for a column of variable width)."""
     import pyarrow as pa
+
+    return sum(field.type.byte_width if pa.types.is_fixed_size_binary(field.type) or pa.types.is_primitive(field.type)
+               and field.type.bit_width >= 8 else 64 for field in schema)
+
+
+@ray.remote(num_cpus=1)
+def _write_range(files: list[str], path: str, low: int, high: int, fit: tuple[str, str] | None) -> tuple[int, list | None]:
+    """One cached file: the rows of every write task's file with keys in [low, high), sorted by key
+    (and ORDER, then dropped); given `fit`, its rows' `FeatureStats`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    part = pa.concat_tables([table.slice(start, stop - start) for table, (start, stop) in zip(tables, slices)])
-    part = part.drop_columns([c for c in ("split", ORDER) if c in part.column_names])
+    from dataprep.stream import decode_tensors
+
+    # The last range has no upper bound: 2**63 is past int64.
+    bounds = [("key", ">=", low), *([("key", "<", high)] if high < KEYS // 2 else [])]
+    tables = []
+    for file in files:
+        table = pq.read_table(file, filters=bounds)
+        if table.num_rows:
+            tables.append(table)
+    if not tables:
+        return 0, None
+    part = pa.concat_tables(tables)
+    order = [("key", "ascending"), *([(ORDER, "ascending")] if ORDER in part.column_names else [])]
+    part = part.take(pc.sort_indices(part, sort_keys=order)).drop_columns([c for c in (ORDER,) if c in part.column_names])
+    # One chunk, so that the file's bytes do not depend on how its rows were read in.
+    part = part.combine_chunks()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(encode_tensors(part), path)
-    return FeatureStats(*fit).aggregate_block(part) if fit else None
+    pq.write_table(part, path)
+    return part.num_rows, FeatureStats(*fit).aggregate_block(decode_tensors(part)) if fit else None
 
 
 def with_augmentations(meta: dict, data: dict) -> dict:
