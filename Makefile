@@ -25,12 +25,12 @@ quickstart: $(VENV)/.installed
 	$(BIN)/raylaunch run configs/quickstart.yaml --set output.dir=$(RUN_DIR)
 
 # The report.html test renders the page in headless Chromium: Debian's package, installed here
-# where it is missing and apt-get can (as root); otherwise that one test skips, saying why.
+# where it is missing and apt-get can (as root); otherwise that one test skips, saying why (in CI, CI=true, it fails).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } \
-	  && echo "installed chromium for the report.html test"; } || echo "no chromium: the report.html render test will skip"
+	  && echo "installed chromium for the report.html test"; } || echo "no chromium: the report.html render test will skip (fail with CI=true)"
 
 test: $(VENV)/.installed-dev chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

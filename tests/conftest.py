@@ -19,6 +19,13 @@ import ray
 BIN = Path(sys.executable).parent
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test that cannot run here, saying why; in CI (CI=true), where everything must run, fail it."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run this test: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     # The pipeline joins an existing connection and leaves it running (cluster.session.ray_session),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import data_meta
+from conftest import data_meta, skip_or_fail
 from launcher.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -148,7 +148,7 @@ def test_report_html_renders_in_chromium_with_its_images(quickstart_job, tmp_pat
     from chromium import CHROMIUM, render
 
     if CHROMIUM is None:
-        pytest.skip("no chromium: `make test` installs Debian's package where it can (apt-get as root)")
+        skip_or_fail("no chromium: `make test` installs Debian's package where it can (apt-get as root)")
     run_dir, _, _ = quickstart_job
     page = render(run_dir / "report.html", tmp_path / "report.png")
     assert page["title"] == "raylaunch report"

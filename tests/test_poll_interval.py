@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
 import ray.train
 from ray.train import RunConfig, ScalingConfig
 
 from cluster.session import TRAIN_POLL_ENV, worker_env
+from conftest import skip_or_fail
 from launcher.config import RunConfig as RaylaunchConfig
 from trainers.fit import FAST_POLL_S, SLOW_POLL_S, _Trainer, poll_interval_s, polled_every
 from trainers.loop import loop_config
@@ -52,7 +52,7 @@ def test_an_interval_the_user_set_is_used_by_every_run_and_passed_to_the_job(mon
 
 def test_the_run_s_controller_gets_the_interval_and_the_caller_s_environment_is_restored(ray_cluster, tmp_path):
     if TRAIN_POLL_ENV in os.environ:
-        pytest.skip(f"{TRAIN_POLL_ENV} is set in this environment")
+        skip_or_fail(f"{TRAIN_POLL_ENV} is set in this environment")
 
     def report_interval():
         # Ray Train hands its controller's RAY_TRAIN_* variables on to the workers. A run's result

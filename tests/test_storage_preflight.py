@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_ray, stop_ray
+from conftest import skip_or_fail, start_ray, stop_ray
 
 ROOT = Path(__file__).parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -25,7 +25,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 def blind_node_cluster(tmp_path):
     """(head, the folder only the head's machine sees)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1) for the second node's own mount namespace")
+        skip_or_fail("needs root and unshare(1) for the second node's own mount namespace")
     local = tmp_path / "local"
     local.mkdir()
     head = start_ray(tmp_path / "head", num_cpus=1)
