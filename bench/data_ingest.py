@@ -35,14 +35,14 @@ AUGMENT = [{"type": "random_crop", "size": [28, 28], "padding": 2}, {"type": "fl
 
 
 def text_data(source: Path) -> dict:
-    from launcher.config import DataConfig
+    from runconfig.schema import DataConfig
 
     return DataConfig.model_validate({"source": str(source), "format": "text", "text_glob": "**/*.py",
                                       "transforms": ["tokenize", "pack"]}).model_dump(mode="json")
 
 
 def image_data(source: Path) -> dict:
-    from launcher.config import DataConfig
+    from runconfig.schema import DataConfig
 
     return DataConfig.model_validate({"source": str(source), "format": "images",
                                       "transforms": [{"type": "standardize", "per": "channel"}, *AUGMENT]}).model_dump(mode="json")

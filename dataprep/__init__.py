@@ -1,10 +1,10 @@
 """Ray Data: reading the user's data and preprocessing it across the cluster."""
 
-# The transforms drawn afresh every epoch by the training workers (not cached, not in the cache key).
-AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
 # A column preprocessing adds where two rows may share a key (a user's key column repeats a value):
 # their content, which orders them when the cache sorts each split by key. Not stored.
 ORDER = "order"
+TOKENIZER_FILE = "tokenizer.json"
+"""A BPE tokenizer trained on the train split, beside the data it tokenized and every model trained on it."""
 
 
 def find_transform(transforms: list[dict], *kinds: str) -> dict | None:

@@ -25,10 +25,11 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray.data
 
-from dataprep import AUGMENTATIONS, ORDER, DataError, find_transform
+from dataprep import ORDER, DataError, find_transform
 from dataprep.sources import BadRows, Files, Problems, data_files, format_of, sources_of
 from dataprep.stream import encode_tensors
 from dataprep.transforms import FeatureStats, model_input_shape
+from runconfig.schema import AUGMENTATIONS
 
 VERSION = 5  # bump when the cached layout or the meaning of a setting changes
 META = "meta.json"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataprep import AUGMENTATIONS, find_transform, label_classes
+from dataprep import find_transform, label_classes
 from dataprep.sources import BUNDLED_IMAGE_SHAPES, data_files, format_of, image_mode, sources_of, table_features
 from dataprep.preprocess import class_folders
 from dataprep.transforms import model_input_shape
+from runconfig.schema import AUGMENTATIONS
 
 
 def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from dataprep import DataError, find_transform
+from dataprep import TOKENIZER_FILE, DataError, find_transform
 from dataprep.preprocess import row_keys, split_of
 from dataprep.sources import Files
 
@@ -27,7 +27,6 @@ BYTE_VOCAB = 256
 # Pieces of 32 blocks: fine enough to split a small corpus, coarse enough that dropping each
 # piece's tail (half a block on average) wastes ~1.5% of byte tokens (~5% of BPE tokens).
 PIECE_BLOCKS = 32
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def tokenizer_of(data: dict) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher import config as configuration
+from runconfig.schema import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                      help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
-    run.add_argument("--stages", help=f"comma-separated stages to run, in order ({', '.join(configuration.STAGES)}); "
+    run.add_argument("--stages", help=f"comma-separated stages to run, in order ({', '.join(STAGES)}); "
                                       "default: every enabled stage")
     run.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in output.dir: finished stages are kept, the unfinished one "
@@ -121,7 +122,9 @@ def _run(args, console: Console, errors: Console) -> int:
     from dataprep import DataError
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    cfg, stages = configuration.load_for_run(args.config, args.overrides, stages, resume=args.resume)
+    from launcher.checks import load_for_run
+
+    cfg, stages = load_for_run(args.config, args.overrides, stages, resume=args.resume)
     console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]", soft_wrap=True)
 
     from launcher.pipeline import failure_line, run_pipeline

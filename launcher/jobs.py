@@ -18,9 +18,12 @@ from rich.console import Console
 
 from cluster.jobs import (EXIT_STOPPED, connect, dashboard_address, exit_code, follow_logs, job_info,
                           last_lines, runtime_env, wait)
-from launcher.config import REDACTED, ConfigError, RunConfig, dump_yaml, is_uri, load, stage_problems
+from cluster.remote import is_uri
+from launcher.checks import stage_problems
+from launcher.config import REDACTED, ConfigError, dump_yaml, load
+from runconfig.schema import RunConfig
 
-PACKAGES = ("launcher", "cluster", "dataprep", "trainers", "tuning")
+PACKAGES = ("launcher", "cluster", "dataprep", "trainers", "tuning", "runconfig")
 STAGING = Path(".raylaunch") / "jobs"
 """Where `submit` stages the resolved config inside the uploaded working directory, removed once
 uploaded. Ray leaves out what .gitignore names, so this folder must not be ignored."""

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from launcher.config import metric_mode
+from runconfig.schema import metric_mode
 
 MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"

@@ -33,10 +33,11 @@ from rich.markup import escape
 from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session, stop_signal
-from launcher.config import ConfigError, RunConfig, dump_yaml, redacted
+from launcher.config import ConfigError, dump_yaml, redacted
 from launcher.live import Live
-from launcher.rundir import MANIFEST, claim, discard
 from launcher.report import write_report, write_summary
+from launcher.rundir import MANIFEST, claim, discard
+from runconfig.schema import RunConfig
 
 
 @dataclass
@@ -607,7 +608,7 @@ def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
     storage (a path or a URI) into the run's models/ folder; the folder appears complete or not at all."""
     from trainers.checkpoint import SPEC, WEIGHTS
-    from trainers.export import TOKENIZER_FILE
+    from dataprep import TOKENIZER_FILE
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

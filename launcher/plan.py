@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.resources import describe, groups_that_fit, worker_group_demand
-from launcher.config import ConfigError, RunConfig
+from launcher.config import ConfigError
+from runconfig.schema import RunConfig
 from trainers.memory import HEADROOM, StagePlan, fits, lowest_fitting_stage, plan_all_stages
 
 GIB = 2**30

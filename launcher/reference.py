@@ -7,7 +7,7 @@ import typing
 
 from pydantic import BaseModel
 
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
@@ -39,7 +39,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
 
 def _transform_rows() -> list[str]:
     """`data.transforms` entries: a name, or a mapping with `type` and these options."""
-    from launcher.config import TRANSFORM_TYPES
+    from runconfig.schema import TRANSFORM_TYPES
 
     rows = ["", "`data.transforms` entries (a name, or a mapping with `type:` and options):", "",
             "| type | options | what it does |", "|---|---|---|"]

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from launcher.config import metric_mode
+from runconfig.schema import metric_mode
 
 COLUMNS = (("accuracy", "test accuracy", "{:.4f}".format), ("perplexity", "test perplexity", "{:.2f}".format),
            ("params", "params", "{:,}".format), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
@@ -132,7 +132,8 @@ def write_report(run_dir: Path, summary: dict) -> list[Path]:
             lines += [f"![metric against each searched value]({Path(stages['tune']['plot']).relative_to(run_dir)})",
                       "", f"All trials: `{Path(stages['tune']['trials_file']).relative_to(run_dir)}`; "
                       f"{stages['tune']['cpu_hours']:.3f} CPU-hours, {stages['tune']['gpu_hours']:.3f} GPU-hours in all.", ""]
-    page = write_html(run_dir, summary, stage_rows, model_header, model_rows)  # draws the curves too
+    # draws the curves too
+    page = write_html(run_dir, summary, stage_rows, model_header, model_rows, _programs(summary["models"]))
     if (run_dir / CURVES).exists():
         lines += ["## Training curves", "", f"![training loss per step, validation metric per report]({CURVES})", ""]
     (run_dir / "report.md").write_text("\n".join(lines))

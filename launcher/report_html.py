@@ -21,8 +21,9 @@ th { text-align: left; background: #f6f6f6; } td.n { text-align: right; font-var
 
 
 def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_header: list[str],
-               model_rows: list[list]) -> Path:
-    """Write run_dir/report.html; the stage and model tables come formatted as in report.md."""
+               model_rows: list[list], notes: list[str] = ()) -> Path:
+    """Write run_dir/report.html; the stage and model tables come formatted as in report.md, with
+    the `notes` below the models (what ran for each)."""
     stages = summary["stages"]
     status = summary["status"]
     parts = [f"<h1>raylaunch run: <span class='{'ok' if status == 'succeeded' else 'failed'}'>{_e(status)}</span></h1>",
@@ -49,9 +50,7 @@ def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_heade
         parts.append(_table(model_header, model_rows))
         for method, reason in stages.get("quantize", {}).get("skipped", {}).items():
             parts.append(f"<p class='note'>Not quantized with {_e(method)}: {_e(reason)}</p>")
-        from launcher.report import _programs
-
-        parts += [f"<p class='note'>{_e(line)}</p>" for line in _programs(summary["models"])]
+        parts += [f"<p class='note'>{_e(line)}</p>" for line in notes]
         if (run_dir / "models.png").exists():
             parts.append(_img(run_dir / "models.png", "quality, size, latency and throughput per model"))
     page = ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>raylaunch report</title>"

@@ -137,7 +137,7 @@ def client_env(ray_head, monkeypatch):
 def digits_data(ray_cluster, tmp_path_factory):
     """The digits dataset preprocessed once for the training tests."""
     from dataprep.cache import prepare
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
 
     data = RunConfig().model_dump(mode="json")["data"] | {"transforms": [{"type": "standardize", "per": "feature"}]}
     meta, out, _ = prepare(data, 128, tmp_path_factory.mktemp("digits"))

@@ -111,7 +111,7 @@ def test_a_snapshot_in_an_unknown_form_deletes_no_checkpoint(tmp_path):
     the snapshot was read and lists checkpoints: a changed format must not delete them all."""
     from rich.console import Console
 
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
     from launcher.pipeline import Run, _resume_point, registered_checkpoints
 
     experiment = tmp_path / "ray" / "train"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from launcher.cli import main
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 
 def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted path of the schema, sections and leaves."""

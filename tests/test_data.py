@@ -36,7 +36,7 @@ def _write(frame: pd.DataFrame, path: Path, fmt: str) -> None:
 
 
 def _data(source, **extra) -> dict:
-    from launcher.config import DataConfig
+    from runconfig.schema import DataConfig
 
     return DataConfig.model_validate({"source": source, "label_column": "diagnosis", **extra}).model_dump(mode="json")
 
@@ -131,7 +131,7 @@ def test_image_folders_label_by_subfolder_and_resize(ray_cluster, tmp_path):
     import sklearn.datasets
 
     from dataprep.cache import prepare
-    from launcher.config import DataConfig
+    from runconfig.schema import DataConfig
 
     digits = sklearn.datasets.load_digits()
     for i in range(120):
@@ -284,7 +284,7 @@ def test_bpe_tokenizer_round_trips_and_packs_fewer_blocks_than_bytes(ray_cluster
     from tokenizers import Tokenizer
 
     from dataprep.cache import prepare
-    from launcher.config import DataConfig
+    from runconfig.schema import DataConfig
 
     def text(transforms) -> dict:
         return DataConfig.model_validate({"source": "python-stdlib", "format": "text", "text_glob": "json/*.py",

@@ -12,7 +12,8 @@ import pytest
 
 from cluster.session import free_port
 from launcher.cli import main
-from launcher.config import RunConfig, load
+from launcher.config import load
+from runconfig.schema import RunConfig
 from trainers.deepspeed_config import deepspeed_config
 from trainers.fit import build_trainer, load_splits
 from trainers.loop import loop_config
@@ -123,7 +124,7 @@ def test_an_auto_raylaunch_cannot_fill_is_named():
 
 
 def load_defaults() -> dict:
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
 
     return RunConfig().train.model_dump(mode="json")
 

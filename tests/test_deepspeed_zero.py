@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 from trainers.fit import best_checkpoint, build_trainer, load_splits
 from trainers.loop import loop_config
 

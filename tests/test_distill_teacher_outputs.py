@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dataprep.stream import decode_tensors, parquet_files, stream_split
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 from trainers.batches import model_batch
 from trainers.checkpoint import model_spec, save_model_dir
 from trainers.distill import LOGITS, precompute_teacher_outputs

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from launcher.cli import main
-from launcher.config import ModelConfig
+from runconfig.schema import ModelConfig
 from trainers.checkpoint import WEIGHTS, save_model_dir
 from trainers.export import load_model
-from trainers.quantize import METHODS, PROGRAM, CompiledProgram, load_quantized_dir, quantize_model_dir, unsupported_reason
 from trainers.models import build_model
+from trainers.quantize import METHODS, PROGRAM, CompiledProgram, load_quantized_dir, quantize_model_dir, unsupported_reason
 
 COLUMNS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
 

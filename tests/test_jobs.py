@@ -57,7 +57,8 @@ def test_runtime_env_carries_code_config_and_python(tmp_path):
     assert runtime_env(tmp_path, [], None, "rayproject/ray:2.60.0-py311", [], {})["image_uri"].startswith("rayproject/")
     # From the checkout, the packages travel inside the working directory; from elsewhere, beside it.
     assert raylaunch_modules(ROOT) == []
-    assert sorted(m.name for m in raylaunch_modules(tmp_path)) == ["cluster", "dataprep", "launcher", "trainers", "tuning"]
+    assert sorted(m.name for m in raylaunch_modules(tmp_path)) == ["cluster", "dataprep", "launcher", "runconfig", "trainers",
+                                                                   "tuning"]
 
 
 def test_config_refuses_what_cannot_run_as_a_job(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 from cluster.session import free_port
-from launcher.config import ConfigError, check_inputs, load
+from launcher.checks import check_inputs
+from launcher.config import ConfigError, load
 from launcher.live import Live
 
 REPORT = {"step": 3, "epoch": 1.0, "val_accuracy": 0.5, "val_loss": 1.2, "train_loss": 1.4, "samples_per_s": 900.0,

@@ -57,7 +57,7 @@ def test_failure_line_keeps_the_workers_own_error():
 
 
 def test_on_nan_skip_drops_bad_batches_and_finishes(digits_data, tmp_path):
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
     from trainers.fit import build_trainer, load_splits
     from trainers.loop import loop_config
 

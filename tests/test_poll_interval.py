@@ -11,7 +11,7 @@ from ray.train import RunConfig, ScalingConfig
 
 from cluster.session import TRAIN_POLL_ENV, worker_env
 from conftest import skip_or_fail
-from launcher.config import RunConfig as RaylaunchConfig
+from runconfig.schema import RunConfig as RaylaunchConfig
 from trainers.fit import FAST_POLL_S, SLOW_POLL_S, _Trainer, poll_interval_s, polled_every
 from trainers.loop import loop_config
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from dataprep.cache import _watch, expected_rows
 from dataprep.sources import data_files
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 
 
 def _data(**fields) -> dict:

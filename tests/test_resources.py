@@ -15,7 +15,7 @@ def test_whole_groups_that_fit():
 
 
 def _sweep(space: dict, **tune):
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
 
     return RunConfig.model_validate({"train": {"workers": 2}, "tune": {"enabled": True, "space": space} | tune})
 

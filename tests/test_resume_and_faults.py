@@ -13,7 +13,7 @@ import torch
 from ray.train.v2.api.exceptions import TrainingFailedError
 from safetensors.torch import load_file
 
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 from trainers.fit import build_trainer, load_splits
 from trainers.loop import loop_config
 

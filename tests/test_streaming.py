@@ -12,7 +12,7 @@ pytestmark = pytest.mark.ray
 
 def test_training_streams_a_dataset_larger_than_its_ingest_budget(ray_cluster, tmp_path):
     from dataprep.cache import prepare
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
     from trainers.fit import build_trainer, load_splits, splits_in_memory
     from trainers.loop import loop_config
 
@@ -49,7 +49,7 @@ def test_image_folder_trains_a_cnn_with_augmentations_drawn_in_the_workers(ray_c
     from PIL import Image
 
     from dataprep.cache import prepare
-    from launcher.config import RunConfig
+    from runconfig.schema import RunConfig
     from trainers.fit import best_checkpoint, build_trainer, load_splits
     from trainers.loop import loop_config
 

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataprep import DataError
+from dataprep import TOKENIZER_FILE, DataError
 from trainers.batches import model_batch
 from trainers.checkpoint import SPEC, WEIGHTS, load_model_dir
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def read_spec(directory: Path | str) -> dict:

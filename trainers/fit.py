@@ -18,7 +18,7 @@ from ray.train.v2.api.callback import UserCallback
 from cluster.remote import is_uri, to_uri
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import TRAIN_POLL_ENV
-from launcher.config import metric_mode
+from runconfig.schema import metric_mode
 from trainers.loop import shard_name, train_loop_per_worker
 
 

@@ -35,9 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from dataprep import DataError
+from dataprep import TOKENIZER_FILE, DataError
 from trainers.checkpoint import SPEC, WEIGHTS, atomic_write, load_model_dir
-from trainers.export import TOKENIZER_FILE
 from trainers.models import build_model
 
 METHODS = ("int8_dynamic", "int8_weight_only", "static_int8", "int4_weight_only")

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from cluster.resources import describe, groups_that_fit, missing_resources, worker_group_demand
-from launcher.config import RunConfig
+from runconfig.schema import RunConfig
 
 # The paths whose values change what a trial's worker group reserves.
 GROUP_PATHS = ("train.workers", "train.cpus_per_worker", "train.use_gpu")

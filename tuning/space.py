@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import tune
 
-from launcher.config import searches_student
+from runconfig.schema import searches_student
 
 
 def tune_domain(domain: dict, search: str = "random"):

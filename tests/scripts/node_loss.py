@@ -54,7 +54,7 @@ def main(work: Path, data_dir: Path | None) -> None:
         cluster.wait_for_nodes()
 
         from dataprep.cache import prepare
-        from launcher.config import RunConfig
+        from runconfig.schema import RunConfig
         from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit, load_splits
         from trainers.loop import loop_config
 

@@ -1,0 +1,182 @@
+"""The checks of a config against the world outside it, before Ray starts: the files and stages it
+names, its run directory (empty, or for `--resume` the run it continues, started by raylaunch and
+with the same config), an MLflow server that answers. `load_for_run` is what `raylaunch run`
+starts from: the config's own problems and these, all in one pass."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+
+from cluster.remote import is_empty_dir, is_uri, join, read_text
+from launcher.config import ConfigError, _load, _section, redacted
+from launcher.rundir import resume_problems
+from runconfig.schema import STAGES, DataConfig, ModelConfig, RunConfig, searches_student
+
+SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
+
+
+def load_for_run(config_path: str | os.PathLike, overrides: list[str], stages: list[str] | None,
+                 resume: bool = False) -> tuple[RunConfig, list[str]]:
+    """What `raylaunch run` starts from: the validated config and the stages to run (`stages`, or
+    the config's default), after every check that needs no cluster: the config's own, then the
+    files, stages and run directory it names. Every problem of every layer is reported at once;
+    the checks against the world go by the sections that are valid where another one is not."""
+    cfg, raw, problems = _load(config_path, overrides)
+    if stages is None and cfg is not None:
+        stages = cfg.default_stages()
+    problems += input_problems(cfg, raw, stages or [], resume)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, stages
+
+
+def check_inputs(cfg: RunConfig, stages: list[str], resume: bool = False) -> None:
+    """Checks against the world outside the config (files, run directory), still before Ray starts.
+    With `resume`, the run directory must hold a run of this same config."""
+    problems = input_problems(cfg, cfg.model_dump(mode="json"), stages, resume)
+    if problems:
+        raise ConfigError(problems)
+
+
+def input_problems(cfg: RunConfig | None, raw: dict, stages: list[str], resume: bool = False) -> list[str]:
+    """The files, stages and run directory a config names, checked as far as its valid sections go
+    (`cfg` None: a config with problems of its own, whose sections are taken one by one from `raw`)."""
+    def section(name: str):
+        return getattr(cfg, name) if cfg is not None else _section(raw, name)
+
+    data, model, tune, output = section("data"), section("model"), section("tune"), section("output")
+    problems = _data_problems(data, model) if data is not None else []
+    problems += stage_problems(stages, tune is not None and tune.enabled and searches_student(tune.space))
+    if output is None:
+        return problems
+    out = output.dir
+    problems += output_dir_problems(out)
+    if isinstance(output.mlflow, str):
+        problems += _mlflow_problems(output.mlflow)
+    if not any(p.startswith("output.dir") for p in problems):
+        if resume:
+            problems += _resume_problems(cfg, out)
+        elif not is_empty_dir(out):
+            problems.append(
+                f"output.dir: {out} already exists and is not empty; a run never overwrites another "
+                f"(choose a new one with --set output.dir=..., or continue it with --resume)"
+            )
+    return problems
+
+
+def output_dir_problems(out: str) -> list[str]:
+    """An output.dir URI whose filesystem pyarrow cannot open (an unknown scheme, missing
+    credentials or a bucket that is not there)."""
+    if not is_uri(out):
+        return []
+    from cluster.remote import filesystem
+
+    try:
+        fs, path = filesystem(out)
+        fs.get_file_info(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ValueError by scheme
+        reason = " ".join(str(exc).split())[:300]
+        return [f"output.dir: cannot open {out} ({reason}); use a URI pyarrow knows (s3://, gs://, hdfs://, file://) "
+                f"with its credentials in the environment, or a path"]
+    return []
+
+
+def _mlflow_problems(uri: str) -> list[str]:
+    """An MLflow tracking server that does not answer: said now, not after MLflow's minutes of retries."""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        reason = "connection refused" if "refused" in str(exc).lower() else type(exc).__name__
+        return [f"output.mlflow: no MLflow tracking server answers at {uri} ({reason}); start it, fix the URI, or set "
+                f"output.mlflow: true for a store in the run directory"]
+    return []
+
+
+def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
+    """The data section against the files it names: they exist, and the model fits the data's kind."""
+    from dataprep import DataError
+    from dataprep.sources import data_files, sources_of
+
+    problems = []
+    text = data.format == "text"
+    if model is not None and (model.type == "gpt") != text:
+        problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
+                        f"; got model.type {model.type} with data.format {data.format}")
+    sources = sources_of(data.model_dump(mode="json"))
+    bundled = [s for s in sources if s.startswith("sklearn:")]
+    if bundled and (len(sources) > 1 or text):
+        problems.append(f"data.source: a bundled dataset ({bundled[0]}) is read alone, not with other sources or as text")
+    elif bundled and bundled[0] not in SKLEARN_DATASETS:
+        problems.append(f"data.source: unknown bundled dataset {bundled[0]!r} (known: {', '.join(SKLEARN_DATASETS)})")
+    elif not bundled:
+        try:
+            data_files(data.model_dump(mode="json"))
+        except DataError as exc:
+            problems += exc.problems
+    image_input = data.format == "images" or data.image_shape is not None or data.source == "sklearn:digits"
+    if model is not None and model.type == "cnn" and not image_input:
+        problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width], "
+                        "use data.format images, or use model.type: mlp")
+    return problems
+
+
+def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
+    saved = join(out, "config.yaml")  # a path or a URI
+    text = read_text(saved)
+    if text is None:
+        return [f"--resume: {out} holds no run to resume (no config.yaml); run without --resume to start one"]
+    problems = resume_problems(out)
+    if problems or cfg is None:
+        return problems
+    before = yaml.safe_load(text) or {}
+    now = redacted(cfg.model_dump(mode="json"))  # as config.yaml keeps it
+    # data.in_memory says how, not what, to read; the pipeline refuses a resume that would read
+    # the interrupted stage's splits otherwise than it did.
+    differences = [d for d in _differences(before, now) if d[0] != "data.in_memory"]
+    return [f"--resume: {path} was {old!r} in {saved} but is {new!r} now; a resumed run keeps its config"
+            for path, old, new in differences]
+
+
+def _differences(before: Any, now: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in sorted(set(before) | set(now), key=str)
+                for d in _differences(before.get(key), now.get(key), f"{path}.{key}" if path else str(key))]
+    return [] if before == now else [(path, before, now)]
+
+
+def stage_problems(stages: list[str], sweeps_student: bool = False) -> list[str]:
+    """What is wrong with a `--stages` list: names that are no stage, and an order that cannot run."""
+    problems = [f"--stages: unknown stage {name!r} (stages: {', '.join(STAGES)})" for name in stages if name not in STAGES]
+    return problems + _stage_order_problems([s for s in stages if s in STAGES], sweeps_student)
+
+
+def _stage_order_problems(stages: list[str], sweeps_student: bool = False) -> list[str]:
+    needs = {
+        "train": ("preprocess",),
+        "tune": ("train",) if sweeps_student else ("preprocess",),
+        "distill": ("train", "tune"),
+        "quantize": ("distill", "train", "tune"),
+        "evaluate": ("train", "tune"),
+    }
+    problems = []
+    if sweeps_student and "distill" in stages:
+        problems.append("--stages: tune.space searches distill paths, so the tune stage distills the student; leave "
+                        "distill out")
+    if stages and stages[0] != "preprocess":
+        problems.append("--stages: must start with preprocess (continuing an existing run directory is not supported yet)")
+    for i, stage in enumerate(stages):
+        if stage in stages[:i]:
+            problems.append(f"--stages: {stage} is listed twice")
+        earlier = stages[:i]
+        if stage in needs and not any(n in earlier for n in needs[stage]):
+            problems.append(f"--stages: {stage} needs {' or '.join(needs[stage])} before it")
+    if [s for s in STAGES if s in stages] != stages:
+        problems.append(f"--stages: stages run in the order {', '.join(STAGES)}")
+    return problems

@@ -1,0 +1,501 @@
+"""The run configuration's schema: one YAML file's sections as pydantic models.
+
+The single source of truth for what a config may say: the README's config reference is generated
+from these models (`raylaunch config reference`), loading and the checks against the world are
+`launcher.config` and `launcher.checks`. Every layer may import this package (it imports no other
+of raylaunch's): lower layers read the sections they need from it, typed.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
+# The transforms drawn afresh every epoch by the training workers (not cached, not in the cache key).
+AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class JobConfig(Section):
+    pip: list[str] | str | None = None
+    """For `raylaunch submit`: packages the job installs on the cluster first (a list of requirements, or a requirements file); null: the cluster's Python already has raylaunch's dependencies."""
+    image_uri: str | None = None
+    """For `raylaunch submit`: a container image whose Python runs the job (Ray's `image_uri` runtime env); not together with `pip`."""
+    excludes: list[str] = []
+    """For `raylaunch submit`: more paths (gitignore syntax) left out of the uploaded working directory, beyond .venv, .git, runs and caches."""
+    env_vars: dict[str, str] = {}
+    """For `raylaunch submit`: environment variables of the job's processes."""
+
+    @model_validator(mode="after")
+    def _one_python(self):
+        if self.pip and self.image_uri:
+            raise ValueError("pip and image_uri: give one; the image's Python already has its packages (bake them into the image)")
+        return self
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray address to join (`auto`, `ray://host:10001`); null starts an embedded local Ray, or joins the cluster a `ray job submit` runs in."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs the embedded local Ray may use; null means all of this machine's."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one GPU, for the preflight plan and `train.zero.stage: auto`; null detects it (GPU workers only)."""
+    worker_memory_gb: float | None = Field(None, gt=0)
+    """Memory one CPU worker may use, for the plan and `zero.stage: auto` on CPU; null divides the cluster's memory among the workers."""
+    job: JobConfig = JobConfig()
+    """How `raylaunch submit` runs this config as a Ray job."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: sources and the transforms applied to them. Transforms are a list, applied in order;
+# those that change every epoch (augmentations) run at training time and so come last.
+
+
+class Standardize(Section):
+    type: Literal["standardize"] = "standardize"
+    """Subtract the mean and divide by the standard deviation, both fitted on the train split."""
+    per: Literal["feature", "channel"] = "feature"
+    """`feature`: one mean/std per feature (per pixel of an image); `channel`: one per image channel."""
+
+
+class MinMax(Section):
+    type: Literal["minmax"] = "minmax"
+    """Scale to [0, 1] by the minimum and maximum fitted on the train split."""
+    per: Literal["feature", "channel"] = "feature"
+    """`feature`: one min/max per feature (per pixel of an image); `channel`: one per image channel."""
+
+
+class LabelEncode(Section):
+    type: Literal["label_encode"] = "label_encode"
+    """Labels to class indices 0..n-1. Always applied to classification data; list it to fix the order."""
+    classes: list[str | int] | None = None
+    """Class order (index 0 first); null sorts the labels found. A label not listed is a bad row."""
+
+
+class Resize(Section):
+    type: Literal["resize"] = "resize"
+    """Resize every image (bilinear) when it is decoded."""
+    size: tuple[int, int]
+    """Height and width in pixels."""
+
+
+class RandomCrop(Section):
+    type: Literal["random_crop"] = "random_crop"
+    """Augmentation: a random `size` crop of the image zero-padded by `padding`, redrawn every epoch."""
+    size: tuple[int, int]
+    """Height and width of the crop; the model sees images of this size."""
+    padding: int = Field(0, ge=0, le=1024)
+    """Zero pixels added on each side before cropping."""
+
+
+class Flip(Section):
+    type: Literal["flip"] = "flip"
+    """Augmentation: mirror half the images, redrawn every epoch."""
+    horizontal: bool = True
+    """Flip left-right with probability 1/2."""
+    vertical: bool = False
+    """Flip top-bottom with probability 1/2."""
+
+
+class Rotate(Section):
+    type: Literal["rotate"] = "rotate"
+    """Augmentation: rotate by an angle drawn uniformly from [-degrees, degrees], redrawn every epoch."""
+    degrees: float = Field(gt=0, le=180)
+    """Largest rotation either way."""
+
+
+class Brightness(Section):
+    type: Literal["brightness"] = "brightness"
+    """Augmentation: multiply the image by a factor drawn uniformly from [1 - max_delta, 1 + max_delta]."""
+    max_delta: float = Field(gt=0, le=1)
+    """Largest relative change of brightness."""
+
+
+class Tokenize(Section):
+    type: Literal["tokenize"] = "tokenize"
+    """Text to token ids."""
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    """`bytes`: every byte is a token (vocab 256); `bpe`: a byte-level BPE (Hugging Face `tokenizers`) trained on the train split."""
+    vocab_size: int = Field(1024, ge=257, le=65536)
+    """bpe: vocabulary size, including the 256 byte tokens."""
+
+
+class Pack(Section):
+    type: Literal["pack"] = "pack"
+    """Cut each text's tokens into blocks of model.seq_len + 1 (inputs and next-token labels); a text's tail shorter than a block is dropped."""
+
+
+TRANSFORMS = (Standardize, MinMax, LabelEncode, Resize, RandomCrop, Flip, Rotate, Brightness, Tokenize, Pack)
+Transform = Annotated[typing.Union[TRANSFORMS], Field(discriminator="type")]
+TRANSFORM_TYPES = {model.model_fields["type"].default: model for model in TRANSFORMS}
+TEXT_TRANSFORMS = ("tokenize", "pack")
+
+
+class DataConfig(Section):
+    source: str | list[str] = "sklearn:digits"
+    """Where the data is: `sklearn:digits` / `sklearn:breast_cancer` / `sklearn:wine` / `sklearn:iris`, or one or more files, folders or globs, local or a URI pyarrow knows (`s3://`, `gs://`, `file://`); for text, `python-stdlib` is this Python's own library sources."""
+    format: Literal["auto", "parquet", "csv", "jsonl", "text", "images"] = "auto"
+    """`auto` goes by the file extensions. `images`: a folder with one subfolder per class (the label is the subfolder's name). `text`: files read as text for the language model."""
+    text_glob: str = "**/*"
+    """text and images: which files under a source folder to read (a glob, `**` recursive)."""
+    label_column: str = "label"
+    """Column holding the class label (any type; see the `label_encode` transform)."""
+    feature_columns: list[str] | None = None
+    """Numeric feature columns; null means every column except the label and key columns."""
+    key_column: str | None = None
+    """Column whose value identifies a row, for the split; null hashes the row's content (tables), its file path (images) or file and position (text)."""
+    image_shape: list[int] | None = None
+    """Channels, height, width to reshape tabular features into for a CNN; digits sets [1, 8, 8] itself; image folders set it from the images."""
+    transforms: list[Transform] = []
+    """Applied in order: `standardize`, `minmax`, `label_encode`, `resize`, `random_crop`, `flip`, `rotate`, `brightness`, `tokenize`, `pack`. Each entry is a name or a mapping with `type` and its options; augmentations (random_crop, flip, rotate, brightness) are redrawn every epoch and come last. Text defaults to [tokenize, pack]."""
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """Share of rows held out for validation."""
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    """Share of rows held out for the final test."""
+    seed: int = 0
+    """Seed of the split (a row's split is a keyed hash of its key and this seed) and of the augmentations."""
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    """A row that cannot be read (a non-numeric feature, an unknown label, an unreadable image): `fail` stops with the file and row; `skip` drops it and counts it per file in summary.json."""
+    batch_size: int = Field(256, ge=1)
+    """Rows per Ray Data `map_batches` call while preprocessing tables. (Images go by size: up to 64 MB of decoded pixels per task, at least 4 tasks per CPU; text by 16 files per task.)"""
+    concurrency: int | None = Field(None, ge=1)
+    """Ray Data tasks preprocessing at once; null lets Ray Data decide from the cluster's CPUs."""
+    cache_dir: str | None = None
+    """Where preprocessed datasets are kept, keyed by their inputs and transforms; null is `.cache/data` beside output.dir."""
+    ingest_memory_mb: int | None = Field(None, ge=1)
+    """Object store memory Ray Data may hold while streaming the training data to the workers; null is Ray Data's default."""
+    shuffle_buffer: int = Field(10_000, ge=1)
+    """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory. A split held in memory (data.in_memory) is shuffled whole instead."""
+    in_memory: Literal["auto", True, False] = "auto"
+    """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short, and each rank reads its own shard instead of a streaming split, once, into its own memory (so the splits take their size there too). `auto`: when the two splits, and the copy of them each training run at once cuts into its ranks' shards, take at most 1/4 of the cluster's object store memory: splits up to 1/8 of it for one run, 1/16 for a sweep of 3 trials at once (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`, per training stage); a `--resume` whose `auto` would choose otherwise is refused, saying the value that continues it exactly."""
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _names_are_transforms(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"type": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("test_fraction: val_fraction + test_fraction must be below 0.9 to leave rows to train on")
+        if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
+            raise ValueError("image_shape: must be three positive integers [channels, height, width]")
+        kinds = [t.type for t in self.transforms]
+        first_augmentation = next((i for i, k in enumerate(kinds) if k in AUGMENTATIONS), len(kinds))
+        for i, kind in enumerate(kinds):
+            if i > first_augmentation and kind not in AUGMENTATIONS:
+                raise ValueError(f"transforms: {kind} (entry {i}) follows the augmentation {kinds[first_augmentation]} "
+                                 f"(entry {first_augmentation}); augmentations are redrawn every epoch at training time, so list them last")
+            if kinds.count(kind) > 1:
+                raise ValueError(f"transforms: {kind} is listed {kinds.count(kind)} times; list it once")
+        if "standardize" in kinds and "minmax" in kinds:
+            raise ValueError("transforms: standardize and minmax both scale the features; keep one")
+        scaler = next((t for t in self.transforms if t.type in ("standardize", "minmax")), None)
+        if scaler is not None and scaler.per == "feature" and "random_crop" in kinds:
+            raise ValueError(f"transforms: {scaler.type} per feature fits one statistic per pixel position, which random_crop "
+                             f"moves every epoch; use {{type: {scaler.type}, per: channel}}")
+        text = self.format == "text"
+        wrong = [k for k in kinds if (k in TEXT_TRANSFORMS) != text or (text and k == "label_encode")]
+        if wrong:
+            kind = "text (data.format: text)" if text else "tables and images"
+            raise ValueError(f"transforms: {', '.join(wrong)} cannot apply to {kind}")
+        if text and kinds and kinds != ["tokenize", "pack"]:
+            raise ValueError("transforms: text takes [tokenize, pack], in that order")
+        return self
+
+
+
+class ModelConfig(Section):
+    type: Literal["cnn", "mlp", "gpt"] = "cnn"
+    """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text."""
+    width: int = Field(32, ge=1, le=4096)
+    """cnn/mlp: channels of the first conv block (doubling per block), or units per MLP hidden layer."""
+    depth: int = Field(2, ge=1, le=8)
+    """cnn/mlp: conv blocks or hidden layers."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout (before the classifier head; in every gpt block)."""
+    n_layer: int = Field(2, ge=1, le=256)
+    """gpt: transformer blocks."""
+    n_head: int = Field(2, ge=1, le=256)
+    """gpt: attention heads; must divide d_model."""
+    d_model: int = Field(64, ge=8, le=65536)
+    """gpt: embedding width."""
+    seq_len: int = Field(128, ge=2, le=1 << 20)
+    """gpt: tokens per training sequence (the text is packed into blocks of this length)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.type == "gpt" and self.d_model % self.n_head:
+            raise ValueError(f"n_head: {self.n_head} must divide d_model {self.d_model}")
+        return self
+
+
+class ZeroConfig(Section):
+    stage: Literal[0, 1, 2, 3, "auto"] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 also gradients, 3 also parameters; `auto` picks the lowest that fits the worker's memory (see `raylaunch plan`)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the optimizer step) in CPU memory: ZeRO-Offload. Stages 1-3."""
+    offload_param: bool = False
+    """Keep parameters in CPU memory between uses: ZeRO-Infinity's CPU tier. Stage 3 only."""
+
+    @model_validator(mode="after")
+    def _offload_fits_stage(self) -> ZeroConfig:
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer: needs stage 1, 2 or 3 (stage 0 keeps no partitioned optimizer to offload)")
+        if self.offload_param and self.stage not in (3, "auto"):
+            raise ValueError(f"offload_param: needs stage 3, got stage {self.stage}")
+        return self
+
+
+class TrainConfig(Section):
+    workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; otherwise CPU workers over gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes: PACK fills nodes first (fast collectives), SPREAD puts them on different nodes where it can."""
+    epochs: int = Field(10, ge=1)
+    """Passes over the train split."""
+    micro_batch_size: int = Field(32, ge=1)
+    """Rows (sequences for gpt) per worker per forward/backward pass."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro batches accumulated before each optimizer step."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Rows per optimizer step over all workers; null derives micro_batch_size x grad_accum_steps x workers, and a given value must equal that."""
+    lr: float = Field(2e-3, gt=0)
+    """AdamW peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """`cosine`: linear warmup for warmup_steps, then cosine decay to lr x min_lr_ratio at the last step; `constant`: lr throughout."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup (cosine schedule)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of lr (cosine schedule)."""
+    grad_clip: float = Field(0.0, ge=0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16 and fp16 (with dynamic loss scaling) need GPUs, CPU workers train in fp32."""
+    activation_checkpointing: bool = False
+    """gpt: recompute each block's activations in the backward pass instead of storing them."""
+    zero: ZeroConfig = ZeroConfig()
+    """DeepSpeed ZeRO settings."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file to start from (Hugging Face / DeepSpeed example shape); its `"auto"` values are filled from this config, and a value both set differently is an error."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Also checkpoint (and validate) every this many optimizer steps; null: at the end of each epoch only."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept, best first by the validation metric (the latest is always kept too, for resuming)."""
+    max_failures: int = Field(0, ge=-1)
+    """Times Ray Train restarts the worker group from the latest checkpoint after a worker or node dies; -1 without limit."""
+    on_nan: Literal["fail", "skip"] = "fail"
+    """A non-finite loss: `fail` stops the run naming the step (the last good checkpoint stays), `skip` drops that step's update."""
+    seed: int = 0
+    """Seed for model initialisation and shuffling."""
+
+    @model_validator(mode="after")
+    def _batch_triple_is_consistent(self) -> TrainConfig:
+        derived = self.micro_batch_size * self.grad_accum_steps * self.workers
+        if self.global_batch_size is not None and self.global_batch_size != derived:
+            raise ValueError(
+                f"global_batch_size: {self.global_batch_size} must equal micro_batch_size x grad_accum_steps x workers "
+                f"= {self.micro_batch_size} x {self.grad_accum_steps} x {self.workers} = {derived}"
+            )
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision: {self.precision} needs use_gpu: true (CPU workers train in fp32)")
+        return self
+
+    def batch_triple(self) -> tuple[int, int, int]:
+        """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)."""
+        return self.micro_batch_size * self.grad_accum_steps * self.workers, self.micro_batch_size, self.grad_accum_steps
+
+
+# What PBT may change between a trial's checkpoint and the trial that continues from it: values that
+# leave the model's parameters, the worker count (ZeRO shards), the batch layout and the length of
+# the run (the data position and the lr schedule) as they were.
+PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.min_lr_ratio",
+               "model.dropout", "distill.lr", "distill.temperature", "distill.alpha")
+
+DOMAIN_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
+
+
+class SearchDomain(Section):
+    choice: list[Any] | None = None
+    """Pick one of these values."""
+    uniform: tuple[float, float] | None = None
+    """A float drawn uniformly from [low, high]."""
+    loguniform: tuple[float, float] | None = None
+    """A float drawn log-uniformly from [low, high]."""
+    randint: tuple[int, int] | None = None
+    """An integer drawn from [low, high)."""
+    grid: list[Any] | None = None
+    """Every one of these values, each in its own trials (num_samples times over). Under pbt: the starting population's values, and the choices a perturbation moves between."""
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> SearchDomain:
+        kinds = [k for k in DOMAIN_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DOMAIN_KINDS)}")
+        for kind in ("choice", "grid"):
+            if getattr(self, kind) is not None and not getattr(self, kind):
+                raise ValueError(f"{kind} needs at least one value")
+        for kind in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind} needs low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DOMAIN_KINDS if getattr(self, k) is not None)
+
+    def edge_values(self) -> list[Any]:
+        """Values that must all pass the schema for every sample to pass it."""
+        if self.choice is not None or self.grid is not None:
+            return list(self.choice if self.choice is not None else self.grid)
+        low, high = self.uniform or self.loguniform or self.randint
+        return [low, high - 1] if self.randint is not None else [low, high]
+
+
+class TuneConfig(Section):
+    enabled: bool = False
+    """Run a hyperparameter sweep; its best trial becomes the teacher instead of a single train run."""
+    num_samples: int = Field(4, ge=1)
+    """Trials to sample from the space (random, optuna). With `grid` domains, Ray Tune's rule: each combination of grid values is run num_samples times; `search: grid` runs each combination once."""
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """Validation metric the scheduler and the final pick go by."""
+    mode: Literal["max", "min"] | None = None
+    """Whether a higher or a lower metric is better; null: max for val_accuracy, min for val_loss."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """How trials' values are chosen: `random` samples the space (every `grid` value is still tried); `grid` tries every combination of the `choice`/`grid` values; `optuna` is Optuna's TPE, which learns from finished trials (no `grid` domains)."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting and running trials after this many seconds; the best so far wins. Null: no limit."""
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
+    """`asha` stops weak trials early at rungs of epochs; `fifo` runs every trial to the end; `pbt` (population based training) runs every trial to the end but, every `perturbation_interval` epochs, restarts the worst trials from a copy of a top trial's DeepSpeed checkpoint with its values perturbed (pbt can search train.lr, train.weight_decay, train.grad_clip, train.warmup_steps, train.min_lr_ratio and model.dropout)."""
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial gets before ASHA may stop it."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA keeps the top 1/reduction_factor of trials at each rung."""
+    perturbation_interval: float = Field(1.0, gt=0)
+    """PBT: epochs between a trial's exploit/explore decisions."""
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    """PBT: the bottom fraction of trials copies the top fraction."""
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    """PBT: chance that a copied value is drawn afresh from its domain rather than scaled by 0.8 or 1.2 (or moved to a neighbouring choice)."""
+    synch: bool = False
+    """PBT: wait until every trial reaches each perturbation point and decide for all of them at once, on results from the same epoch. The decisions no longer depend on which trial happens to report first (reproducible, and fairer with few trials), at the cost of pausing every trial at each point and restarting its worker group. False: each trial is judged against the others' latest results when it reports."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once; null fits as many whole worker groups as the cluster's CPUs (or GPUs) hold."""
+    space: dict[str, SearchDomain] = {}
+    """Search space: a dotted config path (`train.lr`, `model.width`) mapped to a domain."""
+
+
+class DistillConfig(Section):
+    enabled: bool = True
+    """Distill the teacher into `student`."""
+    student: ModelConfig = ModelConfig(width=8)
+    """The smaller model; same fields as `model`."""
+    temperature: float = Field(4.0, gt=0)
+    """Softmax temperature T of the soft targets."""
+    alpha: float = Field(0.7, ge=0, le=1)
+    """Weight of the soft-target loss: alpha * T^2 * KL + (1 - alpha) * CE."""
+    epochs: int | None = Field(None, ge=1)
+    """Student epochs; null uses train.epochs."""
+    lr: float | None = Field(None, gt=0)
+    """Student learning rate; null uses train.lr."""
+    teacher_outputs: Literal["live", "precompute"] = "live"
+    """`live`: every worker holds the frozen teacher and runs it on each batch. `precompute`: the teacher runs once over the train split (Ray Data batch inference, one model load per actor) and its logits are stored in Parquet beside the run, so the student's workers never hold it; needs data without random augmentations."""
+    top_k: int = Field(32, ge=1)
+    """With `precompute`, a language model's teacher keeps its top_k logits per token (the full vocabulary per token would not fit); the soft-target loss runs over those."""
+
+
+QuantMethod = Literal["int8_dynamic", "int8_weight_only", "static_int8", "int4_weight_only"]
+
+
+class QuantizeConfig(Section):
+    enabled: bool = True
+    """Quantize the final model (the student, or the teacher when there is none) after training."""
+    methods: list[QuantMethod] = Field(["int8_dynamic", "static_int8"], min_length=1)
+    """torchao methods, one quantized model each: `int8_dynamic` (int8 activations and weights of the linear layers), `int8_weight_only`, `static_int8` (PT2E for the x86 backend: convolutions too, activations calibrated on the validation split), `int4_weight_only` (skipped, with the reason, where torchao cannot run it on the CPU)."""
+    calibration_rows: int = Field(512, ge=1)
+    """Validation rows static_int8 calibrates its activation ranges on."""
+    compile: bool = True
+    """static_int8: also compile the quantized program ahead of time with AOTInductor (`model.pt2` beside the weights, machine code for this machine's CPU and torch version; about 10 s a model; it needs a C++ compiler, and without one the model is exported without it, saying why). `load_model`, `raylaunch predict` and the evaluate stage run it where the CPU's vector instructions and torch match, and the reference program (several times slower at small batches) elsewhere."""
+    max_drop: float = Field(0.02, ge=0, le=1)
+    """Accuracy gate: the most a quantized model may lose against its fp32 source on the test split, as a fraction (0.02 = 2 accuracy points; for a language model, 0.02 = 2% higher perplexity). A model over it fails the stage and is kept, marked rejected."""
+
+    @field_validator("methods")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({m for m in value if value.count(m) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice")
+        return value
+
+
+class OutputConfig(Section):
+    dir: str = "runs/run"
+    """Run directory, a path or a URI pyarrow opens (`s3://bucket/runs/x`, `gs://...`, `file:///...`); it must not exist yet or be empty (or, with `--resume`, hold the run to continue). At a URI, Ray Train and Tune write checkpoints there from every node, and the driver's files (models, summary, reports, metric logs) are copied up after each stage from a staging folder under ~/.cache/raylaunch/staging."""
+    tensorboard: bool = True
+    """Write every training run's metrics (per step: loss, lr; per report: validation metric, throughput) as TensorBoard event files under `tensorboard/<run>/` in the run directory."""
+    mlflow: bool | str = False
+    """Also log them to MLflow: `true` keeps an MLflow store in the run directory (`mlflow.db`, SQLite), a string is a tracking URI (`http://mlflow:5000`); one MLflow run per pipeline run, a nested run per training run."""
+
+
+def searches_student(space: dict) -> bool:
+    """Whether a search space holds only `distill` paths: its trials distill students rather than
+    train teachers."""
+    return bool(space) and all(path.startswith("distill.") for path in space)
+
+
+class RunConfig(Section):
+    cluster: ClusterConfig = ClusterConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    distill: DistillConfig = DistillConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _precompute_needs_fixed_inputs(self) -> RunConfig:
+        augment = [t.type for t in self.data.transforms if t.type in AUGMENTATIONS]
+        if self.distill.enabled and self.distill.teacher_outputs == "precompute" and augment:
+            raise ValueError(f"distill.teacher_outputs: precompute stores one teacher output per row, but "
+                             f"{', '.join(augment)} in data.transforms changes the rows every epoch; use live")
+        return self
+
+    @property
+    def sweeps_student(self) -> bool:
+        """A sweep of `distill` paths only: its trials distill the trained teacher into students."""
+        return self.tune.enabled and searches_student(self.tune.space)
+
+    def default_stages(self) -> list[str]:
+        """The stages a plain `raylaunch run` performs: a sweep replaces the single run it searches
+        (the teacher's training, or with only distill paths in its space, the distillation)."""
+        if self.sweeps_student:
+            stages = ["preprocess", "train", "tune"]
+        else:
+            stages = ["preprocess", "tune" if self.tune.enabled else "train"]
+            stages += ["distill"] if self.distill.enabled else []
+        return stages + (["quantize"] if self.quantize.enabled else []) + ["evaluate"]
+
+
+def metric_mode(metric: str) -> str:
+    """Whether a larger value of a validation metric is better ("max") or worse ("min")."""
+    return "max" if metric == "val_accuracy" else "min"
