@@ -1,5 +1,7 @@
 """Ray Data: reading the user's data and preprocessing it across the cluster."""
 
+from runconfig.problems import BadInput
+
 # A column preprocessing adds where two rows may share a key (a user's key column repeats a value):
 # their content, which orders them when the cache sorts each split by key. Not stored.
 ORDER = "order"
@@ -18,12 +20,5 @@ def label_classes(transforms: list[dict]) -> list[str] | None:
     return [str(c) for c in encode["classes"]] if encode and encode["classes"] else None
 
 
-class DataError(Exception):
+class DataError(BadInput):
     """Bad input data; each entry of `problems` is one line naming the file or column and the fix."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-    def __reduce__(self):  # raised in Ray tasks: pickled by its problems, not its joined message
-        return type(self), (self.problems,)

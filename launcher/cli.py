@@ -14,7 +14,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cluster.jobs import JobError
 from launcher import config as configuration
+from launcher.errors import failure_line, problem_lines
+from runconfig.problems import BadInput
 from runconfig.schema import STAGES
 
 
@@ -94,32 +97,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("submit", "status", "logs", "stop"):
             return _job_command(args, console, errors)
         return _run(args, console, errors)
-    except configuration.ConfigError as exc:
-        _print_problems(errors, exc.problems)
+    except (BadInput, JobError) as exc:  # bad config or input from any layer, or a cluster that cannot take a job
+        for line in problem_lines(exc) if isinstance(exc, BadInput) else [str(exc)]:
+            errors.print(line, markup=False, highlight=False, soft_wrap=True)
         return 2
 
 
 def _job_command(args, console: Console, errors: Console) -> int:
-    from cluster.jobs import JobError
     from launcher import jobs
 
-    try:
-        if args.command == "submit":
-            return jobs.submit(args.config, args.overrides, args.address, args.no_wait, args.stages, args.resume,
-                               args.verbose, console, errors)
-        if args.command == "status":
-            return jobs.status(args.job_id, args.address, console)
-        if args.command == "logs":
-            return jobs.logs(args.job_id, args.address, args.follow, console)
-        return jobs.stop(args.job_id, args.address, console)
-    except JobError as exc:
-        errors.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        return 2
+    if args.command == "submit":
+        return jobs.submit(args.config, args.overrides, args.address, args.no_wait, args.stages, args.resume,
+                           args.verbose, console, errors)
+    if args.command == "status":
+        return jobs.status(args.job_id, args.address, console)
+    if args.command == "logs":
+        return jobs.logs(args.job_id, args.address, args.follow, console)
+    return jobs.stop(args.job_id, args.address, console)
 
 
 def _run(args, console: Console, errors: Console) -> int:
     from cluster.remote import exists, join
-    from dataprep import DataError
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     from launcher.checks import load_for_run
@@ -127,14 +125,13 @@ def _run(args, console: Console, errors: Console) -> int:
     cfg, stages = load_for_run(args.config, args.overrides, stages, resume=args.resume)
     console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]", soft_wrap=True)
 
-    from launcher.pipeline import failure_line, run_pipeline
+    from launcher.pipeline import run_pipeline
     from launcher.report import print_table
 
     try:
         summary = run_pipeline(cfg, stages, console, verbose=args.verbose, resume=args.resume)
-    except (configuration.ConfigError, DataError) as exc:
-        _print_problems(errors, exc.problems)
-        return 2
+    except BadInput:  # refused after Ray started (a worker group it cannot hold, bad rows): exit 2
+        raise
     except KeyboardInterrupt:
         kept = exists(join(cfg.output.dir, "config.yaml"))
         errors.print(f"raylaunch: interrupted; {'continue with --resume' if kept else 'no stage had finished, nothing was kept'}",
@@ -156,15 +153,11 @@ def _run(args, console: Console, errors: Console) -> int:
 
 def _plan(args, console: Console) -> int:
     from cluster.session import ray_session
-    from dataprep import DataError
     from launcher.plan import check_plan, make_plan, print_plan
 
     cfg = configuration.load(args.config, args.overrides)
-    try:
-        with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, args.verbose) as resources:
-            plan = make_plan(cfg, resources)
-    except DataError as exc:
-        raise configuration.ConfigError(exc.problems) from None
+    with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, args.verbose) as resources:
+        plan = make_plan(cfg, resources)
     print_plan(console, cfg, plan)
     check_plan(plan)  # a model that cannot fit: the same error `run` would give, exit 2
     return 0
@@ -183,15 +176,11 @@ def _predict(args, console: Console, errors: Console) -> int:
     from dataprep import DataError
     from trainers.export import classify, decode, generate, load_model, read_inputs, read_spec
 
-    try:
-        if args.top_k < 1 or args.max_new_tokens < 1:
-            raise DataError(["--top-k and --max-new-tokens: at least 1"])
-        spec = read_spec(args.model_dir)
-        inputs, names = read_inputs(spec, args.input)
-        model, spec = load_model(args.model_dir, compiled=args.compiled)
-    except DataError as exc:
-        _print_problems(errors, exc.problems)
-        return 2
+    if args.top_k < 1 or args.max_new_tokens < 1:
+        raise DataError(["--top-k and --max-new-tokens: at least 1"])
+    spec = read_spec(args.model_dir)
+    inputs, names = read_inputs(spec, args.input)
+    model, spec = load_model(args.model_dir, compiled=args.compiled)
     if spec["preprocess"]["task"] == "lm":
         text = decode(spec, generate(model, spec, inputs, args.max_new_tokens))
         console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -209,13 +198,6 @@ def _predict(args, console: Console, errors: Console) -> int:
     if args.output:
         Path(args.output).write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
     return 0
-
-
-def _print_problems(errors: Console, problems: list[str]) -> None:
-    for problem in problems:
-        # One line each, whatever a library's message embedded in it holds (pyarrow's end in newlines).
-        errors.print(" ".join(problem.split()).replace("( ", "(").replace(" )", ")"), markup=False, highlight=False,
-                     soft_wrap=True)
 
 
 if __name__ == "__main__":

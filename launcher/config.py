@@ -15,17 +15,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from runconfig.problems import BadInput
 from runconfig.schema import PBT_MUTABLE, TRANSFORM_TYPES, RunConfig, metric_mode, searches_student
 
 TUNABLE_SECTIONS = ("model", "train", "distill")
 
 
-class ConfigError(Exception):
+class ConfigError(BadInput):
     """A config, override or input problem; each entry of `problems` is one `path: message` line."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ local staging folder and copied up after every stage and at the end.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -32,8 +31,9 @@ from rich.markup import escape
 
 from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
-from cluster.session import ray_session, stop_signal
+from cluster.session import ray_session
 from launcher.config import ConfigError, dump_yaml, redacted
+from launcher.errors import failure_line
 from launcher.live import Live
 from launcher.report import write_report, write_summary
 from launcher.rundir import MANIFEST, claim, discard
@@ -287,19 +287,6 @@ def _stage(run: Run, name: str):
     result["seconds"] = round(time.perf_counter() - started, 1)
     # One line however narrow the console (a log file is 80 columns): what grep and a reader expect.
     run.console.print(f"[green]✓ {name:<10}[/] {result.pop('line')}  [dim]({result['seconds']:.0f} s)[/]", soft_wrap=True)
-
-
-def failure_line(exc: BaseException) -> str:
-    """One line saying why a run failed: the innermost error of a worker's traceback, which Ray
-    wraps (WorkerGroupError, TrainingFailedError) with the whole remote traceback above it."""
-    if isinstance(exc, KeyboardInterrupt):
-        return f"stopped by {stop_signal()}" if stop_signal() else "interrupted"
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[-1] if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", lines[-1]) else f"{type(exc).__name__}: {lines[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------

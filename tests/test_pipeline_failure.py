@@ -46,14 +46,20 @@ def test_diverging_training_fails_the_run_with_its_reason(ray_cluster, quickstar
     assert "failed" in (run_dir / "report.md").read_text()
 
 
-def test_failure_line_keeps_the_workers_own_error():
-    from launcher.pipeline import failure_line
+def test_failure_line_keeps_the_workers_own_error_and_every_problem_of_bad_input():
+    from dataprep import DataError
+    from launcher.errors import failure_line
+    from trainers.deepspeed_config import DeepSpeedConfigError
 
     wrapped = RuntimeError("Training failed.\nTraceback (most recent call last):\n  File \"loop.py\", line 3\n"
                            "FloatingPointError: training diverged\n")
     assert failure_line(wrapped) == "FloatingPointError: training diverged"
     assert failure_line(OSError("disk full")) == "OSError: disk full"
     assert failure_line(ValueError("")) == "ValueError"
+    # Every layer's bad input is one kind of error, its problems one line each.
+    assert failure_line(DataError(["a.csv, row 2: bad", "b.csv: not a readable CSV file (x\n)"])) == \
+        "a.csv, row 2: bad; b.csv: not a readable CSV file (x)"
+    assert isinstance(DeepSpeedConfigError(["train.deepspeed_config: x"]), ValueError)
 
 
 def test_on_nan_skip_drops_bad_batches_and_finishes(digits_data, tmp_path):

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runconfig.problems import BadInput
+
 AUTO = "auto"
 OFF = {"none", None, False}
 
@@ -35,12 +37,8 @@ FIELDS = {
 }
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(BadInput, ValueError):
     """Problems with a user's DeepSpeed JSON; one `path: problem` line each."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 def read_user_config(path: str | Path) -> dict:
