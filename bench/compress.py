@@ -52,8 +52,7 @@ def compiled_numbers(run_dir: Path, models: dict) -> dict:
     import torch
 
     from trainers.evaluate import first_rows, latency
-    from trainers.export import load_model
-    from trainers.quantize import CompiledProgram
+    from trainers.modeldir import CompiledProgram, load_model
 
     data_dir = Path(json.loads((run_dir / "data.json").read_text())["path"])
     meta = json.loads((data_dir / "meta.json").read_text())

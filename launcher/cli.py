@@ -174,7 +174,8 @@ def _predict(args, console: Console, errors: Console) -> int:
     from rich.table import Table
 
     from dataprep import DataError
-    from trainers.export import classify, decode, generate, load_model, read_inputs, read_spec
+    from trainers.modeldir import load_model, read_spec
+    from trainers.predict import classify, decode, generate, read_inputs
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise DataError(["--top-k and --max-new-tokens: at least 1"])

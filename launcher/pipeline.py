@@ -8,7 +8,7 @@ the summary keeps. The run directory holds everything a run produces:
     ray/                 Ray Train / Tune storage: every run's checkpoints
     models/teacher/      model.safetensors + model.json (+ tokenizer.json for a BPE language model)
     models/student/      the same
-    models/student-<method>/  each quantized model: its quantized tensors + model.json (trainers.quantize;
+    models/student-<method>/  each quantized model: its quantized tensors + model.json (trainers.modeldir;
                          static_int8 also model.pt2, its program compiled for this machine's CPU)
     summary.json         status, per-stage results, per-model numbers
     report.md            the same as tables
@@ -463,8 +463,8 @@ def _quantize(run: Run) -> dict:
     """Each method's quantized model of the final fp32 model, exported, then gated: one that loses
     more than `quantize.max_drop` on the test split fails the stage and is kept, marked rejected."""
     from trainers.evaluate import first_rows, quality_drop, test_metrics
-    from trainers.export import load_model
-    from trainers.quantize import quantize_model_dir, unsupported_reason
+    from trainers.modeldir import load_model, quantize_model_dir
+    from trainers.quantize import unsupported_reason
 
     q = run.cfg.quantize
     source = "student" if "student" in run.models else "teacher"
@@ -519,9 +519,8 @@ def _drop_words(drop: float, quality: str) -> str:
 
 
 def _evaluate(run: Run) -> dict:
-    from trainers.checkpoint import WEIGHTS
     from trainers.evaluate import first_rows, interleaved_latency, measure, test_metrics
-    from trainers.export import load_model
+    from trainers.modeldir import WEIGHTS, load_model
 
     test_dir = run.data_dir / "test"
     example = first_rows(test_dir, run.data_meta, 1)
@@ -594,7 +593,7 @@ def registered_checkpoints(snapshot: str) -> set[str] | None:
 def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
     storage (a path or a URI) into the run's models/ folder; the folder appears complete or not at all."""
-    from trainers.checkpoint import SPEC, WEIGHTS
+    from trainers.modeldir import SPEC, WEIGHTS
     from dataprep import TOKENIZER_FILE
 
     tmp = target.with_name(target.name + ".partial")

@@ -32,7 +32,7 @@ def test_topk_loss_with_every_token_kept_is_the_full_loss():
 def test_precomputing_a_language_models_outputs_keeps_its_top_k_per_token(tmp_path):
     """The Ray Data actor's work on one batch of token blocks (the actor pool is run for real on a
     classifier in test_distill_teacher_outputs)."""
-    from trainers.checkpoint import model_spec, save_model_dir
+    from trainers.modeldir import model_spec, save_model_dir
     from trainers.distill import TOPK_INDICES, TOPK_VALUES, TeacherOutputs
     from trainers.models import build_model
 

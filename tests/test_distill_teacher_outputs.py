@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from dataprep.stream import decode_tensors, parquet_files, stream_split
 from runconfig.schema import RunConfig
 from trainers.batches import model_batch
-from trainers.checkpoint import model_spec, save_model_dir
+from trainers.modeldir import model_spec, save_model_dir
 from trainers.distill import LOGITS, precompute_teacher_outputs
 from trainers.fit import build_trainer, load_splits
 from trainers.loop import loop_config

@@ -16,10 +16,10 @@ from sklearn.datasets import load_digits
 
 from launcher.cli import main
 from runconfig.schema import ModelConfig
-from trainers.checkpoint import WEIGHTS, save_model_dir
-from trainers.export import load_model
+from trainers.modeldir import (PROGRAM, WEIGHTS, CompiledProgram, load_model, load_quantized_dir, model_spec,
+                               quantize_model_dir, save_model_dir)
 from trainers.models import build_model
-from trainers.quantize import METHODS, PROGRAM, CompiledProgram, load_quantized_dir, quantize_model_dir, unsupported_reason
+from trainers.quantize import METHODS, unsupported_reason
 
 COLUMNS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
 
@@ -38,7 +38,6 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int 
 def _spec(model: dict, feature_columns, shape, normalize: dict) -> dict:
     meta = {"input_shape": shape, "num_classes": 10, "classes": list(range(10)), "task": "classify", "format": "csv",
             "feature_columns": feature_columns, "stored_shape": shape, "normalize": normalize, "augment": [], "seed": 0}
-    from trainers.checkpoint import model_spec
 
     return model_spec(model, meta)
 
@@ -337,7 +336,6 @@ def test_predict_classifies_image_files(tmp_path, digits):
 def _save_lm(directory, ids: torch.Tensor, vocab: int, seq_len: int, tokenizer: str) -> torch.Tensor:
     """A one-layer GPT that learned the token stream `ids`, saved as the train stage saves one;
     returns its training windows."""
-    from trainers.checkpoint import model_spec
 
     model_cfg = ModelConfig(type="gpt", n_layer=1, n_head=2, d_model=32, seq_len=seq_len).model_dump()
     torch.manual_seed(0)

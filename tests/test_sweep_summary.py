@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pandas as pd
 from trainers.fit import CHECKPOINT_PATH
 
-from trainers.checkpoint import WEIGHTS
+from trainers.modeldir import WEIGHTS
 from tuning.sweep import _summarize
 
 RUN = {"train": {"epochs": 3, "workers": 2, "cpus_per_worker": 1, "use_gpu": False},

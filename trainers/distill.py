@@ -42,7 +42,7 @@ class TeacherOutputs:
     """A Ray Data actor: loads the teacher once, then adds its outputs to each batch of rows."""
 
     def __init__(self, teacher_dir: str, meta: dict, top_k: int):
-        from trainers.checkpoint import load_model_dir
+        from trainers.modeldir import load_model_dir
 
         torch.set_num_threads(1)  # one actor per CPU
         self.model, _ = load_model_dir(local_dir(teacher_dir))

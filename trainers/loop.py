@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cluster.remote import local_dir
 from trainers import import_deepspeed
 from trainers.batches import model_batch
-from trainers.checkpoint import load_model_dir, model_spec, save_model_dir
+from trainers.modeldir import load_model_dir, model_spec, save_model_dir
 from trainers.deepspeed_config import deepspeed_config
 from trainers.distill import LOGITS, TOPK_INDICES, TOPK_VALUES, distillation_loss, topk_distillation_loss
 from trainers.models import build_model

@@ -22,7 +22,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from cluster.remote import exists, join, read_text, to_uri
 from cluster.resources import worker_group_demand
 from runconfig.schema import metric_mode
-from trainers.checkpoint import WEIGHTS
+from trainers.modeldir import WEIGHTS
 from trainers.fit import CHECKPOINT_PATH, ReportStream, build_trainer, fit, storage_uri
 from trainers.loop import POSITION, loop_config
 from tuning.space import apply_overrides, max_epochs, mutation_domain, planned_epochs, tune_domain

@@ -1,18 +1,16 @@
-"""Exported models: `load_model` for any model directory a run writes, and inference on raw input.
+"""Inference on raw input with an exported model (`raylaunch predict`): rows of a table, image
+files, or a text to continue, preprocessed as the model's training data was (its spec's
+`preprocess`: feature columns, normalization, image shape, tokenizer).
 
-A model directory holds `model.safetensors` and `model.json` (and a static_int8 model its program
-compiled for a CPU, `model.pt2`: trainers.quantize). The spec says how to rebuild the
-model (`format`: fp32, torchao or pt2e; the architecture; the quantization) and how raw input
-becomes its input (`preprocess`: the feature columns, the normalization fitted on the train split,
-the image shape, the tokenizer; a BPE tokenizer's `tokenizer.json` lies beside it).
-
-    from trainers.export import load_model
-    model, spec = load_model("runs/quickstart/models/student-static_int8", compiled=True)
+    from trainers.modeldir import load_model
+    from trainers.predict import classify, read_inputs
+    model, spec = load_model("runs/quickstart/models/student")
+    inputs, names = read_inputs(spec, "digits.csv")
+    print(classify(model, inputs, spec["classes"]))
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,40 +19,9 @@ from torch import nn
 
 from dataprep import TOKENIZER_FILE, DataError
 from trainers.batches import model_batch
-from trainers.checkpoint import SPEC, WEIGHTS, load_model_dir
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def read_spec(directory: Path | str) -> dict:
-    """A model directory's `model.json`, with the directory it came from (`directory`)."""
-    directory = Path(directory)
-    for name in (SPEC, WEIGHTS):
-        if not (directory / name).is_file():
-            models = sorted(p.parent.name for p in (directory / "models").glob(f"*/{SPEC}"))
-            hint = (f"it is a run directory: give one of its models ({', '.join(f'{directory}/models/{m}' for m in models)})"
-                    if models else "give a folder under RUN_DIR/models/")
-            raise DataError([f"{directory}: not a model directory (no {name}); {hint}"])
-    try:
-        return {**json.loads((directory / SPEC).read_text()), "directory": str(directory.resolve())}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError([f"{directory / SPEC}: not valid JSON ({exc}); export the model again"]) from None
-
-
-def load_model(path: Path | str, compiled: bool = False) -> tuple[nn.Module, dict]:
-    """Any exported model (fp32, torchao-quantized or PT2E static int8), ready for inference on
-    CPU, with its spec. Nothing is unpickled: weights are safetensors, the spec JSON. `compiled`: a
-    static_int8 model runs its compiled program (`model.pt2`, machine code: only from runs you trust)
-    where it was compiled for this CPU and torch."""
-    spec = read_spec(path)
-    if spec.get("quantization"):
-        from trainers.quantize import load_quantized_dir
-
-        model, spec = load_quantized_dir(path, compiled_program=compiled)
-    else:
-        model, spec = load_model_dir(path)
-    return model, {**spec, "directory": str(Path(path).resolve())}
 
 
 def read_inputs(spec: dict, source: Path | str) -> tuple[torch.Tensor, list[str]]:
