@@ -61,14 +61,16 @@ def run_plain(spec: Path, threads: int) -> dict:
 
 def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str, stage: int, cpus: int,
                   cuda: bool) -> dict:
+    from runconfig.resolved import ResolvedConfig
+    from runconfig.schema import RunConfig
     from trainers.fit import build_trainer, load_splits
-    from trainers.loop import loop_config
+    from trainers.worker import worker_config
 
     run = json.loads(json.dumps(run))
     run["train"] |= {"workers": 1, "cpus_per_worker": cpus, "use_gpu": cuda, "keep_checkpoints": 1,
                      "checkpoint_every": None}
     run["train"]["zero"]["stage"] = stage
-    config = loop_config(run, meta)
+    config = worker_config(ResolvedConfig.of(RunConfig.model_validate(run)), meta)
     started = time.perf_counter()
     try:
         splits = load_splits(data_dir, run["data"]["in_memory"], run["data"]["ingest_memory_mb"])  # as the pipeline does

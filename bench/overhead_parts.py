@@ -62,7 +62,8 @@ def run_way(way: str, run: dict, meta: dict, data_dir: str, work: Path, name: st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from bench.train_overhead import _steady, loop_config_for, run_raylaunch
-    from trainers.fit import poll_interval_s, polled_every
+    from cluster.raycompat import polled_every
+    from trainers.fit import poll_interval_s
 
     if way == "raylaunch":
         return run_raylaunch(run, meta, data_dir, work / "ray", name, 1, 0, BATCH, epochs)["rate"]
@@ -70,9 +71,9 @@ def run_way(way: str, run: dict, meta: dict, data_dir: str, work: Path, name: st
     out = work / f"{name}.json"
     # bench/_loop.py's spec, as train_overhead.py writes it for its plain way (2 threads, one process).
     spec = {"way": way, "out": str(out), "data_dir": data_dir, "meta": meta, "model": run["model"],
-            "train": config["train"], "global_batch": BATCH, "epochs": epochs, "threads": 2, "items_per_row": 1}
+            "train": config.train.model_dump(mode="json"), "global_batch": BATCH, "epochs": epochs, "threads": 2, "items_per_row": 1}
     if way != "torch":
-        spec["deepspeed"] = config["deepspeed"]
+        spec["deepspeed"] = config.deepspeed
     trainer = TorchTrainer(train_fn, train_loop_config=spec, torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
                            run_config=RunConfig(name=name, storage_path=str(work / "ray"),

@@ -89,15 +89,17 @@ def run_baseline(spec: Path, world: int) -> dict:
     return {"rate": rate, "startup_s": result["first_step_s"], "wall_s": wall}
 
 
-def loop_config_for(run: dict, meta: dict, workers: int, stage: int, batch: int, epochs: int) -> dict:
-    """raylaunch's worker config for this run on `workers` workers of the 2 CPUs, at ZeRO `stage`."""
-    from trainers.loop import loop_config
+def loop_config_for(run: dict, meta: dict, workers: int, stage: int, batch: int, epochs: int):
+    """raylaunch's WorkerConfig for this run on `workers` workers of the 2 CPUs, at ZeRO `stage`."""
+    from runconfig.resolved import ResolvedConfig
+    from runconfig.schema import RunConfig
+    from trainers.worker import worker_config
 
     run = json.loads(json.dumps(run))
     run["train"] |= {"workers": workers, "cpus_per_worker": 2 // workers, "micro_batch_size": batch // workers,
                      "epochs": epochs, "keep_checkpoints": epochs, "checkpoint_every": None}
     run["train"]["zero"]["stage"] = stage
-    return loop_config(run, meta)
+    return worker_config(ResolvedConfig.of(RunConfig.model_validate(run)), meta)
 
 
 def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str, workers: int, stage: int,
@@ -159,7 +161,7 @@ def main() -> None:
             docs = {"plain": base | {"threads": 2}, "plain-fused": base | {"threads": 2, "fused": True}, "ddp": base,
                     "ddp-fused": base | {"fused": True}}
             for stage in (0, 2):
-                docs[f"ds-z{stage}"] = base | {"deepspeed": loop_config_for(run, meta, 2, stage, batch, epochs)["deepspeed"]}
+                docs[f"ds-z{stage}"] = base | {"deepspeed": loop_config_for(run, meta, 2, stage, batch, epochs).deepspeed}
             baselines = {}  # the plain loop's ways: (spec file, processes)
             for way, doc in docs.items():
                 path = work / f"{case}-{way}.json"

@@ -7,11 +7,12 @@ import os
 import signal
 import socket
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
+
+from cluster.raycompat import EMBEDDED_SYSTEM_CONFIG, TRAIN_POLL_ENV, embedded_worker_env, quiet_libraries
 
 # Loggers that print progress chatter on the driver during normal operation.
 _CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch", "mlflow",
@@ -28,12 +29,7 @@ def quiet_driver_logs(verbose: bool) -> None:
     # torch's logging configures this child logger itself; the parent's level does not reach it.
     logging.getLogger("torch.utils._pytree").setLevel(level)
     if not verbose:
-        # Tune's default console reporter prints an experiment banner even at verbose=0; the
-        # legacy reporter honours verbose=0. The pipeline prints its own line per stage.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(ray|deepspeed|torchao|torch)\b")
+        quiet_libraries()
 
 
 @contextmanager
@@ -78,21 +74,6 @@ def stop_signal() -> str | None:
     return _received[-1] if _received else None
 
 
-# Settings of an embedded Ray (one this process starts; a joined cluster keeps its own).
-# - prestart_worker_first_driver: Ray prestarts idle worker processes for the first driver, up to
-#   one a CPU, with no runtime_env. Every task and actor of a raylaunch run carries one
-#   (`worker_env`), so none of them can run in those processes: they would start beside the
-#   driver, then sit idle for the whole run, each waking 100 times a second (its signal check) on
-#   the cores the training ranks use.
-# - idle_worker_killing_time_threshold_ms: while every CPU is leased (Ray Data's tasks during
-#   preprocessing, the ranks during training), Ray ends a task worker after 1 s idle (its default),
-#   and the next task starts a new process, which costs 1.5-2 s of CPU to import Ray, pyarrow and
-#   the task's modules again: preprocessing the digits went through 6 processes (4 with this), and
-#   Ray Data-heavy test modules spent a third of their time on it. Kept for 60 s, an idle worker
-#   serves the next operator and the next dataset's tasks (bench/RESULTS.md, "idle task workers").
-#   Idle workers hold no CPU or GPU, only memory (the peak of two test modules rose 460 MiB), and
-#   go when Ray stops.
-EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
 def embedded_ray_options(**env_vars: str) -> dict:
@@ -107,32 +88,19 @@ def embedded_ray_options(**env_vars: str) -> dict:
     port = free_port()
     runtime_env = worker_env(None, port)
     runtime_env["env_vars"] |= env_vars
-    return {"dashboard_port": port, "runtime_env": runtime_env, "_system_config": EMBEDDED_SYSTEM_CONFIG}
+    # A copy: ray.init adds its own keys to the dict it is given.
+    return {"dashboard_port": port, "runtime_env": runtime_env, "_system_config": dict(EMBEDDED_SYSTEM_CONFIG)}
 
 
-# Ray Train's poll interval. Each training run chooses its own (`trainers.fit.poll_interval_s`); one the
-# user sets in the environment raylaunch starts in (or in a job's env_vars) is passed on to the job's
-# processes and used by every run.
-TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def worker_env(address: str | None, dashboard_port: int | None) -> dict:
     """The runtime_env of this job's worker processes: Ray Train's poll interval where the user set
-    one (`TRAIN_POLL_ENV`), and which cluster they are in.
-
-    Ray Train v2's placement-group cleaner (an actor of the job) asks the state API whether the
-    run's controller is alive without an address, so Ray looks for running GCS processes on its
-    machine; with a second Ray instance there ("Found multiple active Ray instances") its monitor
-    thread dies and worker groups' placement groups are never removed: the next trainer waits
-    for CPUs that never come back. Given the address (or, for an embedded Ray, the dashboard
-    port chosen for it), it asks the right cluster."""
+    one (`TRAIN_POLL_ENV`: every run then uses it), and which cluster they are in (for an embedded
+    Ray, its dashboard: cluster.raycompat, 8)."""
     env = {TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV]} if TRAIN_POLL_ENV in os.environ else {}
     if dashboard_port is not None:
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-        # Ray Train starts a preemption watcher actor per training run, for nodes a cloud autoscaler
-        # drains; an embedded Ray is this machine alone, and the actor's process cost about 2 s of
-        # each run's start on 2 cores.
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        env |= embedded_worker_env(dashboard_port)
     elif address and "://" not in address and address != "auto":
         env["RAY_ADDRESS"] = address
     return {"env_vars": env}

@@ -25,7 +25,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray.data
 
+from cluster.raycompat import preprocessing_context
 from dataprep import ORDER, DataError, find_transform
+from dataprep.meta import DataMeta
 from dataprep.sources import BadRows, Files, Problems, data_files, format_of, sources_of
 from dataprep.stream import encode_tensors
 from dataprep.transforms import FeatureStats, model_input_shape
@@ -61,7 +63,7 @@ def cache_key(data: dict, seq_len: int | None, files: Files | None) -> str:
 
 
 def prepare(data: dict, seq_len: int, cache_root: Path,
-            progress: Callable[[int, int | None], None] | None = None) -> tuple[dict, Path, bool]:
+            progress: Callable[[int, int | None], None] | None = None) -> tuple[DataMeta, Path, bool]:
     """The preprocessed dataset for a data section: (meta, its folder, whether it was reused).
     `progress(rows written, rows expected or None)` is called about twice a second while it writes."""
     # Listed once: the key and the preprocessing see the same files.
@@ -75,16 +77,6 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
     tmp.mkdir()
     ledger = BadRows.remote() if data["on_bad_rows"] == "skip" else None
     problems = Problems(ledger)
-    context = ray.data.DataContext.get_current()
-    # A DataError raised in a map task arrives as itself (inside RayTaskError), not as Ray Data's
-    # "UDF failed to process a data block" that keeps only its text.
-    raise_original = context.raise_original_map_exception
-    context.raise_original_map_exception = True
-    # Preprocessing has the cluster to itself, and its work is one chain of fused map tasks. Ray
-    # Data's per-operator reservations only held it back: on 2 CPUs it ran one task at a time
-    # for the first 1.5 s (20k images: 4.3 s with them, 3.3 s without).
-    reservation = context.op_resource_reservation_enabled
-    context.op_resource_reservation_enabled = False
 
     def writer(dataset: ray.data.Dataset, fit: tuple[str, str] | None = None) -> tuple[dict[str, int], list | None]:
         """Write a dataset with a `split` column (0 train, 1 val, 2 test) as train/, val/ and test/
@@ -94,14 +86,8 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
                                                                     if progress else None))
 
     try:
-        if data["format"] == "text":
-            from dataprep.text import preprocess_text
-
-            meta = preprocess_text(data, files, seq_len, writer, tmp)
-        else:
-            from dataprep.preprocess import preprocess
-
-            meta = preprocess(data, files, writer, problems)
+        with preprocessing_context():  # errors as themselves, no per-operator reservations (cluster.raycompat, 6)
+            meta = _preprocess(data, files, seq_len, writer, tmp, problems)
         meta["bad_rows"] = ray.get(ledger.report.remote()) if ledger else {}
         meta["cache_key"] = key
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -113,11 +99,19 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
         shutil.rmtree(tmp, ignore_errors=True)
         raise _unwrapped(exc) from None
     finally:
-        context.raise_original_map_exception = raise_original
-        context.op_resource_reservation_enabled = reservation
         if ledger is not None:
             ray.kill(ledger)
     return with_augmentations(json.loads((entry / META).read_text()), data), entry, False
+
+
+def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path, problems: Problems) -> DataMeta:
+    if data["format"] == "text":
+        from dataprep.text import preprocess_text
+
+        return preprocess_text(data, files, seq_len, writer, tmp)
+    from dataprep.preprocess import preprocess
+
+    return preprocess(data, files, writer, problems)
 
 
 def expected_rows(data: dict, files: Files | None) -> int | None:

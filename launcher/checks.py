@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from cluster.remote import is_empty_dir, is_uri, join, read_text
-from launcher.config import ConfigError, _load, _section, redacted
+from launcher.config import ConfigError, _load, _section
+from runconfig.resolved import redacted
 from launcher.rundir import resume_problems
 from runconfig.schema import STAGES, DataConfig, ModelConfig, RunConfig, searches_student
 
@@ -138,8 +139,10 @@ def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
     before = yaml.safe_load(text) or {}
     now = redacted(cfg.model_dump(mode="json"))  # as config.yaml keeps it
     # data.in_memory says how, not what, to read; the pipeline refuses a resume that would read
-    # the interrupted stage's splits otherwise than it did.
-    differences = [d for d in _differences(before, now) if d[0] != "data.in_memory"]
+    # the interrupted stage's splits otherwise than it did. config.yaml holds the ZeRO stage `auto`
+    # was resolved to, which a resumed run given `auto` keeps.
+    differences = [d for d in _differences(before, now) if d[0] != "data.in_memory"
+                   and not (d[0] == "train.zero.stage" and d[2] == "auto" and isinstance(d[1], int))]
     return [f"--resume: {path} was {old!r} in {saved} but is {new!r} now; a resumed run keeps its config"
             for path, old, new in differences]
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runconfig.problems import BadInput
+from runconfig.resolved import redacted
 from runconfig.schema import PBT_MUTABLE, TRANSFORM_TYPES, RunConfig, metric_mode, searches_student
 
 TUNABLE_SECTIONS = ("model", "train", "distill")
@@ -334,21 +335,6 @@ def _load(config_path: str | os.PathLike, overrides: list[str]) -> tuple[RunConf
     except ConfigError as exc:
         cfg, problems = None, problems + exc.problems
     return (None if problems else cfg), raw, problems
-
-
-REDACTED = "***"
-
-
-def redacted(dump: dict) -> dict:
-    """A config dump with the values of `cluster.job.env_vars` (tokens, passwords) replaced by
-    REDACTED: what goes anywhere but the job's own environment (config.yaml, MLflow, Tune's
-    experiment state, the workers)."""
-    env_vars = ((dump.get("cluster") or {}).get("job") or {}).get("env_vars")
-    if not env_vars:
-        return dump
-    dump = copy.deepcopy(dump)
-    dump["cluster"]["job"]["env_vars"] = dict.fromkeys(env_vars, REDACTED)
-    return dump
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -20,7 +20,8 @@ from cluster.jobs import (EXIT_STOPPED, connect, dashboard_address, exit_code, f
                           last_lines, runtime_env, wait)
 from cluster.remote import is_uri
 from launcher.checks import stage_problems
-from launcher.config import REDACTED, ConfigError, dump_yaml, load
+from launcher.config import ConfigError, dump_yaml, load
+from runconfig.resolved import REDACTED
 from runconfig.schema import RunConfig
 
 PACKAGES = ("launcher", "cluster", "dataprep", "trainers", "tuning", "runconfig")

@@ -29,14 +29,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from cluster.raycompat import CHECKPOINT_SNAPSHOT, latest_checkpoint_metrics, registered_checkpoints
 from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session
-from launcher.config import ConfigError, dump_yaml, redacted
+from launcher.config import ConfigError, dump_yaml
 from launcher.errors import failure_line
 from launcher.live import Live
 from launcher.report import write_report, write_summary
 from launcher.rundir import MANIFEST, claim, discard
+from dataprep.meta import DataMeta
+from runconfig.resolved import ResolvedConfig, apply_overrides
 from runconfig.schema import RunConfig
 
 
@@ -45,10 +48,11 @@ class Run:
     """What the stages share: the config, where the run lives, and what earlier stages produced."""
 
     cfg: RunConfig
+    """The validated config; once Ray has started, the resolved one's (`resolved.run`)."""
     run_dir: Path
     console: Console
     resources: dict = field(default_factory=dict)
-    data_meta: dict | None = None
+    data_meta: DataMeta | None = None
     models: dict[str, Path] = field(default_factory=dict)
     summary: dict = field(default_factory=lambda: {"status": "running", "stages": {}, "models": {}})
     resume: bool = False
@@ -62,6 +66,7 @@ class Run:
     """output.dir when it is a URI; `run_dir` is then the local staging folder copied up to it."""
     reads_before: dict[str, bool] = field(default_factory=dict)
     """How the interrupted run this one resumes read each training stage's splits (held in memory or not)."""
+    resolved: ResolvedConfig | None = None
 
     @property
     def cache_root(self) -> Path:
@@ -85,16 +90,6 @@ class Run:
         if self.remote:
             upload(self.run_dir, self.remote)
 
-    def dump(self) -> dict:
-        """The resolved config as plain data for Ray tasks and workers, with the user's DeepSpeed
-        JSON (if any) read here, once: trials and workers may run where the file is not."""
-        dump = redacted(self.cfg.model_dump(mode="json"))  # the job's secrets stay in its environment
-        if self.cfg.train.deepspeed_config:
-            from trainers.deepspeed_config import read_user_config
-
-            dump["deepspeed_user"] = read_user_config(self.cfg.train.deepspeed_config)
-        return dump
-
 
 def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: bool = False,
                  resume: bool = False) -> dict:
@@ -113,17 +108,14 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
         # The checks that need the cluster, before anything is written: a refused run leaves nothing behind.
         _check_shared_storage(run)
         _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
-        # config.yaml keeps the config as given (`zero.stage: auto`), which `--resume` compares against.
-        config_text = dump_yaml(cfg)
-        if any(s in stages for s in ("train", "tune", "distill")):
-            _preflight(run, console)
-        created = _open_run_dir(run, config_text)
+        run.resolved = _resolve(run, training=any(s in stages for s in ("train", "tune", "distill")))
+        run.cfg = run.resolved.run
+        created = _open_run_dir(run, dump_yaml(run.cfg))
         finished = _finished_stages(run.run_dir) if resume else {}
         if resume and (run.run_dir / "summary.json").exists():
             run.reads_before = json.loads((run.run_dir / "summary.json").read_text()).get("data_in_memory", {})
         try:
-            run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow,
-                            redacted(cfg.model_dump(mode="json")), verbose,
+            run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, run.resolved.dump(), verbose,
                             name=remote.rstrip("/").rsplit("/", 1)[-1] if remote else None)
         except BaseException:
             if not resume:
@@ -259,18 +251,46 @@ def _check_worker_group_fits(cfg: RunConfig, resources: dict, sweep: bool) -> No
         ])
 
 
-def _preflight(run: Run, console: Console) -> None:
-    """Plan the model's memory per worker before any worker starts: resolve `zero.stage: auto`,
-    refuse a model no stage can hold."""
+def _resolve(run: Run, training: bool) -> ResolvedConfig:
+    """The config this run uses, resolved once: `zero.stage: auto` planned against the cluster (a
+    model no stage can hold is refused where it would train; a resumed run keeps the stage it
+    trained with), the user's DeepSpeed JSON read here (trials and workers may run where it is not)."""
     from launcher.plan import check_plan, make_plan
 
-    plan = make_plan(run.cfg, run.resources)
-    stage = check_plan(plan)
-    run.summary["plan"] = plan.summary()
-    if run.cfg.train.zero.stage == "auto":
-        run.cfg.train.zero.stage = stage
-        console.print(f"  zero.stage auto -> {stage} ({plan.params:,} parameters, "
-                      f"{plan.stages[stage].device_bytes / 2**20:.1f} MiB of model states per worker)")
+    cfg, stage = run.cfg, None
+    if cfg.train.zero.stage == "auto" and run.resume:
+        stage = _saved_zero_stage(run)
+        if stage is not None:  # its checkpoints are that stage's
+            run.console.print(f"  zero.stage auto -> {stage}, as the interrupted run resolved it")
+    if training or (cfg.train.zero.stage == "auto" and stage is None):
+        plan = make_plan(cfg, run.resources)
+        run.summary["plan"] = plan.summary()
+        if training:
+            chosen = check_plan(plan)
+        else:  # nothing trains: the stage is only recorded
+            chosen = plan.chosen_stage if plan.chosen_stage is not None else 3
+        if cfg.train.zero.stage == "auto" and stage is None:
+            stage = chosen
+            run.console.print(f"  zero.stage auto -> {stage} ({plan.params:,} parameters, "
+                              f"{plan.stages[stage].device_bytes / 2**20:.1f} MiB of model states per worker)")
+    user = None
+    if cfg.train.deepspeed_config:
+        from trainers.deepspeed_config import read_user_config
+
+        user = read_user_config(cfg.train.deepspeed_config)
+    resolved = ResolvedConfig.of(cfg, zero_stage=stage, deepspeed_user=user, resources=run.resources)
+    run.summary["zero_stage"] = resolved.run.train.zero.stage
+    return resolved
+
+
+def _saved_zero_stage(run: Run) -> int | None:
+    """The ZeRO stage the interrupted run resolved `auto` to, from its config.yaml (None for a run
+    written before config.yaml held the resolved config)."""
+    import yaml
+
+    text = read_text(join(run.remote or str(run.run_dir), "config.yaml"))
+    stage = (((yaml.safe_load(text) or {}) if text else {}).get("train") or {}).get("zero", {}).get("stage")
+    return stage if isinstance(stage, int) else None
 
 
 @contextmanager
@@ -296,7 +316,7 @@ def _stage(run: Run, name: str):
 def _preprocess(run: Run) -> dict:
     from dataprep.cache import prepare
 
-    data = run.dump()["data"]
+    data = run.resolved.dump()["data"]
     bar = run.live.bar("rows written", None)
 
     def progress(rows: int, expected: int | None) -> None:
@@ -324,16 +344,16 @@ def _preprocess(run: Run) -> dict:
 
 def _train(run: Run) -> dict:
     from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
-    from trainers.loop import loop_config
+    from trainers.worker import worker_config
 
-    config = loop_config(run.dump(), run.data_meta)
-    (run.run_dir / "deepspeed.json").write_text(json.dumps(config["deepspeed"], indent=1))
+    config = worker_config(run.resolved, run.data_meta)
+    (run.run_dir / "deepspeed.json").write_text(json.dumps(config.deepspeed, indent=1))
     resumed = _resume_point(run, "train")
     splits = _splits(run, "train")
     with _reports(run, "teacher", config) as reports:
         result = fit(build_trainer(config, splits, run.storage, name="train", callbacks=[reports.callback()]),
-                     config["train"])
-    checkpoint, metrics = best_checkpoint(result, config["metric"])
+                     config.train)
+    checkpoint, metrics = best_checkpoint(result, config.metric)
     run.models["teacher"] = _keep_model(checkpoint, run.run_dir / "models" / "teacher", run.data_dir)
     return _training_summary("teacher", metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
 
@@ -364,14 +384,14 @@ def _tune(run: Run) -> dict:
     from tuning.results import write_trials
     from launcher.live import SweepProgress
     from tuning.packing import pack, trial_count
-    from tuning.space import apply_overrides, max_epochs
+    from tuning.space import max_epochs
     from tuning.sweep import run_sweep
 
     cfg = run.cfg
     packing = pack(cfg, run.resources)
     concurrent = packing.concurrent
     run.console.print(f"  sweep: {packing.line(cfg)}")
-    dump = run.dump()
+    dump = run.resolved.dump()
     (run.run_dir / "tune").mkdir(exist_ok=True)
     # A sweep of distill paths distills the trained teacher in every trial; precomputed, its
     # outputs are computed once for all of them.
@@ -383,7 +403,7 @@ def _tune(run: Run) -> dict:
     # One read serves every trial; held in memory, each running trial cuts its ranks' shards from it.
     datasets = _splits(run, "tune", train_dir, trainers=concurrent)
     progress = SweepProgress(run.live, trial_count(cfg), max_epochs(dump, dump["tune"]["space"]), cfg.tune.metric)
-    sweep = run_sweep(dump, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
+    sweep = run_sweep(run.resolved, run.data_meta, datasets, run.storage, concurrent, run.run_dir / "tune" / "reports.jsonl",
                       resume=run.resume, teacher_dir=teacher_dir, callbacks=[progress])
     run.models[role] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / role, run.data_dir)
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
@@ -410,27 +430,27 @@ def _tune(run: Run) -> dict:
 
 def _distill(run: Run) -> dict:
     from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
-    from trainers.loop import loop_config
+    from trainers.worker import worker_config
 
-    config = loop_config(run.dump(), run.data_meta, teacher_dir=run.shared(run.models["teacher"]))
+    config = worker_config(run.resolved, run.data_meta, teacher_dir=run.shared(run.models["teacher"]))
     resumed = _resume_point(run, "distill")
     precomputed = _precompute_teacher_outputs(run) if run.cfg.distill.teacher_outputs == "precompute" else {}
     splits = _splits(run, "distill", precomputed.get("path"))
     with _reports(run, "student", config) as reports:
         result = fit(build_trainer(config, splits, run.storage, name="distill", callbacks=[reports.callback()]),
-                     config["train"])
-    checkpoint, metrics = best_checkpoint(result, config["metric"])
+                     config.train)
+    checkpoint, metrics = best_checkpoint(result, config.metric)
     run.models["student"] = _keep_model(checkpoint, run.run_dir / "models" / "student", run.data_dir)
     summary = _training_summary("student", metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
     return summary | ({"teacher_outputs": precomputed} if precomputed else {})
 
 
-def _reports(run: Run, role: str, config: dict):
-    """The training run's reports, as they come, to its progress bar and the metric logs."""
-    from trainers.fit import ReportStream
+def _reports(run: Run, role: str, config):
+    """The training run's reports (of a `trainers.worker.WorkerConfig`'s run), as they come, to its
+    progress bar and the metric logs."""
+    from cluster.raycompat import ReportStream
 
-    epochs = config["train"]["epochs"]
-    return ReportStream(run.live.training(role, config["steps_per_epoch"] * epochs, epochs))
+    return ReportStream(run.live.training(role, config.total_steps, config.train.epochs))
 
 
 def _precompute_teacher_outputs(run: Run) -> dict:
@@ -546,9 +566,9 @@ def _evaluate(run: Run) -> dict:
 
 def _resume_point(run: Run, name: str) -> dict:
     """Where a resumed training run continues: the step of the latest checkpoint Ray Train kept
-    for it (read from its checkpoint manager's snapshot, for the console and the summary)."""
+    for it (read from its checkpoint manager's snapshot: cluster.raycompat, 4)."""
     experiment = join(str(run.storage), name)
-    text = read_text(join(experiment, "checkpoint_manager_snapshot.json")) if run.resume else None
+    text = read_text(join(experiment, CHECKPOINT_SNAPSHOT)) if run.resume else None
     if text is None:
         return {}
     # A driver killed while its workers were uploading a checkpoint leaves that folder behind,
@@ -562,32 +582,11 @@ def _resume_point(run: Run, name: str) -> dict:
     if dropped:
         run.console.print(f"  {name}: removed {len(dropped)} unregistered checkpoint folder(s) the interrupted run "
                           f"left half written: {', '.join(dropped)}")
-    latest = (json.loads(text).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    latest = latest_checkpoint_metrics(text)
     if "step" not in latest:
         return {}
     run.console.print(f"  {name}: continuing from the checkpoint at step {latest['step']} (epoch {latest['epoch']:.2f})")
     return {"resumed_from_step": latest["step"]}
-
-
-def registered_checkpoints(snapshot: str) -> set[str] | None:
-    """The checkpoint folders Ray Train's checkpoint manager snapshot (a private file of Ray's)
-    lists. None where it cannot be read as the form it had when this was written, or lists none:
-    then no folder can be told unregistered, and none may be deleted."""
-    try:
-        data = json.loads(snapshot)
-    except json.JSONDecodeError:
-        return None
-    results = data.get("checkpoint_results") if isinstance(data, dict) else None
-    if not isinstance(results, list) or not results:
-        return None
-    latest = data.get("latest_checkpoint_result")
-    names = set()
-    for result in results + ([latest] if latest else []):
-        name = result.get("checkpoint_dir_name") if isinstance(result, dict) else None
-        if not isinstance(name, str) or not name.startswith("checkpoint_"):
-            return None
-        names.add(name)
-    return names
 
 
 def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:

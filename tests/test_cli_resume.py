@@ -112,7 +112,8 @@ def test_a_snapshot_in_an_unknown_form_deletes_no_checkpoint(tmp_path):
     from rich.console import Console
 
     from runconfig.schema import RunConfig
-    from launcher.pipeline import Run, _resume_point, registered_checkpoints
+    from cluster.raycompat import registered_checkpoints
+    from launcher.pipeline import Run, _resume_point
 
     experiment = tmp_path / "ray" / "train"
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_half"):

@@ -13,10 +13,11 @@ import pytest
 from cluster.session import free_port
 from launcher.cli import main
 from launcher.config import load
-from runconfig.schema import RunConfig
+from runconfig.resolved import ResolvedConfig
+from runconfig.schema import RunConfig, TrainConfig
 from trainers.deepspeed_config import deepspeed_config
 from trainers.fit import build_trainer, load_splits
-from trainers.loop import loop_config
+from trainers.worker import worker_config
 
 # The ZeRO-2 example of Hugging Face Transformers' DeepSpeed integration docs (offload to CPU).
 HF_ZERO2 = {
@@ -66,7 +67,7 @@ def test_file_values_decide_fields_the_yaml_left_at_defaults(tmp_path):
     ds = _write(tmp_path, "z3.json", LLAMA_FACTORY_ZERO3_OFFLOAD)
     cfg = load(_config_file(tmp_path, {"deepspeed_config": ds, "lr": 1e-3}))
     assert cfg.train.zero.stage == 3 and cfg.train.zero.offload_optimizer and cfg.train.zero.offload_param
-    filled = deepspeed_config(cfg.train.model_dump(mode="json"), hidden_size=32, total_steps=40,
+    filled = deepspeed_config(cfg.train, hidden_size=32, total_steps=40,
                               user=LLAMA_FACTORY_ZERO3_OFFLOAD)
     assert filled["train_batch_size"] == 32 * 1 * 2 and filled["train_micro_batch_size_per_gpu"] == 32
     assert filled["zero_optimization"]["reduce_bucket_size"] == 32 * 32
@@ -82,7 +83,7 @@ def test_autos_in_the_hugging_face_example_are_filled(tmp_path):
     ds = _write(tmp_path, "z2.json", HF_ZERO2)
     cfg = load(_config_file(tmp_path, {"deepspeed_config": ds, "lr": 5e-4, "warmup_steps": 3, "grad_clip": 1.0,
                                        "grad_accum_steps": 2}))
-    filled = deepspeed_config(cfg.train.model_dump(mode="json"), 32, 40, HF_ZERO2)
+    filled = deepspeed_config(cfg.train, 32, 40, HF_ZERO2)
     assert filled["optimizer"]["params"] | {} == {"lr": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                                                    "torch_adam": True, "fused": True}
     assert filled["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-4,
@@ -120,20 +121,18 @@ def test_broken_or_missing_file_is_a_one_line_error(tmp_path, capsys):
 
 def test_an_auto_raylaunch_cannot_fill_is_named():
     with pytest.raises(Exception, match="zero_optimization.sub_group_size is \"auto\""):
-        deepspeed_config(load_defaults(), 32, 10, {"zero_optimization": {"stage": 2, "sub_group_size": "auto"}})
+        deepspeed_config(TrainConfig(), 32, 10, {"zero_optimization": {"stage": 2, "sub_group_size": "auto"}})
 
 
 def load_defaults() -> dict:
-    from runconfig.schema import RunConfig
-
-    return RunConfig().train.model_dump(mode="json")
+    return TrainConfig().model_dump(mode="json")
 
 
 ONE_RANK = Path(__file__).parent / "scripts" / "one_rank.py"  # real DeepSpeed engines over gloo, one rank
 
 
 def test_cpu_workers_get_torchs_fused_adamw_and_other_optimizers_train_as_the_file_says():
-    train = load_defaults() | {"micro_batch_size": 8, "workers": 1, "grad_clip": 1.0, "lr_schedule": "constant"}
+    train = TrainConfig(micro_batch_size=8, workers=1, grad_clip=1.0, lr_schedule="constant")
     default = deepspeed_config(train, 32, 10)
     assert default["optimizer"]["params"]["torch_adam"] and default["optimizer"]["params"]["fused"]
     unfused = json.loads(json.dumps(default))
@@ -173,8 +172,8 @@ def test_published_configs_train_under_ray_train(name, digits_data, tmp_path):
     user = HF_ZERO2 if name == "hf_zero2_offload" else LLAMA_FACTORY_ZERO3_OFFLOAD
     ds = _write(tmp_path, f"{name}.json", user)
     cfg = load(_config_file(tmp_path, {"deepspeed_config": ds, "epochs": 2, "lr": 3e-3, "grad_clip": 1.0}))
-    run = cfg.model_dump(mode="json") | {"deepspeed_user": user}
-    result = build_trainer(loop_config(run, meta), load_splits(data_dir), tmp_path / "ray", name=name).fit()
+    run = ResolvedConfig.of(cfg, deepspeed_user=user)
+    result = build_trainer(worker_config(run, meta), load_splits(data_dir), tmp_path / "ray", name=name).fit()
     assert result.metrics["val_accuracy"] > 0.7  # 10 classes
 
 
@@ -183,7 +182,7 @@ def test_zero_without_clipping_skips_the_gradient_norm_and_an_adopted_checkpoint
 
     def config(stage: int, clip: float, offload: bool = False, **kwargs) -> dict:
         zero = base["zero"] | {"stage": stage, "offload_optimizer": offload}
-        return deepspeed_config(base | {"grad_clip": clip, "zero": zero}, 32, 10, **kwargs)
+        return deepspeed_config(TrainConfig.model_validate(base | {"grad_clip": clip, "zero": zero}), 32, 10, **kwargs)
 
     for stage in (1, 2):
         assert config(stage, 0.0)["zero_optimization"]["compute_grad_norm"] is False
@@ -195,12 +194,13 @@ def test_zero_without_clipping_skips_the_gradient_norm_and_an_adopted_checkpoint
         assert config(stage, clip, offload, **kwargs)["zero_optimization"].get("compute_grad_norm", True), (stage, clip, kwargs)
     # A sweep searching train.grad_clip keeps the norm in every trial (PBT may hand a trial without clipping
     # another's checkpoint saved with it); one that does not search it skips the norm.
-    run = RunConfig.model_validate({"model": {"type": "mlp", "width": 32, "depth": 1},
-                                    "train": {"workers": 1, "micro_batch_size": 8, "zero": {"stage": 2}}}).model_dump(mode="json")
+    section = {"model": {"type": "mlp", "width": 32, "depth": 1},
+               "train": {"workers": 1, "micro_batch_size": 8, "zero": {"stage": 2}}}
     meta = {"rows": {"train": 100}, "input_shape": [64], "num_classes": 10}
-    assert loop_config(run, meta)["deepspeed"]["zero_optimization"]["compute_grad_norm"] is False
-    searched = run | {"tune": run["tune"] | {"space": {"train.grad_clip": {"grid": [0.0, 1.0]}}}}
-    assert "compute_grad_norm" not in loop_config(searched, meta)["deepspeed"]["zero_optimization"]
+    run = ResolvedConfig.of(RunConfig.model_validate(section))
+    assert worker_config(run, meta).deepspeed["zero_optimization"]["compute_grad_norm"] is False
+    searched = ResolvedConfig.of(RunConfig.model_validate(section | {"tune": {"space": {"train.grad_clip": {"grid": [0.0, 1.0]}}}}))
+    assert "compute_grad_norm" not in worker_config(searched, meta).deepspeed["zero_optimization"]
 
     with_norm = config(2, 0.0)
     del with_norm["zero_optimization"]["compute_grad_norm"]

@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from dataprep.stream import decode_tensors, parquet_files, stream_split
+from runconfig.resolved import ResolvedConfig
 from runconfig.schema import RunConfig
 from trainers.batches import model_batch
 from trainers.modeldir import model_spec, save_model_dir
 from trainers.distill import LOGITS, precompute_teacher_outputs
 from trainers.fit import build_trainer, load_splits
-from trainers.loop import loop_config
+from trainers.worker import worker_config
 from trainers.models import build_model
 
 
@@ -66,13 +67,13 @@ def test_precomputed_and_live_teacher_outputs_train_the_same_student(ray_cluster
     directory, _ = teacher
     losses, weights = {}, {}
     for mode in ("live", "precompute"):
-        run = RunConfig.model_validate({
+        run = ResolvedConfig.of(RunConfig.model_validate({
             "model": {"type": "mlp", "width": 32, "depth": 1},
             "train": {"workers": 1, "epochs": 1, "micro_batch_size": 64, "lr": 3e-3, "lr_schedule": "constant"},
             "distill": {"student": {"type": "mlp", "width": 8, "depth": 1}, "teacher_outputs": mode,
                         "temperature": 2.0, "alpha": 0.9},
-        }).model_dump(mode="json")
-        config = loop_config(run, meta, teacher_dir=str(directory))
+        }))
+        config = worker_config(run, meta, teacher_dir=str(directory))
         splits = load_splits(data_dir)
         if mode == "precompute":
             splits["train"] = stream_split(outputs[0], "train")

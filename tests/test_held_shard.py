@@ -1,4 +1,4 @@
-"""A rank's shard of a split held in memory, read once into the rank (trainers.loop._HeldShard): every
+"""A rank's shard of a split held in memory, read once into the rank (cluster.raycompat.HeldShard): every
 pass gives each row once, in file order or in a permutation drawn from the seed."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ pytestmark = pytest.mark.ray
 def held(ray_cluster):
     import ray.data
 
-    from trainers.loop import _HeldShard
+    from cluster.raycompat import HeldShard
 
     rows = 103
     blocks = ray.data.from_numpy(np.arange(rows)).repartition(4)  # several blocks, as a cut shard has
     dataset = blocks.map_batches(lambda b: {"key": b["data"], "features": np.stack([b["data"]] * 3, 1).astype(np.float32)})
-    return _HeldShard(dataset.materialize().iterator()), rows
+    return HeldShard(dataset.materialize().iterator()), rows
 
 
 def _keys(batches) -> list[list[int]]:

@@ -65,14 +65,15 @@ def test_failure_line_keeps_the_workers_own_error_and_every_problem_of_bad_input
 def test_on_nan_skip_drops_bad_batches_and_finishes(digits_data, tmp_path):
     from runconfig.schema import RunConfig
     from trainers.fit import build_trainer, load_splits
-    from trainers.loop import loop_config
+    from runconfig.resolved import ResolvedConfig
+    from trainers.worker import worker_config
 
     data_dir, meta = digits_data
-    run = RunConfig.model_validate({"model": {"type": "mlp", "width": 16, "depth": 1},
+    run = ResolvedConfig.of(RunConfig.model_validate({"model": {"type": "mlp", "width": 16, "depth": 1},
                                     "train": {"workers": 2, "epochs": 1, "micro_batch_size": 128, "lr": 1e30,
-                                              "on_nan": "skip"}}).model_dump(mode="json")
-    config = loop_config(run, meta)
+                                              "on_nan": "skip"}}))
+    config = worker_config(run, meta)
     result = build_trainer(config, load_splits(data_dir), tmp_path, name="skip").fit()
     # The first updates make every later loss non-finite: those batches are skipped, nothing hangs.
     assert result.metrics["skipped_batches"] > 0
-    assert result.metrics["step"] + result.metrics["skipped_batches"] == config["steps_per_epoch"]
+    assert result.metrics["step"] + result.metrics["skipped_batches"] == config.steps_per_epoch

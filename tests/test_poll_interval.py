@@ -1,25 +1,22 @@
-"""Ray Train's poll interval, chosen per run from how often it reports (trainers.fit.poll_interval_s)
-and handed to the run's controller."""
+"""Ray Train's poll interval, chosen per run from how often it reports (trainers.fit.poll_interval_s).
+That the run's controller gets it is tests/test_raycompat.py's."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 
-import ray.train
-from ray.train import RunConfig, ScalingConfig
-
-from cluster.session import TRAIN_POLL_ENV, worker_env
-from conftest import skip_or_fail
+from cluster.raycompat import TRAIN_POLL_ENV, polled_every
+from cluster.session import worker_env
+from runconfig.resolved import ResolvedConfig
 from runconfig.schema import RunConfig as RaylaunchConfig
-from trainers.fit import FAST_POLL_S, SLOW_POLL_S, _Trainer, poll_interval_s, polled_every
-from trainers.loop import loop_config
+from trainers.fit import FAST_POLL_S, SLOW_POLL_S, poll_interval_s
+from trainers.worker import WorkerConfig, worker_config
 
 
-def _loop_config(rows: int, **train) -> dict:
+def _loop_config(rows: int, **train) -> WorkerConfig:
     run = RaylaunchConfig.model_validate({"model": {"type": "mlp", "width": 8, "depth": 1},
-                                          "train": {"workers": 2} | train}).model_dump(mode="json")
-    return loop_config(run, {"rows": {"train": rows}, "input_shape": [4], "num_classes": 3})
+                                          "train": {"workers": 2} | train})
+    return worker_config(ResolvedConfig.of(run), {"rows": {"train": rows}, "input_shape": [4], "num_classes": 3})
 
 
 def test_a_run_reporting_every_few_micro_batches_polls_fast():
@@ -48,20 +45,3 @@ def test_an_interval_the_user_set_is_used_by_every_run_and_passed_to_the_job(mon
     assert worker_env(None, None)["env_vars"][TRAIN_POLL_ENV] == "2.0"
     monkeypatch.delenv(TRAIN_POLL_ENV)
     assert TRAIN_POLL_ENV not in worker_env(None, None)["env_vars"]  # each run chooses its own
-
-
-def test_the_run_s_controller_gets_the_interval_and_the_caller_s_environment_is_restored(ray_cluster, tmp_path):
-    if TRAIN_POLL_ENV in os.environ:
-        skip_or_fail(f"{TRAIN_POLL_ENV} is set in this environment")
-
-    def report_interval():
-        # Ray Train hands its controller's RAY_TRAIN_* variables on to the workers. A run's result
-        # holds the metrics reported with its last checkpoint.
-        with tempfile.TemporaryDirectory() as directory:
-            ray.train.report({"poll": os.environ.get(TRAIN_POLL_ENV)},
-                             checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-    trainer = _Trainer(report_interval, scaling_config=ScalingConfig(num_workers=1),
-                       run_config=RunConfig(name="poll", storage_path=str(tmp_path)), poll_s=SLOW_POLL_S)
-    assert trainer.fit().metrics["poll"] == str(SLOW_POLL_S)
-    assert TRAIN_POLL_ENV not in os.environ

@@ -13,30 +13,28 @@ import torch
 from ray.train.v2.api.exceptions import TrainingFailedError
 from safetensors.torch import load_file
 
+from runconfig.resolved import ResolvedConfig
 from runconfig.schema import RunConfig
 from trainers.fit import build_trainer, load_splits
-from trainers.loop import loop_config
+from trainers.worker import Fault, worker_config
 
 EPOCHS, MICRO_BATCH = 2, 128  # digits: 1,259 train rows / 2 workers / 128 = 4 steps per epoch
 
 
-def _config(stage: int = 2, **train) -> dict:
-    run = RunConfig.model_validate({
+def _config(stage: int = 2, **train) -> ResolvedConfig:
+    return ResolvedConfig.of(RunConfig.model_validate({
         "model": {"type": "mlp", "width": 32, "depth": 1, "dropout": 0.1},  # dropout: the RNG state matters
         "train": {"workers": 2, "epochs": EPOCHS, "micro_batch_size": MICRO_BATCH, "lr": 3e-3, "warmup_steps": 2,
                   "zero": {"stage": stage}, "checkpoint_every": 2, "keep_checkpoints": 100} | train,
-    }).model_dump(mode="json")
-    return run
+    }))
 
 
-def _fit(run: dict, meta: dict, data_dir, storage, name: str, fault: dict | None = None, in_memory: bool = False,
-         trace: Path | None = None, storage_filesystem=None):
-    config = loop_config(run, meta)
-    if fault:
-        config["fault"] = fault
+def _fit(run: ResolvedConfig, meta: dict, data_dir, storage, name: str, fault: Fault | None = None,
+         in_memory: bool = False, trace: Path | None = None, storage_filesystem=None):
+    config = worker_config(run, meta).replace(fault=fault)
     if trace:
         trace.mkdir()
-        config["trace"] = str(trace)
+        config = config.replace(trace=str(trace))
     return build_trainer(config, load_splits(data_dir, in_memory), storage, name=name,
                          storage_filesystem=storage_filesystem).fit()
 
@@ -91,7 +89,7 @@ def test_straight_run_reports_every_other_step(straight):
 def test_resume_after_killed_run_matches_uninterrupted_run_with_the_data_held_in_memory(straight_held, digits_data,
                                                                                         tmp_path):
     data_dir, meta = digits_data
-    fault = {"rank": 1, "step": 5, "where": "step", "marker": str(tmp_path / "killed")}
+    fault = Fault(rank=1, step=5, where="step", marker=str(tmp_path / "killed"))
     with pytest.raises(TrainingFailedError):  # max_failures 0: the run stops, as if its driver had died
         _fit(_config(), meta, data_dir, tmp_path / "ray", "run", fault, in_memory=True)
     assert (tmp_path / "killed").exists()
@@ -117,7 +115,7 @@ def test_worker_killed_is_restarted_and_matches_uninterrupted_run(request, digit
 
     data_dir, meta = digits_data
     marker = tmp_path / "killed"
-    fault = None if where == "upload" else {"rank": 1, "step": step, "where": where, "marker": str(marker)}
+    fault = None if where == "upload" else Fault(rank=1, step=step, where=where, marker=str(marker))
     # Checkpoints at steps 2, 4, 6, 8: the third upload is step 6's.
     storage = dying_upload("rng_rank1.pt", 3, marker) if where == "upload" else None
     trace = None if in_memory else tmp_path / "trace"
@@ -158,8 +156,7 @@ def test_a_run_handed_a_final_checkpoint_reports_its_last_epoch_without_training
     nothing, and still reports the last epoch with those weights' validation metrics (Tune would
     otherwise take the trial for one stopped early)."""
     data_dir, meta = digits_data
-    config = loop_config(_config(), meta)
-    config["start_from"] = straight[2]
+    config = worker_config(_config(), meta).replace(start_from=straight[2])
     result = build_trainer(config, load_splits(data_dir), tmp_path, name="adopted").fit()
     (checkpoint, metrics), = result.best_checkpoints
     assert (metrics["epoch"], metrics["step"], metrics["step_log"]) == (EPOCHS, straight[0][-1][0], [])

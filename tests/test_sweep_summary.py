@@ -7,7 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
-from trainers.fit import CHECKPOINT_PATH
+
+from cluster.raycompat import CHECKPOINT_PATH
 
 from trainers.modeldir import WEIGHTS
 from tuning.sweep import _summarize

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runconfig.problems import BadInput
+from runconfig.schema import TrainConfig
 
 AUTO = "auto"
 OFF = {"none", None, False}
@@ -125,7 +126,7 @@ def _show(value: Any) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
-def deepspeed_config(train: dict, hidden_size: int, total_steps: int, user: dict | None = None,
+def deepspeed_config(train: TrainConfig, hidden_size: int, total_steps: int, user: dict | None = None,
                      keep_grad_norm: bool = False) -> dict:
     """The DeepSpeed JSON for one training run.
 
@@ -141,38 +142,38 @@ def deepspeed_config(train: dict, hidden_size: int, total_steps: int, user: dict
         if current == AUTO or (current is _MISSING and not only_auto):
             _set(config, path, value)
 
-    micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
-    fill("train_batch_size", micro * accum * train["workers"])
+    batch, micro, accum = train.batch_triple()
+    fill("train_batch_size", batch)
     fill("train_micro_batch_size_per_gpu", micro)
     fill("gradient_accumulation_steps", accum)
-    fill("gradient_clipping", train["grad_clip"])
+    fill("gradient_clipping", train.grad_clip)
     fill("steps_per_print", 2**31 - 1)
     fill("wall_clock_breakdown", False)
-    fill("zero_optimization.stage", train["zero"]["stage"])
+    fill("zero_optimization.stage", train.zero.stage)
     for kind in ("offload_optimizer", "offload_param"):
-        device = "cpu" if train["zero"][kind] else "none"
-        fill(f"zero_optimization.{kind}.device", device, only_auto=not train["zero"][kind])
+        device = "cpu" if getattr(train.zero, kind) else "none"
+        fill(f"zero_optimization.{kind}.device", device, only_auto=not getattr(train.zero, kind))
 
-    optimizer = {"lr": train["lr"], "weight_decay": train["weight_decay"], "betas": list(train["adam_betas"]), "eps": 1e-8}
+    optimizer = {"lr": train.lr, "weight_decay": train.weight_decay, "betas": list(train.adam_betas), "eps": 1e-8}
     if "optimizer" not in config:
         config["optimizer"] = {"type": "AdamW", "params": optimizer}
     for key, value in optimizer.items():
         fill(f"optimizer.params.{key}", value, only_auto=True)
 
-    if "scheduler" not in config and train["lr_schedule"] == "cosine":
+    if "scheduler" not in config and train.lr_schedule == "cosine":
         # DeepSpeed's WarmupCosineLR: linear warmup from 0, cosine down to min_lr_ratio at total_steps.
         config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total_steps, 1), "warmup_num_steps": max(train["warmup_steps"], 1),
-            "warmup_min_ratio": 0.0 if train["warmup_steps"] else 1.0, "warmup_type": "linear",
-            "cos_min_ratio": train["min_lr_ratio"]}}
+            "total_num_steps": max(total_steps, 1), "warmup_num_steps": max(train.warmup_steps, 1),
+            "warmup_min_ratio": 0.0 if train.warmup_steps else 1.0, "warmup_type": "linear",
+            "cos_min_ratio": train.min_lr_ratio}}
     # DeepSpeed's warmup schedulers insist on at least one warmup step.
-    scheduler = {"warmup_min_lr": 0.0, "warmup_max_lr": train["lr"], "warmup_num_steps": max(train["warmup_steps"], 1),
+    scheduler = {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": max(train.warmup_steps, 1),
                  "total_num_steps": max(total_steps, 1)}
     for key, value in scheduler.items():
         fill(f"scheduler.params.{key}", value, only_auto=True)
 
     for precision in ("fp16", "bf16"):
-        enabled = train["precision"] == precision
+        enabled = train.precision == precision
         if precision in config:
             fill(f"{precision}.enabled", enabled, only_auto=True)
         elif enabled:
@@ -192,7 +193,7 @@ def deepspeed_config(train: dict, hidden_size: int, total_steps: int, user: dict
     if leftover:
         raise DeepSpeedConfigError([f"train.deepspeed_config: {p} is \"auto\" but raylaunch has no value for it; "
                                     f"set it in the file" for p in leftover])
-    if not train["use_gpu"]:
+    if not train.use_gpu:
         cpu_optimizer(config["optimizer"])
         config["zero_force_ds_cpu_optimizer"] = False
     return config

@@ -3,132 +3,35 @@ pick of its best checkpoint. Used by the train and distill stages and by every s
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import ray.data
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2.api.callback import UserCallback
 
+from cluster.raycompat import PolledTorchTrainer, worker_group_start_timed_out
 from cluster.remote import is_uri, to_uri
 from cluster.resources import describe, missing_resources, worker_group_demand
-from cluster.session import TRAIN_POLL_ENV
-from runconfig.schema import metric_mode
+from runconfig.schema import TrainConfig, metric_mode
 from trainers.loop import shard_name, train_loop_per_worker
+from trainers.worker import WorkerConfig
 
 
-# How often Ray Train's controller polls a run's workers (Ray's default: every 2 s). A run's end is
-# noticed only at the next poll. Each poll also takes at most one report from each rank, whose queue
-# holds one: a report made before the one ahead of it was taken waits for the next poll. Runs that
-# report every few steps (the digits, sweeps of small models, the test suite) are held by slow polls:
-# three small fits took 47-57 s at 0.5 s, 36-54 s at 0.1 s, in alternating rounds. Runs that report
-# rarely only pay for fast ones: a poll is an actor call on every rank, and where the ranks fill the
-# CPUs it comes out of training (a 2-worker GPT on 2 cores: about 2% slower at 0.1 s than at 0.5 s,
-# medians of 12 alternating runs each; bench/RESULTS.md); a sweep's concurrent trials all poll. So
-# each run polls at its own interval: FAST_POLL_S when its reports are fewer than FREQUENT_REPORTS
-# micro-batches apart, else SLOW_POLL_S. At 10 ms or more a micro-batch (all but toy models), the
-# reports of the others come at least 0.5 s apart and never wait. A poll not answered in time is
-# waited on at the next; a worker is declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S
-# (10 min). An interval the user set (in the environment raylaunch started in) is used by every run.
+# Ray Train's poll interval (cluster.raycompat, 1): a run's end, and a report made before the one ahead
+# of it was taken, wait for the next poll; but each poll is an actor call on every rank, which comes out
+# of training where the ranks fill the CPUs. So runs whose reports come often poll fast, others slowly
+# (bench/RESULTS.md, 2026-12-02, "Ray Train's poll interval chosen per run"). One the user set wins.
 FAST_POLL_S, SLOW_POLL_S, FREQUENT_REPORTS = 0.1, 0.5, 50
 
 
-def poll_interval_s(config: dict) -> float:
-    """Ray Train's poll interval for a `loop_config`'s run, from how often it reports: at each
-    epoch's end, and every `train.checkpoint_every` steps."""
-    train = config["train"]
-    steps = min(train["checkpoint_every"] or config["steps_per_epoch"], config["steps_per_epoch"])
-    return FAST_POLL_S if steps * train["grad_accum_steps"] < FREQUENT_REPORTS else SLOW_POLL_S
-
-
-@contextmanager
-def polled_every(seconds: float) -> Iterator[None]:
-    """The poll interval of the runs whose fit() is called inside: Ray Train gives a run's controller
-    the RAY_TRAIN_* variables of the environment fit() is called in. One the user set is left alone.
-    Meant for one fit() at a time in a process (a run started alongside would share the interval)."""
-    if TRAIN_POLL_ENV in os.environ:
-        yield
-        return
-    os.environ[TRAIN_POLL_ENV] = str(seconds)
-    try:
-        yield
-    finally:
-        os.environ.pop(TRAIN_POLL_ENV, None)
-
-
-class _Trainer(TorchTrainer):
-    """A TorchTrainer whose controller polls every `poll_s` seconds (`polled_every`)."""
-
-    def __init__(self, *args, poll_s: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.poll_s = poll_s
-
-    def fit(self):
-        with polled_every(self.poll_s):
-            return super().fit()
-
-
-CHECKPOINT_PATH = "checkpoint_path"
-"""The key a `ReportStream` item holds the reported checkpoint's path under."""
-
-
-class _QueueReport(UserCallback):
-    """Runs in the run's Ray Train controller: hands each report (rank 0's metrics, the
-    checkpoint's path) to a `ReportStream` through a Ray queue."""
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint):
-        item = dict(metrics[0])
-        if checkpoint is not None:
-            item[CHECKPOINT_PATH] = to_uri(checkpoint.filesystem, checkpoint.path)
-        self.queue.put(item)  # waits while the previous report is still being handled
-
-
-class ReportStream:
-    """Each report of a training run, as the run makes it, handed to `on_report` in a thread of
-    this process (the driver's progress and metric logs; a sweep trial's reports to Tune). An
-    error in `on_report` is raised when the run ends; reports keep being taken until then, or
-    training would wait on the queue forever."""
-
-    _DONE = "__done__"
-
-    def __init__(self, on_report: Callable[[dict], None]):
-        from ray.util.queue import Queue
-
-        self.on_report, self.error = on_report, None
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-        self.thread = threading.Thread(target=self._drain, name="report-stream", daemon=True)
-
-    def callback(self) -> UserCallback:
-        return _QueueReport(self.queue)
-
-    def __enter__(self) -> ReportStream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if self.thread.is_alive():
-            self.queue.put(self._DONE)  # after the last report: the thread handles everything first
-            self.thread.join()
-        self.queue.shutdown(force=True)  # its actor: a Tune trial's process may be reused for another trial
-        if self.error is not None and exc_type is None:
-            raise self.error
-
-    def _drain(self) -> None:
-        while (item := self.queue.get()) != self._DONE:
-            if self.error is not None:
-                continue
-            try:
-                self.on_report(item)
-            except Exception as exc:  # raised in the run's thread when it ends
-                self.error = exc
+def poll_interval_s(config: WorkerConfig) -> float:
+    """Ray Train's poll interval for a run, from how often it reports: at each epoch's end, and
+    every `train.checkpoint_every` steps."""
+    steps = min(config.train.checkpoint_every or config.steps_per_epoch, config.steps_per_epoch)
+    return FAST_POLL_S if steps * config.train.grad_accum_steps < FREQUENT_REPORTS else SLOW_POLL_S
 
 
 class WorkerGroupUnplaceable(RuntimeError):
@@ -177,35 +80,36 @@ def splits_in_memory(splits: dict[str, ray.data.Dataset]) -> bool:
     return isinstance(splits["train"], MaterializedDataset)
 
 
-def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
+def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
                   callbacks: Sequence = (), storage_filesystem=None) -> TorchTrainer:
-    """A TorchTrainer for a `loop_config` over the splits from `load_splits`; `storage_filesystem`:
-    the pyarrow filesystem `storage_path` is on, where Ray would not find it from the path itself."""
-    train = config["train"]
-    shards = rank_shards(datasets, train["workers"]) if splits_in_memory(datasets) else None
-    return _Trainer(
-        train_loop_per_worker,
-        train_loop_config=config | {"rank_shards": shards is not None},
-        scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
-                                     resources_per_worker={"CPU": train["cpus_per_worker"]},
-                                     placement_strategy=train["placement_strategy"]),
-        torch_config=TorchConfig(backend="nccl" if train["use_gpu"] else "gloo"),
+    """A TorchTrainer whose workers run `config` over the splits from `load_splits`;
+    `storage_filesystem`: the pyarrow filesystem `storage_path` is on, where Ray would not find it
+    from the path itself."""
+    train = config.train
+    shards = rank_shards(datasets, train.workers) if splits_in_memory(datasets) else None
+    return PolledTorchTrainer(
+        # The WorkerConfig is the one argument of the loop (Ray Train calls a function of none as is).
+        partial(train_loop_per_worker, config.replace(rank_shards=shards is not None)),
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker},
+                                     placement_strategy=train.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets=shards or datasets,
         # preserve_order: each rank's shard holds the same rows in the same order on every run, so
         # a resumed run sees exactly the batches the uninterrupted one would have.
         dataset_config=DataConfig(datasets_to_split=[] if shards else "all",
-                                  execution_options=_ingest_options(config["ingest_memory_mb"])),
+                                  execution_options=_ingest_options(config.ingest_memory_mb)),
         run_config=RunConfig(
             name=name,
             storage_path=storage_uri(storage_path) if storage_filesystem is None else str(storage_path),
             storage_filesystem=storage_filesystem,
             # A worker group that cannot be placed again (a node left for good) times out after
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; without a limit Ray Train would retry forever.
-            failure_config=FailureConfig(max_failures=train["max_failures"],
-                                         controller_failure_limit=max(train["max_failures"], 0)),
-            checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"],
-                                               checkpoint_score_attribute=config["metric"],
-                                               checkpoint_score_order=metric_mode(config["metric"])),
+            failure_config=FailureConfig(max_failures=train.max_failures,
+                                         controller_failure_limit=max(train.max_failures, 0)),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
+                                               checkpoint_score_attribute=config.metric,
+                                               checkpoint_score_order=metric_mode(config.metric)),
             callbacks=list(callbacks),
         ),
         poll_s=poll_interval_s(config),
@@ -214,18 +118,12 @@ def build_trainer(config: dict, datasets: dict[str, ray.data.Dataset], storage_p
 
 def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str, ray.data.Dataset]:
     """Splits held in memory, cut once into equal shards, one per rank: `train.0`, `train.1`, ...
-    (`shard_name`). Each rank then reads its own blocks from the object store. A streaming split
-    instead passes every block through a coordinator actor, which every rank waits on at the start
-    of each epoch; on 2 CPU workers that cost the GPT 8-9% of its throughput (bench/RESULTS.md).
-    Contiguous row ranges in file order, the remainder dropped as a streaming split's equal mode
-    does, so every rank gets the same rows on every run (an exact resume).
-
-    Cut here, from the held blocks read zero-copy out of the object store (`equal_slices`): the
-    shards are copies of them, so a split held in memory takes its size again for each trainer
-    that holds shards of it (`hold_in_memory` counts them). `Dataset.split` would keep whole
-    blocks and copy only the ones a cut crosses, but it runs Ray Data tasks, and on a fresh
-    embedded Ray the first of them waits for worker processes to start: 1.8 s before the worker
-    group could start (bench/RESULTS.md)."""
+    (`shard_name`): each rank reads its own blocks, where a streaming split passes every block
+    through a coordinator actor every rank waits on each epoch (8-9% of the GPT's throughput on 2
+    CPUs). Contiguous row ranges in file order, the remainder dropped, so every rank gets the same
+    rows on every run (an exact resume). Sliced in the driver (`equal_slices`), not by
+    `Dataset.split`, whose tasks wait for worker processes to start on a fresh Ray (1.8 s); so each
+    shard is a copy (`hold_in_memory` counts them). Measurements: bench/RESULTS.md."""
     shards = {}
     for name, dataset in datasets.items():
         tables = ray.get(dataset.to_arrow_refs())
@@ -267,19 +165,17 @@ def storage_uri(storage_path: Path | str) -> str:
     return str(storage_path) if is_uri(storage_path) else str(Path(storage_path).resolve())
 
 
-def fit(trainer: TorchTrainer, train: dict):
+def fit(trainer: TorchTrainer, train: TrainConfig):
     """`trainer.fit()`, with a worker group that can no longer be placed (a node left and too
     little is left) reported as what it is, naming the missing resources."""
     import ray
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-    from ray.train.v2.api.exceptions import ControllerError
 
     try:
         return trainer.fit()
-    except ControllerError as exc:
-        if not isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+    except Exception as exc:
+        if not worker_group_start_timed_out(exc):
             raise
-        demand = worker_group_demand(train["workers"], train["cpus_per_worker"], train["use_gpu"])
+        demand = worker_group_demand(train.workers, train.cpus_per_worker, train.use_gpu)
         now = ray.cluster_resources()
         missing = missing_resources(now, demand)
         have = describe({k: now.get(k, 0.0) for k in demand})

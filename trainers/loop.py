@@ -1,7 +1,7 @@
 """The per-worker training function Ray Train runs on every rank.
 
-Everything a worker needs arrives in its plain-dict config (built once on the driver by
-`loop_config`) and through `ray.train.get_dataset_shard`; everything it gives back leaves through
+Everything a worker needs arrives in its `WorkerConfig` (built once on the driver by
+`trainers.worker.worker_config`) and through `ray.train.get_dataset_shard`; everything it gives back leaves through
 `ray.train.report`. The same loop trains a teacher (cross-entropy) and a student (distillation
 loss against a frozen teacher), classifiers and language models alike: a batch is `features`
 and `label`, and for a language model both are token blocks, the label shifted by one.
@@ -28,93 +28,59 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cluster.raycompat import HeldShard
 from cluster.remote import local_dir
 from trainers import import_deepspeed
 from trainers.batches import model_batch
 from trainers.modeldir import load_model_dir, model_spec, save_model_dir
-from trainers.deepspeed_config import deepspeed_config
 from trainers.distill import LOGITS, TOPK_INDICES, TOPK_VALUES, distillation_loss, topk_distillation_loss
 from trainers.models import build_model
+from trainers.worker import Distillation, WorkerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 POSITION = "position.json"
 
 
-def steps_per_epoch(train: dict, train_rows: int) -> int:
-    """Optimizer steps per epoch. Every rank gets the same rows (an equal split drops the
-    remainder), and only whole optimizer steps are taken, so all ranks agree on the count."""
-    rows_per_rank = train_rows // train["workers"]
-    return rows_per_rank // train["micro_batch_size"] // train["grad_accum_steps"]
-
-
-def hidden_size(model: dict) -> int:
-    return model["d_model"] if model["type"] == "gpt" else model["width"]
-
-
-def loop_config(run: dict, data_meta: dict, teacher_dir: str | None = None) -> dict:
-    """The config one training run's workers receive, from a resolved run config (a plain dump,
-    possibly with a sweep's overrides applied, and the user's DeepSpeed JSON under `deepspeed_user`).
-    With `teacher_dir` it trains `distill.student`."""
-    train = dict(run["train"])
-    model = run["model"]
-    distill, lr_path = None, "train.lr"
-    if teacher_dir is not None:
-        model = run["distill"]["student"]
-        train["epochs"] = run["distill"]["epochs"] or train["epochs"]
-        train["lr"] = run["distill"]["lr"] or train["lr"]
-        lr_path = "distill.lr" if run["distill"]["lr"] else lr_path
-        distill = {"teacher_dir": teacher_dir, "temperature": run["distill"]["temperature"],
-                   "alpha": run["distill"]["alpha"], "teacher_outputs": run["distill"]["teacher_outputs"]}
-    per_epoch = steps_per_epoch(train, data_meta["rows"]["train"])
-    if per_epoch < 1:
-        raise ValueError(f"train.micro_batch_size: {data_meta['rows']['train']} train rows over {train['workers']} workers "
-                         f"make no full optimizer step of {train['micro_batch_size']} x {train['grad_accum_steps']} rows")
-    return {"model": model, "train": train, "data_meta": data_meta, "distill": distill,
-            "ingest_memory_mb": run["data"]["ingest_memory_mb"], "shuffle_buffer": run["data"]["shuffle_buffer"],
-            "metric": run["tune"]["metric"], "lr_path": lr_path, "steps_per_epoch": per_epoch,
-            "deepspeed": deepspeed_config(train, hidden_size(model), per_epoch * train["epochs"], run.get("deepspeed_user"),
-                                          keep_grad_norm="train.grad_clip" in run["tune"]["space"])}
-
-
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: WorkerConfig) -> None:
     # Wall-clock times of this worker's start, sent with its first report (bench/first_step.py).
     startup = {"loop_start": time.time()}
     deepspeed = import_deepspeed()  # imported on the worker: it probes the accelerator at import time
 
-    train, meta = config["train"], config["data_meta"]
+    train, meta = config.train, config.data
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    torch.manual_seed(train["seed"])  # same seed on every rank: identical initial weights
-    model = build_model(config["model"], meta["input_shape"], meta["num_classes"])
+    torch.manual_seed(train.seed)  # same seed on every rank: identical initial weights
+    model_section = config.model.model_dump(mode="json")
+    model = build_model(model_section, meta["input_shape"], meta["num_classes"])
     if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = train["activation_checkpointing"]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["deepspeed"])
+        model.activation_checkpointing = train.activation_checkpointing
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config.deepspeed)
     skip_lone_allreduce(engine)
     startup["engine_ready"] = time.time()
-    dtype = DTYPES[train["precision"]]
-    loss_fn = _loss(config["distill"], engine.device)
-    train_shard, val_shard = (ray.train.get_dataset_shard(shard_name(split, rank, config["rank_shards"]))
+    dtype = DTYPES[train.precision]
+    loss_fn = _loss(config.distill, engine.device)
+    train_shard, val_shard = (ray.train.get_dataset_shard(shard_name(split, rank, config.rank_shards))
                               for split in ("train", "val"))
-    if config["rank_shards"]:
-        train_shard, val_shard = _HeldShard(train_shard), _HeldShard(val_shard)
-    spec = model_spec(config["model"], meta)
+    if config.rank_shards:
+        train_shard, val_shard = HeldShard(train_shard), HeldShard(val_shard)
+    spec = model_spec(model_section, meta)
 
     position = {"epoch": 0, "micro_batch": 0, "step": 0}
     checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
-    adopted = checkpoint is None and config.get("start_from") is not None
+    adopted = checkpoint is None and config.start_from is not None
     if adopted:  # PBT: another trial's checkpoint, continued with this trial's (perturbed) values
-        checkpoint = ray.train.Checkpoint(config["start_from"])
+        checkpoint = ray.train.Checkpoint(config.start_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = _load_state(engine, Path(directory), rank)
         if adopted:
-            _apply_optimizer_values(engine, config["deepspeed"])
+            _apply_optimizer_values(engine, config.deepspeed)
 
-    accum = train["grad_accum_steps"]
-    micro_per_epoch = config["steps_per_epoch"] * accum
-    every = train["checkpoint_every"]
-    if adopted and position["epoch"] >= train["epochs"]:
+    accum = train.grad_accum_steps
+    micro_per_epoch = config.micro_batches_per_epoch
+    every = train.checkpoint_every
+    if adopted and position["epoch"] >= train.epochs:
         # PBT handed this trial another trial's checkpoint from the end of training: nothing is
         # left to train, but Tune must still hear that the trial is at its last epoch, with the
         # weights it now holds (else it ends reporting an earlier epoch, as if stopped early).
@@ -123,19 +89,19 @@ def train_loop_per_worker(config: dict) -> None:
     # and a host sync per micro batch. `fail`: each rank checks its own losses as they are read
     # back (a rank that raises ends the run), a step late on an accelerator so that it never
     # waits for the step in flight; no checkpoint is taken before every loss is checked.
-    skip_bad = train["on_nan"] == "skip"
-    diverged = partial(_diverged, lr_path=config["lr_path"], lr=train["lr"])
+    skip_bad = train.on_nan == "skip"
+    diverged = partial(_diverged, lr_path=config.lr_path, lr=train.lr)
     lag = 1 if engine.device.type == "cuda" else 0
     waiting = _Stopwatch()
-    for epoch in range(position["epoch"], train["epochs"]):
+    for epoch in range(position["epoch"], train.epochs):
         engine.train()
         started, since_report = time.perf_counter(), _Window(diverged)
         skip = position["micro_batch"] if epoch == position["epoch"] else 0
         # On a GPU the batches are pinned: a copy from pageable memory waits for all the work queued
         # before it, which would stop the CPU queueing ahead.
-        batches = train_shard.iter_torch_batches(batch_size=train["micro_batch_size"], drop_last=True,
-                                                 local_shuffle_buffer_size=max(config["shuffle_buffer"], train["micro_batch_size"]),
-                                                 local_shuffle_seed=train["seed"] * 1000 + epoch, device=engine.device,
+        batches = train_shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=True,
+                                                 local_shuffle_buffer_size=max(config.shuffle_buffer, train.micro_batch_size),
+                                                 local_shuffle_seed=train.seed * 1000 + epoch, device=engine.device,
                                                  pin_memory=engine.device.type == "cuda")
         # Every rank walks the whole shard (equal row counts: the same number of batches), trains
         # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
@@ -143,8 +109,8 @@ def train_loop_per_worker(config: dict) -> None:
             startup.setdefault("first_batch", time.time())
             if index < skip or index >= micro_per_epoch:
                 continue
-            if config.get("trace"):
-                _trace(config["trace"], rank, epoch, index, batch)
+            if config.trace:
+                _trace(config.trace, rank, epoch, index, batch)
             x, y = model_batch(batch, meta, epoch)
             x = _model_input(x, dtype)
             loss = loss_fn(engine(x).float(), y, batch, x)
@@ -179,20 +145,16 @@ def shard_name(split: str, rank: int, per_rank: bool) -> str:
     return f"{split}.{rank}" if per_rank else split
 
 
-def _fault(config: dict, rank: int, step: int, where: str) -> None:
-    """Fault injection for the failure tests: `config["fault"] = {"rank", "step", "where", "marker"}`
-    kills this worker with SIGKILL once (the marker file records that it happened) after optimizer
-    step `step` ("step"), or while saving that step's checkpoint: once DeepSpeed has written its
-    state and before the rest ("save:deepspeed"), or once every file is written and before the
-    upload ("save"). The driver never sets it; tests build their loop configs with it."""
-    fault = config.get("fault")
-    if fault and (fault["rank"], fault["step"], fault["where"]) == (rank, step, where) and not os.path.exists(fault["marker"]):
-        Path(fault["marker"]).touch()
+def _fault(config: WorkerConfig, rank: int, step: int, where: str) -> None:
+    """Fault injection for the failure tests (`WorkerConfig.fault`; the driver never sets it)."""
+    fault = config.fault
+    if fault and (fault.rank, fault.step, fault.where) == (rank, step, where) and not os.path.exists(fault.marker):
+        Path(fault.marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _trace(folder: str, rank: int, epoch: int, index: int, batch: dict) -> None:
-    """For the data tests: `config["trace"]` names a folder where each rank writes, as it trains on
+    """For the data tests: `WorkerConfig.trace` names a folder where each rank writes, as it trains on
     them, the keys of the rows of each micro batch (one JSON line per micro batch, in order; a
     restarted worker group writes again from where it continues). The driver never sets it."""
     record = {"pid": os.getpid(), "epoch": epoch, "index": index, "keys": batch["key"].tolist()}
@@ -264,36 +226,6 @@ def skip_lone_allreduce(engine) -> None:
         engine.enable_backward_allreduce = False
 
 
-class _HeldShard:
-    """A rank's own shard of a split held in memory (`trainers.fit.rank_shards`), read from the object
-    store into tensors in this process once; every pass over it then slices those tensors. Each pass
-    over a Ray Data shard starts a new execution of its plan: for the digits (19 batches an epoch)
-    30-60 ms a pass, more than the CNN's training between passes (bench/RESULTS.md). The same
-    `iter_torch_batches` arguments as Ray Data's iterator; a shuffled pass is a full permutation of
-    the shard drawn from `local_shuffle_seed` (Ray Data's buffer of `local_shuffle_buffer_size` rows
-    mixes rows only within the buffer)."""
-
-    def __init__(self, shard):
-        blocks = list(shard.iter_torch_batches(batch_size=None, device="cpu"))  # whole blocks, file order
-        self.columns = {name: torch.cat([block[name] for block in blocks]) for name in (blocks[0] if blocks else {})}
-        self.rows = len(next(iter(self.columns.values()))) if self.columns else 0
-
-    def iter_torch_batches(self, *, batch_size: int, device, drop_last: bool = False,
-                           local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
-                           pin_memory: bool = False):
-        if local_shuffle_buffer_size is None:
-            order = torch.arange(self.rows)
-        else:  # the loop always seeds its shuffle (train.seed and the epoch)
-            order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(local_shuffle_seed))
-        stop = self.rows - self.rows % batch_size if drop_last else self.rows
-        for start in range(0, stop, batch_size):
-            rows = order[start:start + batch_size]
-            batch = {name: column[rows] for name, column in self.columns.items()}
-            if pin_memory:
-                batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
-            yield {name: tensor.to(device, non_blocking=pin_memory) for name, tensor in batch.items()}
-
-
 class _Stopwatch:
     """The time a loop spends waiting on an iterator for its next item."""
 
@@ -335,15 +267,15 @@ def _finite_everywhere(loss: torch.Tensor, device) -> bool:
     return bad.item() == 0.0
 
 
-def _loss(distill: dict | None, device):
+def _loss(distill: Distillation | None, device):
     """loss(logits, targets, batch, inputs): cross-entropy for a teacher; for a student, the
     distillation loss against the frozen teacher run here (`live`) or its outputs stored with the
     rows (`precompute`: all logits of a classifier, the top k per token of a language model)."""
     if distill is None:
         return lambda logits, y, batch, x: F.cross_entropy(logits.flatten(0, -2), y.flatten())
-    kd = partial(distillation_loss, temperature=distill["temperature"], alpha=distill["alpha"])
-    if distill["teacher_outputs"] == "precompute":
-        topk = partial(topk_distillation_loss, temperature=distill["temperature"], alpha=distill["alpha"])
+    kd = partial(distillation_loss, temperature=distill.temperature, alpha=distill.alpha)
+    if distill.teacher_outputs == "precompute":
+        topk = partial(topk_distillation_loss, temperature=distill.temperature, alpha=distill.alpha)
 
         def stored(logits, y, batch, x):
             if TOPK_VALUES in batch:
@@ -352,22 +284,21 @@ def _loss(distill: dict | None, device):
             return kd(logits, batch[LOGITS].float(), y)
 
         return stored
-    teacher, _ = load_model_dir(local_dir(distill["teacher_dir"]))  # a URI run: the teacher is read from there
+    teacher, _ = load_model_dir(local_dir(distill.teacher_dir))  # a URI run: the teacher is read from there
     teacher = teacher.to(device).requires_grad_(False)
     return lambda logits, y, batch, x: kd(logits.flatten(0, -2), teacher(_model_input(x, torch.float32)).flatten(0, -2),
                                           y.flatten())
 
 
-def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict,
+def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict,
                 startup: dict | None = None) -> None:
     """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard).
     `startup` (the worker's start-up times) goes with the first report after the worker started."""
-    metrics = _validate(engine, val_shard, dtype, config["train"]["micro_batch_size"], config["data_meta"])
+    metrics = _validate(engine, val_shard, dtype, config.train.micro_batch_size, config.data)
     totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items, window.data_wait],
                                           dtype=torch.float64), engine.device)
-    lm = config["data_meta"].get("task") == "lm"
-    micro_per_epoch = config["steps_per_epoch"] * config["train"]["grad_accum_steps"]
-    metrics.update(epoch=position["epoch"] + position["micro_batch"] / micro_per_epoch, step=position["step"],
+    lm = config.data["task"] == "lm"
+    metrics.update(epoch=position["epoch"] + position["micro_batch"] / config.micro_batches_per_epoch, step=position["step"],
                    lr=float(engine.get_lr()[0]),
                    skipped_batches=window.skipped,  # the same on every rank: they skip together
                    # Per step since the last report, for TensorBoard/MLflow (rank 0's is the one kept).
@@ -395,7 +326,7 @@ def _checkpoint(engine, config: dict, spec: dict, rank: int, window: _Window, va
         if rank == 0:
             save_model_dir(directory, state_dict, spec)
             # Where in training this checkpoint is, readable without DeepSpeed (a sweep names the trial).
-            (directory / POSITION).write_text(json.dumps({"trial": config.get("trial"), **position}))
+            (directory / POSITION).write_text(json.dumps({"trial": config.trial, **position}))
         _fault(config, rank, position["step"], "save")
         # Ray Train registers the checkpoint only once every rank has uploaded its part: a worker
         # that dies while saving leaves the previous checkpoint as the latest.

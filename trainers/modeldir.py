@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dataprep import TOKENIZER_FILE, DataError
+from dataprep.meta import DataMeta
 from trainers.models import build_model
 from trainers.quantize import PT2E, flat_state, graph_state, quantize_model, set_graph_state, unflatten_state
 
@@ -42,7 +43,7 @@ PREPROCESS_KEYS = ("task", "format", "feature_columns", "stored_shape", "normali
                    "vocab_size", "seq_len")
 
 
-def model_spec(model: dict, data_meta: dict) -> dict:
+def model_spec(model: dict, data_meta: DataMeta) -> dict:
     """What rebuilds a model and feeds it: its config section, the data's shape and classes, and
     the preprocessing its inputs went through (normalization statistics, tokenizer)."""
     return {"format": "fp32", "model": model, "input_shape": data_meta["input_shape"],

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 from ray import tune
 
 from runconfig.schema import searches_student
@@ -26,18 +23,6 @@ def tune_domain(domain: dict, search: str = "random"):
 def mutation_domain(domain: dict):
     """What PBT may move a `tune.space` entry to when it perturbs a trial: a grid's values are choices."""
     return tune.choice(domain["grid"]) if domain.get("grid") is not None else tune_domain(domain)
-
-
-def apply_overrides(run: dict, sampled: dict[str, Any]) -> dict:
-    """A copy of a resolved config dump with each `dotted.path: value` of a trial set."""
-    run = copy.deepcopy(run)
-    for path, value in sampled.items():
-        *parents, leaf = path.split(".")
-        node = run
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return run
 
 
 def epochs_path(space: dict) -> str:

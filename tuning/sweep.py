@@ -19,13 +19,17 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from cluster.raycompat import CHECKPOINT_PATH, ReportStream
 from cluster.remote import exists, join, read_text, to_uri
 from cluster.resources import worker_group_demand
+from dataprep.meta import DataMeta
+from runconfig.resolved import ResolvedConfig, apply_overrides
 from runconfig.schema import metric_mode
+from trainers.fit import build_trainer, fit, storage_uri
+from trainers.loop import POSITION
 from trainers.modeldir import WEIGHTS
-from trainers.fit import CHECKPOINT_PATH, ReportStream, build_trainer, fit, storage_uri
-from trainers.loop import POSITION, loop_config
-from tuning.space import apply_overrides, max_epochs, mutation_domain, planned_epochs, tune_domain
+from trainers.worker import worker_config
+from tuning.space import max_epochs, mutation_domain, planned_epochs, tune_domain
 
 # The trial function only waits on its TorchTrainer; the workers hold the real resources. It asks
 # for memory, not CPU: even 0.01 CPU would leave 1.99 of 2 CPUs, too few for a 2 x 1-CPU group.
@@ -49,11 +53,10 @@ class SweepResult:
     best_values: dict
 
 
-def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_path: str, pbt: bool,
+def _trial(sampled: dict, resolved: ResolvedConfig, data_meta: DataMeta, datasets: dict, storage_path: str, pbt: bool,
            teacher_dir: str | None) -> None:
-    config = loop_config(apply_overrides(run, sampled), data_meta, teacher_dir=teacher_dir)
     trial_id = tune.get_context().get_trial_id()
-    config["trial"] = trial_id
+    config = worker_config(resolved.with_overrides(sampled), data_meta, teacher_dir=teacher_dir).replace(trial=trial_id)
     name, checkpoint, origin = f"trial-{trial_id}", tune.get_checkpoint(), ""
     if checkpoint is not None:
         # A Tune checkpoint: under PBT, a top trial's (an exploit) or this trial's own (PBT pauses
@@ -61,11 +64,11 @@ def _trial(sampled: dict, run: dict, data_meta: dict, datasets: dict, storage_pa
         # a new Ray Train run named after it: a restart from the same checkpoint continues that run.
         source = _position(checkpoint)
         name = f"trial-{trial_id}-from-{source['trial']}-step{source['step']}"
-        config["start_from"] = to_uri(checkpoint.filesystem, checkpoint.path)
+        config = config.replace(start_from=to_uri(checkpoint.filesystem, checkpoint.path))
         if source["trial"] != trial_id:
             origin = f"{source['trial']}@{source['step']}"
-    with ReportStream(_to_tune(pbt, origin, config["train"]["epochs"])) as reports:
-        fit(build_trainer(config, datasets, storage_path, name=name, callbacks=[reports.callback()]), config["train"])
+    with ReportStream(_to_tune(pbt, origin, config.train.epochs)) as reports:
+        fit(build_trainer(config, datasets, storage_path, name=name, callbacks=[reports.callback()]), config.train)
 
 
 def _position(checkpoint) -> dict:
@@ -117,7 +120,7 @@ def read_reports(path: Path) -> dict:
     return {name: group.reset_index(drop=True) for name, group in frame.groupby("trial", sort=False)} if rows else {}
 
 
-def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, max_concurrent: int,
+def run_sweep(resolved: ResolvedConfig, data_meta: DataMeta, datasets: dict, storage_path: Path, max_concurrent: int,
               reports: Path, resume: bool = False, teacher_dir: str | None = None,
               callbacks: Sequence[tune.Callback] = ()) -> SweepResult:
     """Sample `tune.num_samples` configs from `tune.space` and train each on `datasets` (as
@@ -125,6 +128,7 @@ def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, ma
     by `tune.metric` over all epochs of all trials. With `teacher_dir`, each trial distills that
     teacher into a student. Every report is logged to `reports` (JSON lines); `callbacks` are more
     of Tune's driver callbacks (progress, metric logs)."""
+    run = resolved.dump()
     settings = run["tune"]
     metric, mode = settings["metric"], metric_mode(settings["metric"])
     if settings["scheduler"] == "asha":
@@ -141,7 +145,7 @@ def run_sweep(run: dict, data_meta: dict, datasets: dict, storage_path: Path, ma
             synch=settings["synch"], log_config=False)
     else:
         scheduler = FIFOScheduler()
-    trainable = tune.with_parameters(_trial, run=run, data_meta=data_meta, datasets=datasets,
+    trainable = tune.with_parameters(_trial, resolved=resolved, data_meta=data_meta, datasets=datasets,
                                      storage_path=storage_uri(storage_path), pbt=settings["scheduler"] == "pbt",
                                      teacher_dir=teacher_dir)
     trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.session import EMBEDDED_SYSTEM_CONFIG
+from cluster.raycompat import EMBEDDED_SYSTEM_CONFIG
 
 # Read by Ray Train's controller, a process the raylets below start: set before they start.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
@@ -56,7 +56,8 @@ def main(work: Path, data_dir: Path | None) -> None:
         from dataprep.cache import prepare
         from runconfig.schema import RunConfig
         from trainers.fit import WorkerGroupUnplaceable, build_trainer, fit, load_splits
-        from trainers.loop import loop_config
+        from runconfig.resolved import ResolvedConfig
+        from trainers.worker import worker_config
 
         if data_dir is None:
             data = RunConfig().model_dump(mode="json")["data"] | {"transforms": [{"type": "standardize", "per": "feature"}]}
@@ -66,17 +67,17 @@ def main(work: Path, data_dir: Path | None) -> None:
         # The workers stream the cached Parquet files (zero-CPU read tasks): a node that leaves
         # takes no dataset blocks with it that would need a free CPU to rebuild.
         splits = load_splits(data_dir)
-        run = RunConfig.model_validate({
+        run = ResolvedConfig.of(RunConfig.model_validate({
             "model": {"type": "mlp", "width": 32, "depth": 1},
             "train": {"workers": 2, "epochs": 1, "micro_batch_size": 64, "checkpoint_every": 2, "max_failures": 1,
                       "placement_strategy": "SPREAD", "keep_checkpoints": 50},
-        }).model_dump(mode="json")
-        config = loop_config(run, meta)
-        report = {"expected_steps": run["train"]["epochs"] * config["steps_per_epoch"]}
+        }))
+        config = worker_config(run, meta)
+        report = {"expected_steps": config.total_steps}
 
         removed: dict = {}
         watcher = remove_after_first_checkpoint(cluster, nodes[1], work / "ray" / "recover", removed)
-        result = fit(build_trainer(config, splits, work / "ray", name="recover"), config["train"])
+        result = fit(build_trainer(config, splits, work / "ray", name="recover"), config.train)
         watcher.join(timeout=5)
         report["recovered"] = {"node_removed": "at" in removed, "final_step": result.metrics["step"],
                                "nodes_left": len([n for n in ray.nodes() if n["Alive"]]),
@@ -85,7 +86,7 @@ def main(work: Path, data_dir: Path | None) -> None:
         removed = {}
         watcher = remove_after_first_checkpoint(cluster, nodes[2], work / "ray" / "fail", removed)
         try:
-            fit(build_trainer(config, splits, work / "ray", name="fail"), config["train"])
+            fit(build_trainer(config, splits, work / "ray", name="fail"), config.train)
             report["too_little_left"] = {"error": None}
         except WorkerGroupUnplaceable as exc:
             report["too_little_left"] = {"error": str(exc), "seconds_after_removal": time.monotonic() - removed["at"]}

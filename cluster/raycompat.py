@@ -1,0 +1,300 @@
+"""Every place raylaunch works around, or relies on, a behaviour of the installed Ray (2.60).
+
+Each entry says what it does, why, and what in Ray it depends on; tests/test_raycompat.py has a test
+per entry that fails when an upgraded Ray no longer behaves so (then the entry can change or go).
+The two classes that subclass Ray Train's are made on first use (`__getattr__` below): importing
+Ray Train imports torch, seconds that starting Ray or `raylaunch submit` should not pay.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from cluster.remote import to_uri
+
+# ---------------------------------------------------------------------------------------------
+# 1. Ray Train's poll interval, per run. Ray Train's controller polls its workers every
+#    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), read from the environment `fit()` is called
+#    in, and takes at most one report per rank per poll: runs that report every few steps wait on it
+#    (trainers.fit.poll_interval_s chooses). Relies on: the controller reading that variable.
+
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextmanager
+def polled_every(seconds: float) -> Iterator[None]:
+    """The poll interval of the runs whose fit() is called inside. One the user set is left alone.
+    Meant for one fit() at a time in a process (a run started alongside would share the interval)."""
+    if TRAIN_POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[TRAIN_POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(TRAIN_POLL_ENV, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Reports as they happen. Ray Train v2's `fit()` blocks until the run ends and hands the driver
+#    nothing before; its UserCallback.after_report(run_context, metrics, checkpoint) runs in the
+#    controller actor. A Ray queue carries each report from there to a thread of the driver (the
+#    progress bar and metric logs; a sweep trial's reports to Tune). Relies on: that hook and its
+#    arguments (metrics: one dict per rank).
+
+CHECKPOINT_PATH = "checkpoint_path"
+"""The key a `ReportStream` item holds the reported checkpoint's path under."""
+
+
+class ReportStream:
+    """Each report of a training run (rank 0's metrics, the checkpoint's path), as the run makes
+    it, handed to `on_report` in a thread of this process. An error in `on_report` is raised when
+    the run ends; reports keep being taken until then, or training would wait on the queue forever."""
+
+    _DONE = "__done__"
+
+    def __init__(self, on_report: Callable[[dict], None]):
+        from ray.util.queue import Queue
+
+        self.on_report, self.error = on_report, None
+        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.thread = threading.Thread(target=self._drain, name="report-stream", daemon=True)
+
+    def callback(self):
+        """The Ray Train UserCallback that feeds this stream: give it to the run's RunConfig."""
+        return _train_classes()["_QueueReport"](self.queue)
+
+    def __enter__(self) -> ReportStream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.thread.is_alive():
+            self.queue.put(self._DONE)  # after the last report: the thread handles everything first
+            self.thread.join()
+        self.queue.shutdown(force=True)  # its actor: a Tune trial's process may be reused for another trial
+        if self.error is not None and exc_type is None:
+            raise self.error
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) != self._DONE:
+            if self.error is not None:
+                continue
+            try:
+                self.on_report(item)
+            except Exception as exc:  # raised in the run's thread when it ends
+                self.error = exc
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A worker group that can no longer be placed. Ray Train raises ControllerError wrapping
+#    WorkerGroupStartupTimeoutError, a class Ray exports only from `ray.train.v2._internal`.
+#    Relies on: that class's module and ControllerError.controller_failure.
+
+
+def worker_group_start_timed_out(exc: BaseException) -> bool:
+    """Whether `exc` (from `fit()`) says the worker group could not be started in time."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    return isinstance(exc, ControllerError) and isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checkpoints Ray Train registered. A driver killed while its workers upload a checkpoint leaves
+#    a folder Ray Train never registered and never reads; a resume removes it. The registered ones
+#    are listed only in the checkpoint manager's snapshot, a private file of Ray Train's.
+#    Relies on: its name and form ({"checkpoint_results": [{"checkpoint_dir_name": ...}], ...}).
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def registered_checkpoints(snapshot: str) -> set[str] | None:
+    """The checkpoint folders a snapshot lists. None where it cannot be read as the form it had when
+    this was written, or lists none: then no folder can be told unregistered, and none may be deleted."""
+    try:
+        data = json.loads(snapshot)
+    except json.JSONDecodeError:
+        return None
+    results = data.get("checkpoint_results") if isinstance(data, dict) else None
+    if not isinstance(results, list) or not results:
+        return None
+    latest = data.get("latest_checkpoint_result")
+    names = set()
+    for result in results + ([latest] if latest else []):
+        name = result.get("checkpoint_dir_name") if isinstance(result, dict) else None
+        if not isinstance(name, str) or not name.startswith("checkpoint_"):
+            return None
+        names.add(name)
+    return names
+
+
+def latest_checkpoint_metrics(snapshot: str) -> dict:
+    """The metrics reported with the latest checkpoint a snapshot lists ({} where it lists none)."""
+    return (json.loads(snapshot).get("latest_checkpoint_result") or {}).get("metrics") or {}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A rank's held shard, read once. Each pass over a Ray Data shard starts a new execution of its
+#    plan: for the digits (19 batches an epoch) 30-60 ms a pass, more than the CNN's training between
+#    passes (bench/RESULTS.md). `HeldShard` takes the same `iter_torch_batches` arguments and gives
+#    the same batches as Ray Data's iterator. Relies on: that iterator's arguments and its batches
+#    (whole blocks with batch_size=None, in block order).
+
+
+class HeldShard:
+    """A rank's own shard of a split held in memory (`trainers.fit.rank_shards`), read from the
+    object store into tensors in this process once; every pass then slices those tensors. A shuffled
+    pass is a full permutation of the shard drawn from `local_shuffle_seed` (Ray Data's buffer of
+    `local_shuffle_buffer_size` rows mixes rows only within the buffer)."""
+
+    def __init__(self, shard):
+        import torch
+
+        blocks = list(shard.iter_torch_batches(batch_size=None, device="cpu"))  # whole blocks, file order
+        self.columns = {name: torch.cat([block[name] for block in blocks]) for name in (blocks[0] if blocks else {})}
+        self.rows = len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def iter_torch_batches(self, *, batch_size: int, device, drop_last: bool = False,
+                           local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
+                           pin_memory: bool = False):
+        import torch
+
+        if local_shuffle_buffer_size is None:
+            order = torch.arange(self.rows)
+        else:  # the loop always seeds its shuffle (train.seed and the epoch)
+            order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(local_shuffle_seed))
+        stop = self.rows - self.rows % batch_size if drop_last else self.rows
+        for start in range(0, stop, batch_size):
+            rows = order[start:start + batch_size]
+            batch = {name: column[rows] for name, column in self.columns.items()}
+            if pin_memory:
+                batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
+            yield {name: tensor.to(device, non_blocking=pin_memory) for name, tensor in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Ray Data while preprocessing. A DataError raised in a map task reaches the driver as itself,
+#    not as "UDF failed to process a data block" keeping only its text; and the per-operator
+#    resource reservations, which ran one task at a time on 2 CPUs for the first 1.5 s (20k images:
+#    4.3 s with them, 3.3 s without), are off: preprocessing has the cluster to itself.
+#    Relies on: the DataContext fields raise_original_map_exception and op_resource_reservation_enabled.
+
+PREPROCESSING_CONTEXT = {"raise_original_map_exception": True, "op_resource_reservation_enabled": False}
+
+
+@contextmanager
+def preprocessing_context() -> Iterator[None]:
+    """Ray Data's context set as above for what runs inside, then restored."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = {name: getattr(context, name) for name in PREPROCESSING_CONTEXT}
+    for name, value in PREPROCESSING_CONTEXT.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(context, name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. An embedded Ray's system config (a joined cluster keeps its own).
+# - prestart_worker_first_driver: Ray prestarts idle worker processes for the first driver, up to
+#   one a CPU, with no runtime_env. Every task and actor of a raylaunch run carries one
+#   (`cluster.session.worker_env`), so none of them can run in those processes: they would sit idle
+#   for the whole run, each waking 100 times a second, on the cores the training ranks use.
+# - idle_worker_killing_time_threshold_ms: while every CPU is leased, Ray ends a task worker after 1 s
+#   idle, and the next task starts a new process (1.5-2 s of CPU to import Ray, pyarrow and the
+#   task's modules again). Kept for 60 s, an idle worker serves the next operator and dataset.
+# Relies on: both keys in Ray's system config (ray.init refuses unknown ones).
+
+EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "idle_worker_killing_time_threshold_ms": 60_000}
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Environment variables of a job's workers, for Ray Train.
+# - RAY_API_SERVER_ADDRESS: Ray Train v2's placement-group cleaner asks the state API whether the
+#   run's controller is alive without an address, so Ray looks for running GCS processes on its
+#   machine; with a second Ray instance there its monitor thread dies and worker groups' placement
+#   groups are never removed (the next trainer waits forever for CPUs). Given the dashboard of the
+#   embedded Ray, it asks the right cluster.
+# - RAY_TRAIN_ENABLE_PREEMPTION_WATCHER: Ray Train starts a preemption watcher actor per run, for
+#   nodes a cloud autoscaler drains; an embedded Ray is this machine alone, and the actor's process
+#   cost about 2 s of each run's start on 2 cores. Off unless the user sets it.
+# Relies on: Ray Train reading both.
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def embedded_worker_env(dashboard_port: int) -> dict[str, str]:
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+            PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A quiet console. Tune's default console reporter prints an experiment banner even at
+#    verbose=0; the legacy reporter, chosen by RAY_AIR_NEW_OUTPUT=0, honours verbose=0. The
+#    libraries' Future/Deprecation warnings and Ray's, DeepSpeed's, torchao's and torch's
+#    UserWarnings are ignored: raylaunch prints its own line per stage.
+#    Relies on: Tune reading RAY_AIR_NEW_OUTPUT.
+
+TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+
+
+def quiet_libraries() -> None:
+    os.environ[TUNE_OUTPUT_ENV] = "0"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(ray|deepspeed|torchao|torch)\b")
+
+
+# ---------------------------------------------------------------------------------------------
+# The subclasses of Ray Train's classes (1 and 2 above), made on first use.
+
+
+@functools.cache
+def _train_classes() -> dict[str, type]:
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.callback import UserCallback
+
+    class PolledTorchTrainer(TorchTrainer):
+        """A TorchTrainer whose controller polls every `poll_s` seconds (`polled_every`)."""
+
+        def __init__(self, *args, poll_s: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.poll_s = poll_s
+
+        def fit(self):
+            with polled_every(self.poll_s):
+                return super().fit()
+
+    class _QueueReport(UserCallback):
+        """Runs in the run's controller: hands each report to a `ReportStream` through its queue."""
+
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            item = dict(metrics[0])
+            if checkpoint is not None:
+                item[CHECKPOINT_PATH] = to_uri(checkpoint.filesystem, checkpoint.path)
+            self.queue.put(item)  # waits while the previous report is still being handled
+
+    classes = {"PolledTorchTrainer": PolledTorchTrainer, "_QueueReport": _QueueReport}
+    for cls in classes.values():
+        cls.__qualname__ = cls.__name__  # pickled by reference: `__getattr__` below finds them
+    return classes
+
+
+def __getattr__(name: str):
+    if name in ("PolledTorchTrainer", "_QueueReport"):
+        return _train_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,121 @@
+"""What raylaunch relies on in the installed Ray (cluster.raycompat): one test per entry there, each
+failing when an upgraded Ray no longer behaves as the entry needs. The entry's number is in the name."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster import raycompat
+from cluster.raycompat import (CHECKPOINT_PATH, CHECKPOINT_SNAPSHOT, EMBEDDED_SYSTEM_CONFIG, PREEMPTION_WATCHER_ENV,
+                               PREPROCESSING_CONTEXT, TRAIN_POLL_ENV, TUNE_OUTPUT_ENV, HeldShard, ReportStream,
+                               latest_checkpoint_metrics, preprocessing_context, registered_checkpoints,
+                               worker_group_start_timed_out)
+from conftest import skip_or_fail
+from trainers.fit import SLOW_POLL_S
+
+
+def test_1_2_4_a_run_polls_at_its_interval_streams_its_reports_and_lists_its_checkpoints(ray_cluster, tmp_path):
+    """One real run: (1) its controller gets the interval of the environment fit() was called in,
+    and the caller's environment is restored; (2) each report reaches the driver as it is made;
+    (4) Ray Train's checkpoint snapshot lists the checkpoint folders it registered, and the metrics
+    of the latest."""
+    import ray.train
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+
+    if TRAIN_POLL_ENV in os.environ:
+        skip_or_fail(f"{TRAIN_POLL_ENV} is set in this environment")
+
+    def train():
+        for step in (1, 2, 3):
+            with tempfile.TemporaryDirectory() as directory:
+                ray.train.report({"step": step, "poll": os.environ.get(TRAIN_POLL_ENV)},
+                                 checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    seen = []
+    with ReportStream(seen.append) as stream:
+        trainer = raycompat.PolledTorchTrainer(
+            train, scaling_config=ScalingConfig(num_workers=1), poll_s=SLOW_POLL_S,
+            run_config=RunConfig(name="compat", storage_path=str(tmp_path), callbacks=[stream.callback()],
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        result = trainer.fit()
+    assert result.metrics["poll"] == str(SLOW_POLL_S) and TRAIN_POLL_ENV not in os.environ
+    assert [item["step"] for item in seen] == [1, 2, 3]
+
+    snapshot = (tmp_path / "compat" / CHECKPOINT_SNAPSHOT).read_text()
+    on_disk = {p.name for p in (tmp_path / "compat").glob("checkpoint_*") if p.is_dir()}
+    # The two kept (num_to_keep), the last two reported.
+    assert registered_checkpoints(snapshot) == on_disk == {Path(item[CHECKPOINT_PATH]).name for item in seen[1:]}
+    assert latest_checkpoint_metrics(snapshot)["step"] == 3
+
+
+def test_3_a_worker_group_that_cannot_start_is_told_apart():
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    assert worker_group_start_timed_out(ControllerError(WorkerGroupStartupTimeoutError(2)))
+    assert not worker_group_start_timed_out(ControllerError(RuntimeError("other")))
+    assert not worker_group_start_timed_out(WorkerGroupStartupTimeoutError(2))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_5_a_held_shard_gives_ray_datas_own_batches(ray_cluster, drop_last):
+    import ray.data
+
+    dataset = ray.data.from_numpy(np.arange(53)).repartition(3).map_batches(
+        lambda b: {"key": b["data"], "features": np.stack([b["data"]] * 2, 1).astype(np.float32)}).materialize()
+    ours = HeldShard(dataset.iterator()).iter_torch_batches(batch_size=8, device="cpu", drop_last=drop_last)
+    theirs = dataset.iterator().iter_torch_batches(batch_size=8, device="cpu", drop_last=drop_last)
+    pairs = list(zip(ours, theirs, strict=True))
+    assert len(pairs) == (6 if drop_last else 7)
+    for mine, ray_s in pairs:
+        assert mine.keys() == ray_s.keys() and all((mine[k] == ray_s[k]).all() for k in mine)
+
+
+def test_6_preprocessing_sets_fields_ray_data_has_and_restores_them():
+    from ray.data import DataContext
+
+    fields = {f.name for f in dataclasses.fields(DataContext)}
+    assert set(PREPROCESSING_CONTEXT) <= fields  # a renamed field would be set silently and do nothing
+    context = DataContext.get_current()
+    before = {name: getattr(context, name) for name in PREPROCESSING_CONTEXT}
+    with preprocessing_context():
+        assert {name: getattr(context, name) for name in PREPROCESSING_CONTEXT} == PREPROCESSING_CONTEXT
+    assert {name: getattr(context, name) for name in PREPROCESSING_CONTEXT} == before
+
+
+def test_7_the_embedded_system_config_is_ray_s(ray_cluster):
+    """ray.init with a key Ray's system config lacks never starts (its GCS exits): the session's
+    cluster started with these (tests/conftest.py: embedded_ray_options). That prestarting is off is
+    test_session's; here, that Ray took both values."""
+    from cluster.session import embedded_ray_options
+
+    import ray
+
+    assert embedded_ray_options()["_system_config"] == EMBEDDED_SYSTEM_CONFIG and ray.is_initialized()
+    assert set(EMBEDDED_SYSTEM_CONFIG) == {"prestart_worker_first_driver", "idle_worker_killing_time_threshold_ms"}
+
+
+def test_8_ray_reads_the_workers_variables(monkeypatch):
+    from ray.dashboard.utils import get_address_for_submission_client
+    from ray.train.v2._internal import constants
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1234")
+    assert get_address_for_submission_client(None) == "http://127.0.0.1:1234"
+    assert raycompat.embedded_worker_env(1234)["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:1234"
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == PREEMPTION_WATCHER_ENV
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == TRAIN_POLL_ENV
+
+
+def test_9_tune_s_legacy_console_output_is_chosen_by_its_variable(monkeypatch):
+    from ray.tune.experimental.output import get_air_verbosity
+
+    monkeypatch.setenv(TUNE_OUTPUT_ENV, "0")
+    assert get_air_verbosity(0) is None  # the legacy reporter, which honours verbose=0
+    monkeypatch.setenv(TUNE_OUTPUT_ENV, "1")
+    assert get_air_verbosity(0) is not None
