@@ -36,7 +36,7 @@ from cluster.session import ray_session
 from launcher.config import ConfigError, dump_yaml
 from launcher.errors import failure_line
 from launcher.live import Live
-from launcher.report import write_report, write_summary
+from launcher.report import stage_line, write_report, write_summary
 from launcher.rundir import MANIFEST, claim, discard
 from dataprep.meta import DataMeta
 from runconfig.resolved import ResolvedConfig, apply_overrides
@@ -306,11 +306,13 @@ def _stage(run: Run, name: str):
     result = run.summary["stages"][name]
     result["seconds"] = round(time.perf_counter() - started, 1)
     # One line however narrow the console (a log file is 80 columns): what grep and a reader expect.
-    run.console.print(f"[green]✓ {name:<10}[/] {result.pop('line')}  [dim]({result['seconds']:.0f} s)[/]", soft_wrap=True)
+    run.console.print(f"[green]✓ {name:<10}[/] {stage_line(name, result, run.summary, run.cfg)}  "
+                      f"[dim]({result['seconds']:.0f} s)[/]", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# The stages. Each returns the dict kept under summary["stages"][name]; its "line" is printed.
+# The stages. Each returns the dict kept under summary["stages"][name] (launcher.report.stage_line
+# prints it as one line).
 
 
 def _preprocess(run: Run) -> dict:
@@ -324,22 +326,12 @@ def _preprocess(run: Run) -> dict:
 
     run.data_meta, run.data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress)
     (run.run_dir / "data.json").write_text(json.dumps({"path": str(run.data_dir), "key": run.data_meta["cache_key"]}, indent=1))
-    meta, rows = run.data_meta, run.data_meta["rows"]
-    bad = meta.get("bad_rows", {})
-    result = {"rows": rows, "cache": {"path": str(run.data_dir), "key": meta["cache_key"], "reused": reused},
-              "bad_rows": bad, "files": meta["files"]}
-    how = f"reused cached {meta['cache_key']}" if reused else f"cached as {meta['cache_key']}"
-    dropped = f", {sum(b['rows'] for b in bad.values()):,} bad rows skipped in {len(bad)} file(s)" if bad else ""
+    meta = run.data_meta
+    result = {"rows": meta["rows"], "cache": {"path": str(run.data_dir), "key": meta["cache_key"], "reused": reused},
+              "bad_rows": meta.get("bad_rows", {}), "files": meta["files"]}
     if meta["task"] == "lm":
-        tokens = meta["tokens"]
-        result["tokens"] = tokens
-        result["line"] = (f"{meta['files']:,} files -> {sum(tokens.values()):,} {meta['tokenizer']} tokens in blocks of "
-                          f"{meta['seq_len']}: train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,} ({how})")
-        return result
-    result.update(num_classes=meta["num_classes"], input_shape=meta["input_shape"])
-    result["line"] = (f"{sum(rows.values()):,} rows, {meta['num_classes']} classes -> train {rows['train']:,} / "
-                      f"val {rows['val']:,} / test {rows['test']:,} ({how}{dropped})")
-    return result
+        return result | {"tokens": meta["tokens"], "tokenizer": meta["tokenizer"], "seq_len": meta["seq_len"]}
+    return result | {"num_classes": meta["num_classes"], "input_shape": meta["input_shape"]}
 
 
 def _train(run: Run) -> dict:
@@ -413,19 +405,10 @@ def _tune(run: Run) -> dict:
     (run.run_dir / "tune" / "best_config.yaml").write_text(dump_yaml(best))
     files["best_config"] = str(run.run_dir / "tune" / "best_config.yaml")
     print_trials(run.console, sweep.trials, cfg.tune.metric, list(cfg.tune.space))
-    failed = sum(t["status"] == "error" for t in sweep.trials)
-    if cfg.tune.scheduler == "pbt":
-        moved = f"{sum(bool(t.get('continued_from')) for t in sweep.trials)} continued from other trials' checkpoints by pbt"
-    else:
-        moved = f"{sum(t['status'] == 'stopped early' for t in sweep.trials)} stopped early by {cfg.tune.scheduler}"
-    metric = cfg.tune.metric
-    values = ", ".join(f"{k}={_short(v)}" for k, v in sweep.best_values.items())
     return {"role": role, "trials": sweep.trials, "best_trial": sweep.best_trial, "best_values": sweep.best_values,
             "best_metrics": sweep.best_metrics, "concurrent_trials": concurrent, **files,
             "data_in_memory": splits_in_memory(datasets), "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
-            "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4),
-            "line": f"{len(sweep.trials)} {role} trials ({moved}, {failed} failed); "
-                    f"best {metric} {sweep.best_metrics[metric]:.4f} with {values}"}
+            "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4)}
 
 
 def _distill(run: Run) -> dict:
@@ -482,9 +465,9 @@ def _precompute_teacher_outputs(run: Run) -> dict:
 def _quantize(run: Run) -> dict:
     """Each method's quantized model of the final fp32 model, exported, then gated: one that loses
     more than `quantize.max_drop` on the test split fails the stage and is kept, marked rejected."""
-    from trainers.evaluate import first_rows, quality_drop, test_metrics
+    from trainers.evaluate import first_rows, test_metrics
     from trainers.modeldir import load_model, quantize_model_dir
-    from trainers.quantize import unsupported_reason
+    from trainers.quantize import gate, rejection, unsupported_reason
 
     q = run.cfg.quantize
     source = "student" if "student" in run.models else "teacher"
@@ -493,7 +476,7 @@ def _quantize(run: Run) -> dict:
     # Rows of the validation split: static_int8 calibrates on them, and every export is checked
     # to reproduce its quantized model on them.
     calibration = first_rows(run.data_dir / "val", run.data_meta, q.calibration_rows)
-    made, skipped, rejected = {}, {}, []
+    made, skipped = {}, {}
     for method in q.methods:
         reason = unsupported_reason(method)
         if reason:
@@ -507,35 +490,18 @@ def _quantize(run: Run) -> dict:
         if spec.get("not_compiled"):
             run.console.print(f"  [yellow]{name} not compiled[/]: {escape(spec['not_compiled'])}")
         metrics = run.test_metrics[name] = test_metrics(model, test_dir, run.data_meta)
-        drop = quality_drop(baseline, metrics)
-        status = "rejected" if drop > q.max_drop else "accepted"
-        made[name] = {"method": method, "status": status, "drop": round(drop, 6), "path": str(target),
+        status, drop = gate(baseline, metrics, q.max_drop)
+        made[name] = {"method": method, "status": status, "drop": drop, "path": str(target),
                       **{k: metrics[k] for k in ("accuracy", "perplexity") if k in metrics},
                       **({"not_compiled": spec["not_compiled"]} if spec.get("not_compiled") else {})}
         run.models[name] = target
         # In the summary now: a rejection below fails the stage before its result is recorded.
         run.summary["models"][name] = dict(made[name])
-        if status == "rejected":
-            rejected.append(name)
+    refused = rejection(source, baseline, made, q.max_drop)
+    if refused is not None:
+        raise refused
     quality = "perplexity" if "perplexity" in baseline else "accuracy"
-    if rejected:
-        worst = ", ".join(f"{n} {made[n][quality]:.4f} ({_drop_words(made[n]['drop'], quality)})" for n in rejected)
-        raise QuantizationRejected(
-            f"quantize.max_drop: {worst} against the fp32 {source}'s test {quality} {baseline[quality]:.4f}, over the "
-            f"allowed {q.max_drop:g}; kept in models/ and marked rejected in summary.json. Raise quantize.max_drop, "
-            f"calibrate on more rows (quantize.calibration_rows) or choose another method")
-    parts = [f"{n} {m[quality]:.4f}" for n, m in made.items()]
-    parts += [f"{m} skipped" for m in skipped]
-    return {"source": source, "baseline": {quality: baseline[quality]}, "models": made,
-            "skipped": skipped, "line": f"{source} (test {quality} {baseline[quality]:.4f}) -> " + ", ".join(parts)}
-
-
-class QuantizationRejected(RuntimeError):
-    """A quantized model lost more than quantize.max_drop."""
-
-
-def _drop_words(drop: float, quality: str) -> str:
-    return f"{drop * 100:+.1f}% perplexity" if quality == "perplexity" else f"-{drop * 100:.1f} points"
+    return {"source": source, "baseline": {quality: baseline[quality]}, "models": made, "skipped": skipped}
 
 
 def _evaluate(run: Run) -> dict:
@@ -560,8 +526,7 @@ def _evaluate(run: Run) -> dict:
             program["program_bytes"] = spec["compiled"]["bytes"]
         models[name] = {**numbers, **gate, **program, "path": str(directory)}
     run.summary["models"] = models
-    key = "perplexity" if all("perplexity" in m for m in models.values()) else "accuracy"
-    return {"line": f"test {key} " + ", ".join(f"{n} {m[key]:.4f}" for n, m in models.items())}
+    return {}
 
 
 def _resume_point(run: Run, name: str) -> dict:
@@ -609,18 +574,7 @@ def _keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
 
 
 def _training_summary(role: str, metrics: dict, cfg: RunConfig) -> dict:
+    """What the summary keeps of a training stage: the best checkpoint's metrics, where it ran."""
     keys = ("epoch", "step", "val_accuracy", "val_loss", "val_perplexity", "train_loss", "samples_per_s", "tokens_per_s")
     kept = {k: metrics[k] for k in keys if k in metrics}
-    stage = cfg.train.zero.stage
-    where = f"ZeRO-{stage} on {cfg.train.workers} workers"
-    if "tokens_per_s" in kept:
-        line = (f"{role}: val perplexity {kept['val_perplexity']:.2f}, next-token accuracy {kept['val_accuracy']:.4f} "
-                f"(best at step {kept['step']}), {where}, {kept['tokens_per_s']:,.0f} tokens/s")
-    else:
-        line = (f"{role}: val accuracy {kept['val_accuracy']:.4f} (best epoch {kept['epoch']:g}), {where}, "
-                f"{kept['samples_per_s']:.0f} samples/s")
-    return {**kept, "zero_stage": stage, "workers": cfg.train.workers, "line": line}
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return {**kept, "zero_stage": cfg.train.zero.stage, "workers": cfg.train.workers}

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from runconfig.schema import metric_mode
+from runconfig.schema import RunConfig, metric_mode
 
 COLUMNS = (("accuracy", "test accuracy", "{:.4f}".format), ("perplexity", "test perplexity", "{:.2f}".format),
            ("params", "params", "{:,}".format), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
@@ -24,6 +24,50 @@ CONSOLE_COLUMNS = (("accuracy", "acc", "{:.4f}".format), ("perplexity", "ppl", "
                    ("rows_per_s_b64", "b64/s", lambda r: _compact(r)),
                    ("status", "gate", lambda s: "ok" if s == "accepted" else s))
 CHART = "models.png"
+
+
+def stage_line(name: str, result: dict, summary: dict, cfg: RunConfig) -> str:
+    """The console's one line for a finished stage, from what the summary keeps of it."""
+    if name == "preprocess":
+        rows, cache = result["rows"], result["cache"]
+        how = f"reused cached {cache['key']}" if cache["reused"] else f"cached as {cache['key']}"
+        splits = f"train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"
+        if "tokens" in result:
+            return (f"{result['files']:,} files -> {sum(result['tokens'].values()):,} {result['tokenizer']} tokens in "
+                    f"blocks of {result['seq_len']}: {splits} ({how})")
+        bad = result["bad_rows"]
+        dropped = f", {sum(b['rows'] for b in bad.values()):,} bad rows skipped in {len(bad)} file(s)" if bad else ""
+        return f"{sum(rows.values()):,} rows, {result['num_classes']} classes -> {splits} ({how}{dropped})"
+    if name in ("train", "distill"):
+        role = "teacher" if name == "train" else "student"
+        where = f"ZeRO-{result['zero_stage']} on {result['workers']} workers"
+        if "tokens_per_s" in result:
+            return (f"{role}: val perplexity {result['val_perplexity']:.2f}, next-token accuracy "
+                    f"{result['val_accuracy']:.4f} (best at step {result['step']}), {where}, "
+                    f"{result['tokens_per_s']:,.0f} tokens/s")
+        return (f"{role}: val accuracy {result['val_accuracy']:.4f} (best epoch {result['epoch']:g}), {where}, "
+                f"{result['samples_per_s']:.0f} samples/s")
+    if name == "tune":
+        trials, metric, scheduler = result["trials"], cfg.tune.metric, cfg.tune.scheduler
+        failed = sum(t["status"] == "error" for t in trials)
+        if scheduler == "pbt":
+            moved = f"{sum(bool(t.get('continued_from')) for t in trials)} continued from other trials' checkpoints by pbt"
+        else:
+            moved = f"{sum(t['status'] == 'stopped early' for t in trials)} stopped early by {scheduler}"
+        values = ", ".join(f"{k}={_short(v)}" for k, v in result["best_values"].items())
+        return (f"{len(trials)} {result['role']} trials ({moved}, {failed} failed); "
+                f"best {metric} {result['best_metrics'][metric]:.4f} with {values}")
+    if name == "quantize":
+        (quality, value), = result["baseline"].items()
+        parts = [f"{n} {m[quality]:.4f}" for n, m in result["models"].items()] + [f"{m} skipped" for m in result["skipped"]]
+        return f"{result['source']} (test {quality} {value:.4f}) -> " + ", ".join(parts)
+    models = summary["models"]  # evaluate
+    key = "perplexity" if all("perplexity" in m for m in models.values()) else "accuracy"
+    return f"test {key} " + ", ".join(f"{n} {m[key]:.4f}" for n, m in models.items())
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _compact(number: float) -> str:

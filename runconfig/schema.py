@@ -173,7 +173,7 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(10_000, ge=1)
     """Rows each training worker holds to shuffle the rows it streams: a fresh order every epoch, seeded by train.seed and the epoch (so a resume sees the same order). The larger, the closer to a full shuffle; the cost is that many rows in each worker's memory. A split held in memory (data.in_memory) is shuffled whole instead."""
     in_memory: Literal["auto", True, False] = "auto"
-    """Read the train and val splits once into Ray's object store before training, instead of reading their cached files again every epoch: each epoch then starts without waiting for read tasks, which counts most when epochs are short, and each rank reads its own shard instead of a streaming split, once, into its own memory (so the splits take their size there too). `auto`: when the two splits, and the copy of them each training run at once cuts into its ranks' shards, take at most 1/4 of the cluster's object store memory: splits up to 1/8 of it for one run, 1/16 for a sweep of 3 trials at once (and no more than data.ingest_memory_mb where set). summary.json records which (`data_in_memory`, per training stage); a `--resume` whose `auto` would choose otherwise is refused, saying the value that continues it exactly."""
+    """Hold the train and val splits in Ray's object store for training instead of reading their cached files every epoch (each rank reads its own shard once; epochs start without read tasks). `auto`: when the splits and each concurrent run's copy fit in 1/4 of the object store (and data.ingest_memory_mb). summary.json records the choice; a `--resume` that would choose otherwise is refused."""
 
     @field_validator("transforms", mode="before")
     @classmethod

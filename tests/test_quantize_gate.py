@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from launcher.cli import main
-from trainers.evaluate import quality_drop
+from trainers.quantize import gate, quality_drop, rejection
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 
@@ -22,6 +22,23 @@ def test_quality_drop_counts_points_or_relative_perplexity():
     assert abs(quality_drop({"accuracy": 0.95}, {"accuracy": 0.91}) - 0.04) < 1e-12
     assert quality_drop({"accuracy": 0.90}, {"accuracy": 0.92}) < 0  # a gain is never a drop
     assert abs(quality_drop({"accuracy": 0.4, "perplexity": 10.0}, {"accuracy": 0.4, "perplexity": 10.5}) - 0.05) < 1e-12
+
+
+def test_the_gate_passes_a_drop_up_to_max_drop_and_its_error_names_each_rejected_model():
+    assert gate({"accuracy": 0.75}, {"accuracy": 0.5}, 0.25) == ("accepted", 0.25)  # exactly the limit passes
+    assert gate({"accuracy": 0.75}, {"accuracy": 0.5}, 0.2) == ("rejected", 0.25)
+    assert gate({"accuracy": 0.5}, {"accuracy": 0.75}, 0.0) == ("accepted", -0.25)  # a gain
+    assert gate({"accuracy": 0.3, "perplexity": 8.0}, {"accuracy": 0.3, "perplexity": 9.0}, 0.1) == ("rejected", 0.125)
+    models = {"teacher-int8_dynamic": {"status": "accepted", "drop": 0.0, "accuracy": 0.75},
+              "teacher-static_int8": {"status": "rejected", "drop": 0.25, "accuracy": 0.5}}
+    assert rejection("teacher", {"accuracy": 0.75}, {"teacher-int8_dynamic": models["teacher-int8_dynamic"]}, 0.2) is None
+    assert str(rejection("teacher", {"accuracy": 0.75}, models, 0.2)) == (
+        "quantize.max_drop: teacher-static_int8 0.5000 (-25.0 points) against the fp32 teacher's test accuracy 0.7500, "
+        "over the allowed 0.2; kept in models/ and marked rejected in summary.json. Raise quantize.max_drop, calibrate "
+        "on more rows (quantize.calibration_rows) or choose another method")
+    lm = {"student-int8_dynamic": {"status": "rejected", "drop": 0.125, "perplexity": 9.0}}
+    assert "student-int8_dynamic 9.0000 (+12.5% perplexity) against the fp32 student's test perplexity 8.0000" in \
+        str(rejection("student", {"perplexity": 8.0}, lm, 0.1))
 
 
 def test_a_quantized_model_over_max_drop_fails_the_stage_and_is_kept_marked_rejected(ray_cluster, quickstart_cache, tmp_path,

@@ -86,14 +86,6 @@ def measure(spec: dict, weights_file: Path, quality: dict, timing: dict) -> dict
     }
 
 
-def quality_drop(source: dict, quantized: dict) -> float:
-    """What quantization cost, as `quantize.max_drop` counts it: accuracy points lost (a fraction),
-    or for a language model the relative rise in perplexity."""
-    if "perplexity" in source:
-        return quantized["perplexity"] / source["perplexity"] - 1
-    return source["accuracy"] - quantized["accuracy"]
-
-
 def first_rows(folder: Path | str, meta: dict, rows: int) -> torch.Tensor:
     """The model inputs of a split's first `rows` rows (as evaluated: no augmentation)."""
     parts, have = [], 0

@@ -145,3 +145,44 @@ def set_graph_state(program: nn.Module, tensors: dict[str, torch.Tensor], litera
         fresh = getattr(module, name)
         value = value.to(fresh.dtype)
         setattr(module, name, nn.Parameter(value, requires_grad=False) if isinstance(fresh, nn.Parameter) else value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The accuracy gate (`quantize.max_drop`): pure functions of the test metrics.
+
+
+def quality_drop(source: dict, quantized: dict) -> float:
+    """What quantization cost, as `quantize.max_drop` counts it: accuracy points lost (a fraction),
+    or for a language model the relative rise in perplexity."""
+    if "perplexity" in source:
+        return quantized["perplexity"] / source["perplexity"] - 1
+    return source["accuracy"] - quantized["accuracy"]
+
+
+def gate(source: dict, quantized: dict, max_drop: float) -> tuple[str, float]:
+    """The verdict on one quantized model: ("accepted" or "rejected", its drop rounded as recorded).
+    A drop of exactly `max_drop` passes."""
+    drop = quality_drop(source, quantized)
+    return ("rejected" if drop > max_drop else "accepted"), round(drop, 6)
+
+
+class QuantizationRejected(RuntimeError):
+    """A quantized model lost more than quantize.max_drop."""
+
+
+def rejection(source_name: str, source: dict, models: dict[str, dict], max_drop: float) -> QuantizationRejected | None:
+    """The error failing the quantize stage when a model of `models` (name -> its gated record:
+    status, drop and test metrics) was rejected, naming each with its numbers; None when none was."""
+    rejected = [name for name, model in models.items() if model["status"] == "rejected"]
+    if not rejected:
+        return None
+    quality = "perplexity" if "perplexity" in source else "accuracy"
+
+    def words(drop: float) -> str:
+        return f"{drop * 100:+.1f}% perplexity" if quality == "perplexity" else f"-{drop * 100:.1f} points"
+
+    worst = ", ".join(f"{name} {models[name][quality]:.4f} ({words(models[name]['drop'])})" for name in rejected)
+    return QuantizationRejected(
+        f"quantize.max_drop: {worst} against the fp32 {source_name}'s test {quality} {source[quality]:.4f}, over the "
+        f"allowed {max_drop:g}; kept in models/ and marked rejected in summary.json. Raise quantize.max_drop, "
+        f"calibrate on more rows (quantize.calibration_rows) or choose another method")
