@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from runconfig.resolved import ResolvedConfig
 from runconfig.schema import RunConfig
 from trainers.fit import best_checkpoint, build_trainer, load_splits
-from trainers.loop import loop_config
+from trainers.worker import worker_config
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def stage_runs(digits_data, tmp_path_factory):
                 "model": {"type": "mlp", "width": 32, "depth": 1},
                 "train": {"workers": 2, "epochs": 3, "micro_batch_size": 32, "lr": 3e-3, "zero": {"stage": stage},
                           "keep_checkpoints": 3},  # Result.metrics_dataframe has one row per kept checkpoint
-            }).model_dump(mode="json")
-            runs[stage] = build_trainer(loop_config(config, meta), load_splits(data_dir), tmp_path_factory.mktemp("zero"),
+            })
+            runs[stage] = build_trainer(worker_config(ResolvedConfig.of(config), meta), load_splits(data_dir), tmp_path_factory.mktemp("zero"),
                                         name=f"zero{stage}").fit()
         return runs[stage]
 
@@ -68,11 +69,11 @@ def test_rows_not_divisible_by_the_world_size_do_not_hang(digits_data, tmp_path)
         "model": {"type": "mlp", "width": 32, "depth": 1},
         "train": {"workers": 3, "cpus_per_worker": 0.5, "epochs": 2, "micro_batch_size": 50, "grad_accum_steps": 2,
                   "lr": 3e-3, "zero": {"stage": 3}},
-    }).model_dump(mode="json")
-    config = loop_config(run, meta)
+    })
+    config = worker_config(ResolvedConfig.of(run), meta)
     result = build_trainer(config, load_splits(data_dir), tmp_path, name="ragged").fit()
-    assert config["steps_per_epoch"] == meta["rows"]["train"] // 3 // 50 // 2
-    assert result.metrics["step"] == 2 * config["steps_per_epoch"]
+    assert config.steps_per_epoch == meta["rows"]["train"] // 3 // 50 // 2
+    assert result.metrics["step"] == 2 * config.steps_per_epoch
 
 
 def test_deepspeed_is_imported_without_mlflow_or_its_shm_op_and_mlflow_still_imports_after(tmp_path):

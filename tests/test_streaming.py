@@ -14,7 +14,8 @@ def test_training_streams_a_dataset_larger_than_its_ingest_budget(ray_cluster, t
     from dataprep.cache import prepare
     from runconfig.schema import RunConfig
     from trainers.fit import build_trainer, load_splits, splits_in_memory
-    from trainers.loop import loop_config
+    from runconfig.resolved import ResolvedConfig
+    from trainers.worker import worker_config
 
     rng = np.random.default_rng(0)
     rows, width = 60_000, 64
@@ -29,13 +30,13 @@ def test_training_streams_a_dataset_larger_than_its_ingest_budget(ray_cluster, t
         "data": {"source": str(tmp_path / "*.parquet"), "transforms": ["standardize"], "ingest_memory_mb": budget_mb},
         "model": {"type": "mlp", "width": 16, "depth": 1},
         "train": {"workers": 2, "epochs": 2, "micro_batch_size": 500, "lr": 1e-2, "lr_schedule": "constant"},
-    }).model_dump(mode="json")
-    meta, data_dir, _ = prepare(run["data"], 128, tmp_path / "cache")
+    })
+    meta, data_dir, _ = prepare(run.model_dump(mode="json")["data"], 128, tmp_path / "cache")
     train_bytes = sum(f.stat().st_size for f in (data_dir / "train").rglob("*.parquet"))
     assert meta["rows"]["train"] * width * 4 > 2 * budget_mb * 2**20 and train_bytes > budget_mb * 2**20
 
-    config = loop_config(run, meta)
-    splits = load_splits(data_dir, run["data"]["in_memory"], budget_mb)
+    config = worker_config(ResolvedConfig.of(run), meta)
+    splits = load_splits(data_dir, run.data.in_memory, budget_mb)
     assert not splits_in_memory(splits)  # data.in_memory: auto keeps to the ingest budget
     result = build_trainer(config, splits, tmp_path / "ray", name="stream").fit()
     assert result.error is None
@@ -51,7 +52,8 @@ def test_image_folder_trains_a_cnn_with_augmentations_drawn_in_the_workers(ray_c
     from dataprep.cache import prepare
     from runconfig.schema import RunConfig
     from trainers.fit import best_checkpoint, build_trainer, load_splits
-    from trainers.loop import loop_config
+    from runconfig.resolved import ResolvedConfig
+    from trainers.worker import worker_config
 
     digits = sklearn.datasets.load_digits()
     for i in range(600):
@@ -64,10 +66,10 @@ def test_image_folder_trains_a_cnn_with_augmentations_drawn_in_the_workers(ray_c
                                 {"type": "rotate", "degrees": 10}, {"type": "brightness", "max_delta": 0.2}]},
         "model": {"type": "cnn", "width": 16, "depth": 2},
         "train": {"workers": 2, "epochs": 6, "micro_batch_size": 32, "lr": 3e-3, "lr_schedule": "constant"},
-    }).model_dump(mode="json")
-    meta, data_dir, _ = prepare(run["data"], 128, tmp_path / "cache")
+    })
+    meta, data_dir, _ = prepare(run.model_dump(mode="json")["data"], 128, tmp_path / "cache")
     assert meta["stored_shape"] == [1, 12, 12] and meta["input_shape"] == [1, 10, 10] and meta["num_classes"] == 10
-    config = loop_config(run, meta)
+    config = worker_config(ResolvedConfig.of(run), meta)
     result = build_trainer(config, load_splits(data_dir), tmp_path / "ray", name="images").fit()
     assert result.error is None
     _, metrics = best_checkpoint(result, "val_accuracy")

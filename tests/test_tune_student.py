@@ -4,6 +4,7 @@ distills that teacher with its values, and the best trial's student is the run's
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import yaml
@@ -44,6 +45,14 @@ def test_a_sweep_of_distill_paths_distills_the_trained_teacher_in_each_trial(ray
     student = json.loads((run_dir / "models" / "student" / "model.json").read_text())
     assert student["model"]["width"] == 16 and json.loads((run_dir / "models" / "teacher" / "model.json").read_text())["model"]["width"] == 32
     assert set(summary["models"]) == {"teacher", "student"} and summary["models"]["student"]["accuracy"] > 0.3
+    # The run's student is the best trial's best checkpoint: its weights are those of a kept checkpoint
+    # reported with the sweep's best val_accuracy, and only the best trial's.
+    tune = summary["stages"]["tune"]
+    assert tune["best_metrics"]["val_accuracy"] == trials["val_accuracy"].max()
+    weights = (run_dir / "models" / "student" / "model.safetensors").read_bytes()
+    kept = [r for r in reports if r.get("checkpoint_path") and (Path(r["checkpoint_path"]) / "model.safetensors").exists()]
+    same = [r for r in kept if (Path(r["checkpoint_path"]) / "model.safetensors").read_bytes() == weights]
+    assert same and {(r["trial"], r["val_accuracy"]) for r in same} == {(tune["best_trial"], trials["val_accuracy"].max())}
     best = yaml.safe_load((run_dir / "tune" / "best_config.yaml").read_text())
     assert best["distill"]["alpha"] == summary["stages"]["tune"]["best_values"]["distill.alpha"]
     assert best["tune"]["enabled"] is False
