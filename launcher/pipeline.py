@@ -67,6 +67,10 @@ class Run:
     reads_before: dict[str, bool] = field(default_factory=dict)
     """How the interrupted run this one resumes read each training stage's splits (held in memory or not)."""
     resolved: ResolvedConfig | None = None
+    finished: dict[str, dict] = field(default_factory=dict)
+    """The stages an interrupted run this one resumes finished, with their results."""
+    current: str | None = None
+    """The stage running (the one a failure is recorded against)."""
 
     @property
     def cache_root(self) -> Path:
@@ -97,55 +101,68 @@ def run_pipeline(cfg: RunConfig, stages: list[str], console: Console, verbose: b
     With `resume`, the run directory's finished stages are kept and the unfinished one continues
     from its last checkpoint (Ray Train and Tune find theirs under the same names)."""
     remote = cfg.output.dir if is_uri(cfg.output.dir) else None
-    run_dir = staging_dir(remote) if remote else Path(cfg.output.dir).resolve()
-    run = Run(cfg=cfg, run_dir=run_dir, console=console, resume=resume, remote=remote)
+    run = Run(cfg=cfg, run_dir=staging_dir(remote) if remote else Path(cfg.output.dir).resolve(), console=console,
+              resume=resume, remote=remote)
     run.summary["timeline"] = {"start": time.time()}
-    stage_functions = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill,
-                       "quantize": _quantize, "evaluate": _evaluate}
-    with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources:
-        run.resources = resources
-        run.summary["timeline"]["ray_ready"] = time.time()
-        # The checks that need the cluster, before anything is written: a refused run leaves nothing behind.
-        _check_shared_storage(run)
-        _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
-        run.resolved = _resolve(run, training=any(s in stages for s in ("train", "tune", "distill")))
-        run.cfg = run.resolved.run
-        created = _open_run_dir(run, dump_yaml(run.cfg))
-        finished = _finished_stages(run.run_dir) if resume else {}
-        if resume and (run.run_dir / "summary.json").exists():
-            run.reads_before = json.loads((run.run_dir / "summary.json").read_text()).get("data_in_memory", {})
-        try:
-            run.live = Live(run.run_dir, console, cfg.output.tensorboard, cfg.output.mlflow, run.resolved.dump(), verbose,
-                            name=remote.rstrip("/").rsplit("/", 1)[-1] if remote else None)
-        except BaseException:
-            if not resume:
-                discard(run.run_dir, remote, created)
-            raise
-        current, kept = None, True
-        try:
-            for current in stages:
-                if current in finished:
-                    _restore(run, current, finished[current])
-                    continue
-                with _stage(run, current):
-                    run.summary["stages"][current] = stage_functions[current](run)
-                write_summary(run.run_dir, run.summary)  # after every stage: what a resume starts from
-                run.sync()
-            run.summary["status"] = "succeeded"
-        except BaseException as exc:
-            run.summary.update(status="failed", failed_stage=current, error=failure_line(exc))
-            # Nothing finished, nothing to resume: the corrected command runs into the same output.dir.
-            kept = resume or bool(run.summary["stages"])
-            raise
-        finally:
-            if kept:
-                _write_record(run)
-            else:
-                run.live.finish(run.summary, [])  # an MLflow server's run is ended, marked failed
-            run.live.close()
-            if not kept:
-                discard(run.run_dir, remote, created)
+    with ray_session(cfg.cluster.address, cfg.cluster.num_cpus, verbose) as resources, _opened(run, stages, resources, verbose):
+        for name in stages:  # preprocess -> train or tune -> distill -> quantize -> evaluate
+            _run_stage(run, name)
     return run.summary
+
+
+def _run_stage(run: Run, name: str) -> None:
+    """One stage: kept where an interrupted run finished it, else run, its line printed, and the
+    summary written (what a resume starts from) and copied up to a URI run's URI."""
+    run.current = name
+    if name in run.finished:
+        _restore(run, name, run.finished[name])
+        return
+    with _stage(run, name):
+        run.summary["stages"][name] = STAGES[name](run)
+    write_summary(run.run_dir, run.summary)
+    run.sync()
+
+
+@contextmanager
+def _opened(run: Run, stages: list[str], resources: dict, verbose: bool):
+    """The run, from the checks that need the cluster to its record: refused before anything is
+    written; on the way out summary.json and the reports written (and copied up), or, where no stage
+    finished and nothing can be resumed, everything it wrote removed: the corrected command runs into
+    the same output.dir."""
+    run.resources = resources
+    run.summary["timeline"]["ray_ready"] = time.time()
+    _check_shared_storage(run)
+    _check_worker_group_fits(run.cfg, resources, sweep="tune" in stages)
+    run.resolved = _resolve(run, training=any(s in stages for s in ("train", "tune", "distill")))
+    run.cfg = run.resolved.run
+    created = _open_run_dir(run, dump_yaml(run.cfg))
+    if run.resume:
+        run.finished = _finished_stages(run.run_dir)
+        if (run.run_dir / "summary.json").exists():
+            run.reads_before = json.loads((run.run_dir / "summary.json").read_text()).get("data_in_memory", {})
+    try:
+        run.live = Live(run.run_dir, run.console, run.cfg.output.tensorboard, run.cfg.output.mlflow, run.resolved.dump(),
+                        verbose, name=run.remote.rstrip("/").rsplit("/", 1)[-1] if run.remote else None)
+    except BaseException:
+        if not run.resume:
+            discard(run.run_dir, run.remote, created)
+        raise
+    kept = True
+    try:
+        yield
+        run.summary["status"] = "succeeded"
+    except BaseException as exc:
+        run.summary.update(status="failed", failed_stage=run.current, error=failure_line(exc))
+        kept = run.resume or bool(run.summary["stages"])
+        raise
+    finally:
+        if kept:
+            _write_record(run)
+        else:
+            run.live.finish(run.summary, [])  # an MLflow server's run is ended, marked failed
+        run.live.close()
+        if not kept:
+            discard(run.run_dir, run.remote, created)
 
 
 def _open_run_dir(run: Run, config_text: str) -> bool:
@@ -527,6 +544,11 @@ def _evaluate(run: Run) -> dict:
         models[name] = {**numbers, **gate, **program, "path": str(directory)}
     run.summary["models"] = models
     return {}
+
+
+# Every stage, by name (the order a run takes them is RunConfig.default_stages, or --stages).
+STAGES = {"preprocess": _preprocess, "train": _train, "tune": _tune, "distill": _distill, "quantize": _quantize,
+          "evaluate": _evaluate}
 
 
 def _resume_point(run: Run, name: str) -> dict:
