@@ -80,10 +80,10 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     wall = time.perf_counter() - started
     history = result.metrics_dataframe
     rate = float(history["tokens_per_s"].iloc[-1])
-    tokens = config["steps_per_epoch"] * run["train"]["micro_batch_size"] * meta["seq_len"]
+    tokens = config.steps_per_epoch * run["train"]["micro_batch_size"] * meta["seq_len"]
     peak = float(history["gpu_memory_peak_mb"].max()) if "gpu_memory_peak_mb" in history else None
     return {"rate": rate, "startup_s": wall - EPOCHS * tokens / rate, "wall_s": wall, "peak_mb": peak,
-            "steps_per_epoch": config["steps_per_epoch"], "epoch_s": tokens / rate,
+            "steps_per_epoch": config.steps_per_epoch, "epoch_s": tokens / rate,
             "data_wait_s": float(history["data_wait_s"].iloc[-1])}
 
 

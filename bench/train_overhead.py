@@ -115,7 +115,7 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     key = "tokens_per_s" if meta.get("task") == "lm" else "samples_per_s"
     rates = list(history[key])
     rate = statistics.median(rates[1:] or rates)
-    items = config["steps_per_epoch"] * batch * (meta["seq_len"] if meta.get("task") == "lm" else 1)
+    items = config.steps_per_epoch * batch * (meta["seq_len"] if meta.get("task") == "lm" else 1)
     return {"rate": rate, "startup_s": wall - epochs * items / rate, "wall_s": wall}
 
 
