@@ -74,8 +74,6 @@ def stop_signal() -> str | None:
     return _received[-1] if _received else None
 
 
-
-
 def embedded_ray_options(**env_vars: str) -> dict:
     """The `ray.init` arguments every embedded Ray starts with (`ray_session` when it joins no
     cluster; the test suite's cluster and bench/gpu_throughput.py, which add their own resources):
@@ -90,8 +88,6 @@ def embedded_ray_options(**env_vars: str) -> dict:
     runtime_env["env_vars"] |= env_vars
     # A copy: ray.init adds its own keys to the dict it is given.
     return {"dashboard_port": port, "runtime_env": runtime_env, "_system_config": dict(EMBEDDED_SYSTEM_CONFIG)}
-
-
 
 
 def worker_env(address: str | None, dashboard_port: int | None) -> dict:

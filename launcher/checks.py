@@ -12,8 +12,8 @@ import yaml
 
 from cluster.remote import is_empty_dir, is_uri, join, read_text
 from launcher.config import ConfigError, _load, _section
-from runconfig.resolved import redacted
 from launcher.rundir import resume_problems
+from runconfig.resolved import redacted
 from runconfig.schema import STAGES, DataConfig, ModelConfig, RunConfig, searches_student
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")

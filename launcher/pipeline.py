@@ -33,13 +33,13 @@ from cluster.raycompat import CHECKPOINT_SNAPSHOT, latest_checkpoint_metrics, re
 from cluster.remote import RAY_DIR, download, fetch, is_uri, join, read_text, remove_dirs, staging_dir, upload
 from cluster.resources import describe, missing_resources, worker_group_demand
 from cluster.session import ray_session
+from dataprep.meta import DataMeta
 from launcher.config import ConfigError, dump_yaml
 from launcher.errors import failure_line
 from launcher.live import Live
 from launcher.report import stage_line, write_report, write_summary
 from launcher.rundir import MANIFEST, claim, discard
-from dataprep.meta import DataMeta
-from runconfig.resolved import ResolvedConfig, apply_overrides
+from runconfig.resolved import ResolvedConfig
 from runconfig.schema import RunConfig
 
 
@@ -417,7 +417,7 @@ def _tune(run: Run) -> dict:
     run.models[role] = _keep_model(sweep.best_checkpoint, run.run_dir / "models" / role, run.data_dir)
     files = write_trials(sweep.trials, run.run_dir / "tune", cfg.tune.metric, dump["tune"]["space"])
     # The winner's whole config: `raylaunch run tune/best_config.yaml` trains it again without a sweep.
-    best = RunConfig.model_validate(apply_overrides(cfg.model_dump(mode="json"), sweep.best_values))
+    best = run.resolved.with_overrides(sweep.best_values).run
     best.tune.enabled = False
     (run.run_dir / "tune" / "best_config.yaml").write_text(dump_yaml(best))
     files["best_config"] = str(run.run_dir / "tune" / "best_config.yaml")

@@ -14,11 +14,11 @@ from dataprep.stream import decode_tensors, parquet_files, stream_split
 from runconfig.resolved import ResolvedConfig
 from runconfig.schema import RunConfig
 from trainers.batches import model_batch
-from trainers.modeldir import model_spec, save_model_dir
 from trainers.distill import LOGITS, precompute_teacher_outputs
 from trainers.fit import build_trainer, load_splits
-from trainers.worker import worker_config
+from trainers.modeldir import model_spec, save_model_dir
 from trainers.models import build_model
+from trainers.worker import worker_config
 
 
 def _rows(folder) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """The per-worker training function Ray Train runs on every rank.
 
 Everything a worker needs arrives in its `WorkerConfig` (built once on the driver by
-`trainers.worker.worker_config`) and through `ray.train.get_dataset_shard`; everything it gives back leaves through
-`ray.train.report`. The same loop trains a teacher (cross-entropy) and a student (distillation
+`trainers.worker.worker_config`) and through `ray.train.get_dataset_shard`; everything it gives back
+leaves through `ray.train.report`. The same loop trains a teacher (cross-entropy) and a student (distillation
 loss against a frozen teacher), classifiers and language models alike: a batch is `features`
 and `label`, and for a language model both are token blocks, the label shifted by one.
 
@@ -32,8 +32,8 @@ from cluster.raycompat import HeldShard
 from cluster.remote import local_dir
 from trainers import import_deepspeed
 from trainers.batches import model_batch
-from trainers.modeldir import load_model_dir, model_spec, save_model_dir
 from trainers.distill import LOGITS, TOPK_INDICES, TOPK_VALUES, distillation_loss, topk_distillation_loss
+from trainers.modeldir import load_model_dir, model_spec, save_model_dir
 from trainers.models import build_model
 from trainers.worker import Distillation, WorkerConfig
 
