@@ -8,7 +8,7 @@ pointed at a folder raylaunch did not write. The manifest guards against mistake
 someone who can write the folder: they could write a manifest too.
 
 A run refused or failed before any stage finished removes what it wrote (`discard`), so the same
-command, corrected, runs into the same `output.dir`.
+command, corrected, runs into the same `output.dir`. `Run` is what a run's stages share.
 """
 
 from __future__ import annotations
@@ -18,11 +18,71 @@ import shutil
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cluster.remote import create_exclusive, join, read_text, remove_tree
+from cluster.remote import RAY_DIR, create_exclusive, join, read_text, remove_tree, upload
+from runconfig.resolved import ResolvedConfig
+from runconfig.schema import RunConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from launcher.live import Live
 
 MANIFEST = "raylaunch-run.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every stage of a run shares: the config it uses, where it lives, how it reports, and
+    its record (summary.json, kept as the stages finish). What a stage produces is in its result."""
+
+    resolved: ResolvedConfig
+    run_dir: Path
+    """The run directory, or for a URI `output.dir` its local staging folder, copied up to it."""
+    remote: str | None
+    """output.dir when it is a URI."""
+    console: Console
+    live: Live
+    """Progress bars and the metric logs (TensorBoard, MLflow)."""
+    resources: dict
+    """The Ray cluster's resources."""
+    summary: dict
+    resume: bool = False
+    reads_before: dict = field(default_factory=dict)
+    """How the interrupted run this one resumes read each training stage's splits (held in memory or not)."""
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.resolved.run
+
+    @property
+    def cache_root(self) -> Path:
+        return cache_root(self.cfg, self.run_dir, self.remote)
+
+    @property
+    def storage(self) -> Path | str:
+        """Ray Train's and Tune's storage_path."""
+        return join(self.remote, RAY_DIR) if self.remote else self.run_dir / RAY_DIR
+
+    def shared(self, path: Path) -> str:
+        """A file of the run directory where workers on any node can read it: at the URI for a URI
+        run (copied up at the end of the stage that wrote it), else the path itself."""
+        return join(self.remote, path.relative_to(self.run_dir).as_posix()) if self.remote else str(path)
+
+    def sync(self) -> None:
+        """Copy a URI run's staging folder up to its URI."""
+        if self.remote:
+            upload(self.run_dir, self.remote)
+
+
+def cache_root(cfg: RunConfig, run_dir: Path, remote: str | None) -> Path:
+    """Where the data cache is: data.cache_dir, else beside the run directory (a URI run's in the home folder)."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).resolve()
+    return Path.home() / ".cache" / "raylaunch" / "data" if remote else run_dir.parent / ".cache" / "data"
 
 
 def _version() -> str:

@@ -111,9 +111,8 @@ def test_a_snapshot_in_an_unknown_form_deletes_no_checkpoint(tmp_path):
     the snapshot was read and lists checkpoints: a changed format must not delete them all."""
     from rich.console import Console
 
-    from runconfig.schema import RunConfig
     from cluster.raycompat import registered_checkpoints
-    from launcher.pipeline import Run, _resume_point
+    from launcher.stages import _resume_point
 
     experiment = tmp_path / "ray" / "train"
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_half"):
@@ -124,14 +123,14 @@ def test_a_snapshot_in_an_unknown_form_deletes_no_checkpoint(tmp_path):
     assert registered_checkpoints(json.dumps(good)) == {"checkpoint_a", "checkpoint_b"}
     unknown = [{"results": good["checkpoint_results"]}, {"checkpoint_results": []},
                {"checkpoint_results": [{"dir": "checkpoint_a"}]}, ["checkpoint_a"]]
-    run = Run(cfg=RunConfig(), run_dir=tmp_path, console=Console(file=open(os.devnull, "w")), resume=True)
+    console = Console(file=open(os.devnull, "w"))
     for snapshot in unknown:
         assert registered_checkpoints(json.dumps(snapshot)) is None
         (experiment / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
-        assert _resume_point(run, "train") == {}
+        assert _resume_point(tmp_path / "ray", "train", console) == {}
         assert sorted(p.name for p in experiment.glob("checkpoint_*/")) == ["checkpoint_a", "checkpoint_b", "checkpoint_half"]
     (experiment / "checkpoint_manager_snapshot.json").write_text("{not json")
-    assert registered_checkpoints("{not json") is None and _resume_point(run, "train") == {}
+    assert registered_checkpoints("{not json") is None and _resume_point(tmp_path / "ray", "train", console) == {}
     (experiment / "checkpoint_manager_snapshot.json").write_text(json.dumps(good))
-    assert _resume_point(run, "train") == {"resumed_from_step": 4}
+    assert _resume_point(tmp_path / "ray", "train", console) == {"resumed_from_step": 4}
     assert sorted(p.name for p in experiment.glob("checkpoint_*/")) == ["checkpoint_a", "checkpoint_b"]

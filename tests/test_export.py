@@ -392,12 +392,12 @@ def test_predict_uses_the_bpe_tokenizer_a_model_carries(tmp_path, capsys):
 def test_a_kept_model_carries_the_bpe_tokenizer_of_its_data(tmp_path):
     """The pipeline copies a checkpoint's model out of Ray's storage with the data's tokenizer.json
     (byte-level models have none), so predict can encode text for it."""
-    from launcher.pipeline import _keep_model
+    from launcher.stages import keep_model
 
     checkpoint, data_dir = tmp_path / "checkpoint", tmp_path / "data"
     save_model_dir(checkpoint, {"w": torch.zeros(2)}, {"model": {}})
     data_dir.mkdir()
-    assert not (_keep_model(checkpoint, tmp_path / "models" / "bytes", data_dir) / "tokenizer.json").exists()
+    assert not (keep_model(checkpoint, tmp_path / "models" / "bytes", data_dir) / "tokenizer.json").exists()
     (data_dir / "tokenizer.json").write_text("{}")
-    kept = _keep_model(checkpoint, tmp_path / "models" / "bpe", data_dir)
+    kept = keep_model(checkpoint, tmp_path / "models" / "bpe", data_dir)
     assert sorted(p.name for p in kept.iterdir()) == ["model.json", "model.safetensors", "tokenizer.json"]

@@ -167,7 +167,12 @@ def gate(source: dict, quantized: dict, max_drop: float) -> tuple[str, float]:
 
 
 class QuantizationRejected(RuntimeError):
-    """A quantized model lost more than quantize.max_drop."""
+    """A quantized model lost more than quantize.max_drop; `models` holds every model's verdict
+    (the run keeps them, marked, in its summary)."""
+
+    def __init__(self, message: str, models: dict[str, dict]):
+        super().__init__(message)
+        self.models = models
 
 
 def rejection(source_name: str, source: dict, models: dict[str, dict], max_drop: float) -> QuantizationRejected | None:
@@ -185,4 +190,4 @@ def rejection(source_name: str, source: dict, models: dict[str, dict], max_drop:
     return QuantizationRejected(
         f"quantize.max_drop: {worst} against the fp32 {source_name}'s test {quality} {source[quality]:.4f}, over the "
         f"allowed {max_drop:g}; kept in models/ and marked rejected in summary.json. Raise quantize.max_drop, "
-        f"calibrate on more rows (quantize.calibration_rows) or choose another method")
+        f"calibrate on more rows (quantize.calibration_rows) or choose another method", models)
