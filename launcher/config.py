@@ -178,6 +178,9 @@ def _search_space_problems(cfg: RunConfig | None, raw: dict, known: list[str]) -
         if tune.scheduler == "pbt" and path not in PBT_MUTABLE:
             problems.append(f"{where}: pbt continues trials from other trials' checkpoints, so it can only change "
                             f"{', '.join(PBT_MUTABLE)}; search {path} with scheduler asha or fifo")
+        if path == "train.zero.stage" and "auto" in domain.edge_values():
+            problems.append(f"{where}: auto is resolved once for the whole run, before any trial starts; list the "
+                            f"stages to try (0, 1, 2, 3)")
         if path.split(".")[0] not in TUNABLE_SECTIONS:
             problems.append(f"{where}: only paths under {', '.join(TUNABLE_SECTIONS)} can be searched")
             continue

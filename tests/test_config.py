@@ -39,6 +39,8 @@ def _write(tmp_path: Path, doc: dict) -> Path:
         ({"tune": {"space": {"train.zero.stage": {"choice": [2, 5]}}}},
          "tune.space.train.zero.stage: value 5 is rejected: train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 5)"),
         ({"tune": {"space": {"train.lr": {"uniform": [0.1, 0.01]}}}}, "tune.space.train.lr: uniform needs low < high"),
+        ({"tune": {"space": {"train.zero.stage": {"choice": [2, "auto"]}}}},
+         "tune.space.train.zero.stage: auto is resolved once for the whole run, before any trial starts; list the stages"),
         ({"tune": {"search": "grid", "space": {"train.lr": {"uniform": [0.01, 0.1]}}}},
          "tune.space.train.lr: tune.search grid tries every value, so it needs choice or grid (got uniform)"),
         ({"tune": {"search": "optuna", "space": {"train.lr": {"grid": [0.01, 0.1]}}}},
