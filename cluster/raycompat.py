@@ -45,8 +45,8 @@ def polled_every(seconds: float) -> Iterator[None]:
 # 2. Reports as they happen. Ray Train v2's `fit()` blocks until the run ends and hands the driver
 #    nothing before; its UserCallback.after_report(run_context, metrics, checkpoint) runs in the
 #    controller actor. A Ray queue carries each report from there to a thread of the driver (the
-#    progress bar and metric logs; a sweep trial's reports to Tune). Relies on: that hook and its
-#    arguments (metrics: one dict per rank).
+#    progress bar and metric logs; a sweep trial's reports to Tune); the queue's actor serves this
+#    process's later runs too. Relies on: that hook and its arguments (metrics: one dict per rank).
 
 CHECKPOINT_PATH = "checkpoint_path"
 """The key a `ReportStream` item holds the reported checkpoint's path under."""
@@ -60,10 +60,8 @@ class ReportStream:
     _DONE = "__done__"
 
     def __init__(self, on_report: Callable[[dict], None]):
-        from ray.util.queue import Queue
-
-        self.on_report, self.error = on_report, None
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.on_report, self.error, self.drained = on_report, None, False
+        self.queue = _QUEUES.take()
         self.thread = threading.Thread(target=self._drain, name="report-stream", daemon=True)
 
     def callback(self):
@@ -78,7 +76,10 @@ class ReportStream:
         if self.thread.is_alive():
             self.queue.put(self._DONE)  # after the last report: the thread handles everything first
             self.thread.join()
-        self.queue.shutdown(force=True)  # its actor: a Tune trial's process may be reused for another trial
+        if self.drained:  # empty: the next run of this process takes it
+            _QUEUES.give_back(self.queue)
+        else:
+            self.queue.shutdown(force=True)
         if self.error is not None and exc_type is None:
             raise self.error
 
@@ -90,6 +91,46 @@ class ReportStream:
                 self.on_report(item)
             except Exception as exc:  # raised in the run's thread when it ends
                 self.error = exc
+        self.drained = True
+
+
+class _QueuePool:
+    """The report queues of this process's finished runs, for its next runs. A queue is an actor,
+    a process of its own: a new one for every run cost each stage and sweep trial a process start
+    (about a second of CPU). Kept per Ray connection: a queue dies with the connection that made it."""
+
+    def __init__(self):
+        self.lock, self.connection, self.idle = threading.Lock(), None, []
+
+    @staticmethod
+    def _connection() -> tuple[str, str]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return context.get_job_id(), context.get_node_id()
+
+    def take(self):
+        from ray.util.queue import Queue
+
+        connection = self._connection()
+        with self.lock:
+            if connection != self.connection:
+                self.connection, self.idle = connection, []
+            if self.idle:
+                return self.idle.pop()
+        return Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    def give_back(self, queue) -> None:
+        try:
+            connection = self._connection()
+        except Exception:  # Ray is gone, and the queue with it
+            return
+        with self.lock:
+            if connection == self.connection:
+                self.idle.append(queue)
+
+
+_QUEUES = _QueuePool()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,32 @@ def test_1_2_4_a_run_polls_at_its_interval_streams_its_reports_and_lists_its_che
     assert latest_checkpoint_metrics(snapshot)["step"] == 3
 
 
+def test_2_a_finished_runs_report_queue_serves_the_next_run_and_runs_at_once_get_their_own(ray_cluster):
+    """The queue a run's controller puts its reports on is an actor: a finished run's (drained, so
+    empty) serves this process's next run instead of starting a process for every run."""
+    seen = []
+    with ReportStream(seen.append) as first:
+        first.queue.put({"step": 1})  # what the run's controller does with each report
+        with ReportStream(seen.append) as alongside:
+            alongside.queue.put({"step": 2})
+    assert alongside.queue.actor != first.queue.actor
+    with ReportStream(seen.append) as later:
+        later.queue.put({"step": 3})
+    assert later.queue.actor in (first.queue.actor, alongside.queue.actor)
+    assert sorted(item["step"] for item in seen) == [1, 2, 3]
+
+    def failing(item: dict) -> None:
+        raise ValueError(f"bad report {item['step']}")
+
+    with pytest.raises(ValueError, match="bad report 4"):
+        with ReportStream(failing) as stream:
+            stream.queue.put({"step": 4})
+            stream.queue.put({"step": 5})  # still taken: the run would otherwise wait on the queue
+    with ReportStream(seen.append) as after:
+        after.queue.put({"step": 6})
+    assert seen[-1] == {"step": 6} and stream.queue.actor in (first.queue.actor, alongside.queue.actor)
+
+
 def test_3_a_worker_group_that_cannot_start_is_told_apart():
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
