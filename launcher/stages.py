@@ -141,20 +141,12 @@ def preprocess(run: Run) -> Prepared:
 
 
 def train(run: Run, data: Prepared) -> Trained:
-    from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
     from trainers.worker import worker_config
 
     config = worker_config(run.resolved, data.meta)
     (run.run_dir / "deepspeed.json").write_text(json.dumps(config.deepspeed, indent=1))
     resumed = resume_point(run, "train")
-    splits = _splits(run, data, "train")
-    with _reports(run, "teacher", config) as reports:
-        result = fit(build_trainer(config, splits, run.storage, name="train", callbacks=[reports.callback()]),
-                     config.train)
-    checkpoint, metrics = best_checkpoint(result, config.metric)
-    model_dir = keep_model(checkpoint, run.run_dir / "models" / "teacher", data.data_dir)
-    record = _training_record(metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
-    return Trained("teacher", model_dir, record)
+    return _trained(run, data, "train", config, _splits(run, data, "train"), resumed)
 
 
 def tune(run: Run, data: Prepared, teacher: Trained | None) -> Trained:
@@ -202,7 +194,6 @@ def tune(run: Run, data: Prepared, teacher: Trained | None) -> Trained:
 
 
 def distill(run: Run, data: Prepared, teacher: Trained) -> Trained:
-    from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
     from trainers.worker import worker_config
 
     config = worker_config(run.resolved, data.meta, teacher_dir=run.shared(teacher.model_dir))
@@ -210,13 +201,7 @@ def distill(run: Run, data: Prepared, teacher: Trained) -> Trained:
     precomputed = (_precompute_teacher_outputs(run, data, teacher) if run.cfg.distill.teacher_outputs == "precompute"
                    else {})
     splits = _splits(run, data, "distill", precomputed.get("path"))
-    with _reports(run, "student", config) as reports:
-        result = fit(build_trainer(config, splits, run.storage, name="distill", callbacks=[reports.callback()]),
-                     config.train)
-    checkpoint, metrics = best_checkpoint(result, config.metric)
-    model_dir = keep_model(checkpoint, run.run_dir / "models" / "student", data.data_dir)
-    record = _training_record(metrics, run.cfg) | resumed | {"data_in_memory": splits_in_memory(splits)}
-    return Trained("student", model_dir, record | ({"teacher_outputs": precomputed} if precomputed else {}))
+    return _trained(run, data, "distill", config, splits, resumed | ({"teacher_outputs": precomputed} if precomputed else {}))
 
 
 def quantize(run: Run, data: Prepared, source: Trained) -> Quantized:
@@ -289,6 +274,20 @@ def evaluate(run: Run, data: Prepared, models: Models, quantized: Quantized | No
 
 # ---------------------------------------------------------------------------------------------
 # What the training stages share.
+
+
+def _trained(run: Run, data: Prepared, name: str, config, splits: dict, extra: dict) -> Trained:
+    """A train or distill stage's run (of a `trainers.worker.WorkerConfig`), its best checkpoint's
+    model copied to models/<role>/, and its record (with `extra`)."""
+    from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
+
+    role = _ROLES[name]
+    with _reports(run, role, config) as reports:
+        result = fit(build_trainer(config, splits, run.storage, name=name, callbacks=[reports.callback()]), config.train)
+    checkpoint, metrics = best_checkpoint(result, config.metric)
+    model_dir = keep_model(checkpoint, run.run_dir / "models" / role, data.data_dir)
+    record = _training_record(metrics, run.cfg) | extra | {"data_in_memory": splits_in_memory(splits)}
+    return Trained(role, model_dir, record)
 
 
 def _splits(run: Run, data: Prepared, stage: str, train_dir: str | None = None, trainers: int = 1) -> dict:
