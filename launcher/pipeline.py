@@ -1,7 +1,7 @@
 """The pipeline, in the order it runs: preprocess -> train or tune -> distill -> quantize -> evaluate -> report.
 
-Each stage is a short function that calls the package owning the work and returns the numbers
-the summary keeps. The run directory holds everything a run produces:
+Each stage is a function of launcher/stages.py that calls the package owning the work and returns
+a typed result holding what the summary keeps. The run directory holds everything a run produces:
 
     config.yaml          the resolved config
     data.json            where the preprocessed splits are: the cache entry (see dataprep.cache)
