@@ -38,6 +38,18 @@ def remove_after_first_checkpoint(cluster, node, run_dir: Path, removed: dict) -
     return thread
 
 
+def alive_nodes_once_settled(expected: int, within_s: float = 30) -> int:
+    """The nodes the GCS holds alive, once it agrees with `expected` or `within_s` passed. Ray Train
+    hears of the lost worker first (its process is gone): a run can recover and end before the
+    GCS's health checks (4 misses of 1 s) declare the node itself dead."""
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = len([n for n in ray.nodes() if n["Alive"]])
+        if alive == expected or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
 def main(work: Path, data_dir: Path | None) -> None:
     started = time.monotonic()
     # The GCS declares a node dead after missing health checks: every 1 s, 4 misses (Ray's default
@@ -80,7 +92,7 @@ def main(work: Path, data_dir: Path | None) -> None:
         result = fit(build_trainer(config, splits, work / "ray", name="recover"), config.train)
         watcher.join(timeout=5)
         report["recovered"] = {"node_removed": "at" in removed, "final_step": result.metrics["step"],
-                               "nodes_left": len([n for n in ray.nodes() if n["Alive"]]),
+                               "nodes_left": alive_nodes_once_settled(4 - ("at" in removed)),
                                "seconds": round(time.monotonic() - started, 1)}
 
         removed = {}
