@@ -75,7 +75,7 @@ class _Stages:
         if name in self.finished:
             result = self.finished[name]
             run.summary["stages"][name] = result.record
-            run.summary["models"].update(result.models_record())
+            _add_models(run.summary, result.models_record())
             run.console.print(f"[dim]↷ {name:<10} finished before; kept[/]")
             return result
         run.summary["timeline"][f"{name}_start"] = time.time()
@@ -87,17 +87,23 @@ class _Stages:
                 from trainers.quantize import QuantizationRejected
 
                 if isinstance(exc, QuantizationRejected):  # kept in models/: the summary says which and why
-                    run.summary["models"].update(exc.models)
+                    _add_models(run.summary, exc.models)
                 run.console.print(f"[red]✗ {name:<10}[/] failed after {time.perf_counter() - started:.0f} s")
                 raise
         record = run.summary["stages"][name] = {**result.record, "seconds": round(time.perf_counter() - started, 1)}
-        run.summary["models"].update(result.models_record())
+        _add_models(run.summary, result.models_record())
         # One line however narrow the console (a log file is 80 columns): what grep and a reader expect.
         run.console.print(f"[green]✓ {name:<10}[/] {stage_line(name, record, run.summary, run.cfg)}  "
                           f"[dim]({record['seconds']:.0f} s)[/]", soft_wrap=True)
         write_summary(run.run_dir, run.summary)
         run.sync()
         return result
+
+
+def _add_models(summary: dict, models: dict) -> None:
+    """A stage's numbers for the models it made or measured, in its order: evaluation measures every
+    model (the fp32 ones first), and its entries replace what quantization recorded of them."""
+    summary["models"] = models | {name: m for name, m in summary["models"].items() if name not in models}
 
 
 @contextmanager

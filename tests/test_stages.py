@@ -41,3 +41,14 @@ def test_a_resume_restores_the_finished_stages_whose_models_are_still_there(tmp_
     assert isinstance(restored, Quantized) and restored.source == "teacher" and restored.test_metrics == {}
     assert restored.dirs() == {"teacher-int8_dynamic": Path(quantized["teacher-int8_dynamic"]["path"])}
     assert restored.models_record() == quantized and restored.models_record() is not restored.gated
+
+
+def test_evaluation_lists_every_model_in_its_order_replacing_what_quantization_recorded():
+    from launcher.pipeline import _add_models
+
+    summary = {"models": {}}
+    _add_models(summary, {"teacher-int8_dynamic": {"status": "accepted", "accuracy": 0.9}})
+    _add_models(summary, {"teacher": {"accuracy": 0.91}, "teacher-int8_dynamic": {"status": "accepted", "accuracy": 0.9,
+                                                                                    "latency_ms_p50": 0.4}})
+    assert list(summary["models"]) == ["teacher", "teacher-int8_dynamic"]  # the fp32 model first, as evaluate has it
+    assert summary["models"]["teacher-int8_dynamic"]["latency_ms_p50"] == 0.4
