@@ -119,7 +119,8 @@ def _opened(cfg: RunConfig, stages: list[str], console: Console, resources: dict
     _check_shared_storage(cfg, run_dir, remote)
     _check_worker_group_fits(cfg, resources, sweep="tune" in stages)
     training = any(s in stages for s in ("train", "tune", "distill"))
-    saved_stage = _saved_zero_stage(remote or str(run_dir)) if resume else None
+    # Read only where it decides something: a resumed run's `auto` keeps the stage it trained with.
+    saved_stage = _saved_zero_stage(remote or str(run_dir)) if resume and cfg.train.zero.stage == "auto" else None
     resolved = _resolve(cfg, resources, summary, console, training, saved_stage)
     created = _open_run_dir(run_dir, remote, resume, dump_yaml(resolved.run))
     finished, reads_before = _interrupted(run_dir) if resume else ({}, {})
