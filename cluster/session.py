@@ -16,7 +16,7 @@ from cluster.raycompat import EMBEDDED_SYSTEM_CONFIG, TRAIN_POLL_ENV, embedded_w
 
 # Loggers that print progress chatter on the driver during normal operation.
 _CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch", "mlflow",
-                   "alembic")
+                   "alembic", "transformers")
 
 
 def quiet_driver_logs(verbose: bool) -> None:
@@ -30,6 +30,10 @@ def quiet_driver_logs(verbose: bool) -> None:
     logging.getLogger("torch.utils._pytree").setLevel(level)
     if not verbose:
         quiet_libraries()
+        # transformers' weight-loading progress bars and its warnings, which it sets up from these
+        # when it is imported (over any logger level set before)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @contextmanager

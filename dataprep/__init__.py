@@ -7,6 +7,8 @@ from runconfig.problems import BadInput
 ORDER = "order"
 TOKENIZER_FILE = "tokenizer.json"
 """A BPE tokenizer trained on the train split, beside the data it tokenized and every model trained on it."""
+TOKENIZER_DIR = "tokenizer"
+"""A transformers model's tokenizer (`save_pretrained` files), beside the data it tokenized."""
 
 
 def find_transform(transforms: list[dict], *kinds: str) -> dict | None:

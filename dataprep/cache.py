@@ -30,6 +30,7 @@ from dataprep import ORDER, DataError, find_transform
 from dataprep.meta import DataMeta
 from dataprep.sources import BadRows, Files, Problems, data_files, format_of, sources_of
 from dataprep.stream import encode_tensors
+from dataprep.text import HfTokenizer
 from dataprep.transforms import FeatureStats, model_input_shape
 from runconfig.schema import AUGMENTATIONS
 
@@ -51,7 +52,7 @@ def input_identity(data: dict, files: Files | None) -> list:
     return [[i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File]
 
 
-def cache_key(data: dict, seq_len: int | None, files: Files | None) -> str:
+def cache_key(data: dict, seq_len: int | None, files: Files | None, hf: HfTokenizer | None = None) -> str:
     identity = {
         "version": VERSION,
         "settings": {k: data[k] for k in _ROW_SETTINGS},
@@ -59,16 +60,20 @@ def cache_key(data: dict, seq_len: int | None, files: Files | None) -> str:
         "seq_len": seq_len if data["format"] == "text" else None,
         "inputs": input_identity(data, files),
     }
+    if hf is not None and data["format"] == "text":
+        identity["tokenizer"] = hf.fingerprint()
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare(data: dict, seq_len: int, cache_root: Path,
-            progress: Callable[[int, int | None], None] | None = None) -> tuple[DataMeta, Path, bool]:
+            progress: Callable[[int, int | None], None] | None = None,
+            hf: HfTokenizer | None = None) -> tuple[DataMeta, Path, bool]:
     """The preprocessed dataset for a data section: (meta, its folder, whether it was reused).
-    `progress(rows written, rows expected or None)` is called about twice a second while it writes."""
+    `progress(rows written, rows expected or None)` is called about twice a second while it writes.
+    `hf`: text for a transformers model, tokenized with its tokenizer (`dataprep.text`)."""
     # Listed once: the key and the preprocessing see the same files.
     files = None if sources_of(data)[0].startswith("sklearn:") else data_files(data)
-    key = cache_key(data, seq_len, files)
+    key = cache_key(data, seq_len, files, hf)
     entry = cache_root / key
     if (entry / META).is_file():
         return with_augmentations(json.loads((entry / META).read_text()), data), entry, True
@@ -87,7 +92,7 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
 
     try:
         with preprocessing_context():  # errors as themselves, no per-operator reservations (cluster.raycompat, 6)
-            meta = _preprocess(data, files, seq_len, writer, tmp, problems)
+            meta = _preprocess(data, files, seq_len, writer, tmp, problems, hf)
         meta["bad_rows"] = ray.get(ledger.report.remote()) if ledger else {}
         meta["cache_key"] = key
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -104,11 +109,12 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
     return with_augmentations(json.loads((entry / META).read_text()), data), entry, False
 
 
-def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path, problems: Problems) -> DataMeta:
+def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path, problems: Problems,
+                hf: HfTokenizer | None = None) -> DataMeta:
     if data["format"] == "text":
         from dataprep.text import preprocess_text
 
-        return preprocess_text(data, files, seq_len, writer, tmp)
+        return preprocess_text(data, files, seq_len, writer, tmp, hf)
     from dataprep.preprocess import preprocess
 
     return preprocess(data, files, writer, problems)

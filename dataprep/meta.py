@@ -44,8 +44,12 @@ class DataMeta(TypedDict, total=False):
     num_features: int
     normalize: Normalize
     # language model
-    tokenizer: Literal["bytes", "bpe"]
+    tokenizer: Literal["bytes", "bpe", "model"]
+    """`model`: a transformers model's own tokenizer (saved in the entry's `tokenizer/`, as is a
+    BPE trained for such a model)."""
     vocab_size: int
+    special_tokens: dict[str, int]
+    """A transformers tokenizer's eos/bos/pad ids (the exported model's config takes them)."""
     seq_len: int
     tokens: dict[str, int]
     bytes: int

@@ -8,18 +8,25 @@ of `seq_len + 1`, the tail shorter than a block dropped; a block never spans two
 
 Tokenizers: `bytes` (every byte a token, vocabulary 256) or `bpe`, a byte-level BPE from
 Hugging Face `tokenizers` trained on the train split's pieces only and saved beside the data
-(`tokenizer.json`). Output rows: `tokens` (int32, seq_len + 1: the model reads the first
-seq_len, the labels are the last seq_len) and `key`, in `train/`, `val/`, `test/`.
+(`tokenizer.json`). A transformers model (`model.type: hf`) brings its own tokenizer
+(`HfTokenizer`): its fast tokenizer runs in the Ray Data tasks, each file's last piece ends with
+its end-of-text token, and it is saved beside the data as a transformers tokenizer folder
+(`tokenizer/`), as is a BPE trained for such a model. Output rows: `tokens` (int32, seq_len + 1:
+the model reads the first seq_len, the labels are the last seq_len) and `key`, in `train/`,
+`val/`, `test/`.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 
-from dataprep import TOKENIZER_FILE, DataError, find_transform
+from dataprep import TOKENIZER_DIR, TOKENIZER_FILE, DataError, find_transform
 from dataprep.preprocess import row_keys, split_of
 from dataprep.sources import Files
 
@@ -29,11 +36,86 @@ BYTE_VOCAB = 256
 PIECE_BLOCKS = 32
 
 
+END_OF_TEXT = "<|endoftext|>"  # the special token a BPE trained for a transformers model separates documents with
+
+
 def tokenizer_of(data: dict) -> dict:
     return find_transform(data["transforms"], "tokenize") or {"type": "tokenize", "tokenizer": "bytes", "vocab_size": BYTE_VOCAB}
 
 
-def preprocess_text(data: dict, files: Files, seq_len: int, writer, out_dir: Path) -> dict:
+@dataclass(frozen=True)
+class HfTokenizer:
+    """The text of a transformers model: tokenized with the tokenizer at `source` (a folder or a
+    hub id), or with None, a BPE trained on the train split (data.transforms) saved as one."""
+
+    source: str | None
+    trust_remote_code: bool = False
+    loaded: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def for_model(cls, model: dict) -> HfTokenizer | None:
+        """The tokenizer of a `model` config section's text: `model.tokenizer`, else the model
+        folder's own; a model built from hf_config without either trains the data's BPE. None for
+        raylaunch's own models (data.transforms decides)."""
+        if model["type"] != "hf":
+            return None
+        return cls(model.get("tokenizer") or model.get("name_or_path"), model.get("trust_remote_code", False))
+
+    def load(self):
+        """The transformers tokenizer at `source`, loaded once (a DataError where it cannot be)."""
+        if self.loaded is None:
+            object.__setattr__(self, "loaded", load_tokenizer(self.source, self.trust_remote_code))
+        return self.loaded
+
+    def fingerprint(self) -> str:
+        """What the cache key keeps of it: a hash of the tokenizer it loads (its vocabulary, merges,
+        special tokens), or that a BPE is trained for a transformers model."""
+        if self.source is None:
+            return f"bpe with {END_OF_TEXT}"
+        tokenizer = self.load()
+        content = tokenizer.backend_tokenizer.to_str() + repr(sorted(special_token_ids(tokenizer).items()))
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DataError([f"{source}: no tokenizer could be loaded ({str(exc).splitlines()[0][:200]}); give a folder "
+                         f"with tokenizer files (tokenizer.json) in model.name_or_path or model.tokenizer"]) from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise DataError([f"{source}: the tokenizer has no fast (tokenizer.json) form, which the Ray Data tasks run; "
+                         f"save it with a fast tokenizer (tokenizer.save_pretrained after AutoTokenizer.from_pretrained)"])
+    if end_of_text_id(tokenizer) is None:
+        raise DataError([f"{source}: the tokenizer has no end-of-text token (eos_token or sep_token) to put between "
+                         f"documents; set tokenizer.eos_token and save it again"])
+    return tokenizer
+
+
+def end_of_text_id(tokenizer) -> int | None:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The ids a transformers model's config and generation config take from its tokenizer."""
+    ids = {"eos_token_id": end_of_text_id(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_text_id(tokenizer)}
+    return {name: int(value) for name, value in ids.items() if value is not None}
+
+
+def bpe_as_transformers(tokenizer_json: str):
+    """A BPE trained here (with END_OF_TEXT) as a transformers tokenizer, its one special token
+    standing for the start and end of a text and for padding, as GPT-2's does."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), bos_token=END_OF_TEXT,
+                                   eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+
+
+def preprocess_text(data: dict, files: Files, seq_len: int, writer, out_dir: Path, hf: HfTokenizer | None = None) -> dict:
     keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"],
              "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]}
     # Paths, not contents, go through the object store: each task reads its files itself, and
@@ -41,24 +123,38 @@ def preprocess_text(data: dict, files: Files, seq_len: int, writer, out_dir: Pat
     paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=min(len(files.paths), 64))
     read_args = {"batch_size": 16, "concurrency": data["concurrency"], "batch_format": "numpy"}
     spec = tokenizer_of(data)
-    tokenizer_json = None
-    if spec["tokenizer"] == "bpe":
+    tokenizer_json, tokenizer, kind = None, None, spec["tokenizer"]
+    if hf is not None and hf.source is not None:
+        tokenizer, kind = hf.load(), "model"
+        tokenizer_json = tokenizer.backend_tokenizer.to_str()
+    elif spec["tokenizer"] == "bpe":
         pieces = paths.map_batches(_read_pieces, fn_kwargs={"filesystem": files.filesystem, **keyed}, **read_args)
-        tokenizer_json = train_bpe(pieces.filter(expr="split == 0"), spec["vocab_size"])
-        (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
+        tokenizer_json = train_bpe(pieces.filter(expr="split == 0"), spec["vocab_size"],
+                                   [END_OF_TEXT] if hf is not None else [])
+        if hf is None:
+            (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
+        else:
+            tokenizer = bpe_as_transformers(tokenizer_json)
+    end_of_text = end_of_text_id(tokenizer) if tokenizer is not None else None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
     packed = paths.map_batches(_read_and_pack, fn_kwargs={"filesystem": files.filesystem, "seq_len": seq_len,
-                                                          "tokenizer_json": tokenizer_json, **keyed}, **read_args)
+                                                          "tokenizer_json": tokenizer_json, "end_of_text": end_of_text,
+                                                          **keyed}, **read_args)
     rows, _ = writer(packed)
     for name, count in rows.items():
         if count == 0:
             raise DataError([f"data.{name}_fraction: the {name} split is empty ({sum(rows.values())} blocks of {seq_len + 1} "
                              f"tokens in all); use more text, a shorter model.seq_len or a larger fraction"])
-    vocab = BYTE_VOCAB if tokenizer_json is None else spec["vocab_size"]
+    vocab = BYTE_VOCAB if tokenizer_json is None else len(tokenizer) if tokenizer is not None else spec["vocab_size"]
     sizes = [i.size for i in files.filesystem.get_file_info(files.paths)]
-    return {"format": "text", "files": len(files.paths), "task": "lm", "tokenizer": spec["tokenizer"],
+    meta = {"format": "text", "files": len(files.paths), "task": "lm", "tokenizer": kind,
             "vocab_size": vocab, "num_classes": vocab, "classes": None, "input_shape": [seq_len], "stored_shape": [seq_len + 1],
             "seq_len": seq_len, "rows": rows, "tokens": {k: v * seq_len for k, v in rows.items()}, "augment": [],
             "seed": data["seed"], "bytes": int(sum(sizes))}
+    if tokenizer is not None:
+        meta["special_tokens"] = special_token_ids(tokenizer)
+    return meta
 
 
 def _read(paths, filesystem) -> list[bytes]:
@@ -73,21 +169,25 @@ def _read_pieces(batch: dict, filesystem, **keyed) -> dict:
     return _pieces({"bytes": _read(batch["path"], filesystem), "path": batch["path"]}, **keyed)
 
 
-def _read_and_pack(batch: dict, filesystem, seq_len: int, tokenizer_json: str | None, **keyed) -> dict:
-    return _pack(_read_pieces(batch, filesystem, **keyed), seq_len, tokenizer_json)
+def _read_and_pack(batch: dict, filesystem, seq_len: int, tokenizer_json: str | None, end_of_text: int | None,
+                   **keyed) -> dict:
+    return _pack(_read_pieces(batch, filesystem, **keyed), seq_len, tokenizer_json, end_of_text)
 
 
 def _pieces(batch: dict, relative, size: int, seed: int, val_fraction: float, test_fraction: float) -> dict:
-    texts, names, sizes = [], [], []
+    texts, names, sizes, last = [], [], [], []
     for content, path in zip(batch["bytes"], batch["path"]):
         name = relative(str(path))
-        for index, piece in enumerate(cut(content, size)):
+        pieces = cut(content, size)
+        for index, piece in enumerate(pieces):
             texts.append(piece)
             names.append(f"{name}\0{index}")
             sizes.append(len(piece))
+            last.append(index == len(pieces) - 1)
     keys = row_keys(names) if names else np.zeros(0, np.uint64)
     return {"text": np.array(texts, dtype=object), "key": keys.view(np.int64),
-            "split": split_of(keys, seed, val_fraction, test_fraction), "bytes": np.array(sizes, dtype=np.int64)}
+            "split": split_of(keys, seed, val_fraction, test_fraction), "bytes": np.array(sizes, dtype=np.int64),
+            "last": np.array(last, dtype=bool)}
 
 
 def cut(content: bytes, size: int) -> list[bytes]:
@@ -103,30 +203,36 @@ def cut(content: bytes, size: int) -> list[bytes]:
     return pieces
 
 
-def train_bpe(train_pieces: ray.data.Dataset, vocab_size: int) -> str:
-    """A byte-level BPE trained on the train split's text (streamed to the trainer in batches)."""
+def train_bpe(train_pieces: ray.data.Dataset, vocab_size: int, special_tokens: list[str] = ()) -> str:
+    """A byte-level BPE trained on the train split's text (streamed to the trainer in batches);
+    `special_tokens` take the first ids and count in `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  special_tokens=list(special_tokens), show_progress=False)
     texts = (bytes(t).decode("utf-8", "replace") for batch in train_pieces.iter_batches(batch_size=256, batch_format="numpy")
              for t in batch["text"])
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer.to_str()
 
 
-def _pack(batch: dict, seq_len: int, tokenizer_json: str | None) -> dict:
+def _pack(batch: dict, seq_len: int, tokenizer_json: str | None, end_of_text: int | None = None) -> dict:
     if tokenizer_json is None:
         streams = [np.frombuffer(bytes(t), dtype=np.uint8).astype(np.int32) for t in batch["text"]]
     else:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_str(tokenizer_json)
-        encoded = tokenizer.encode_batch([bytes(t).decode("utf-8", "replace") for t in batch["text"]])
+        tokenizer = Tokenizer.from_str(tokenizer_json)  # once per task (a batch of files)
+        # No special tokens per piece (a transformers tokenizer's template would add a start
+        # token to each); a document's end is marked below.
+        encoded = tokenizer.encode_batch([bytes(t).decode("utf-8", "replace") for t in batch["text"]],
+                                         add_special_tokens=False)
         streams = [np.asarray(e.ids, dtype=np.int32) for e in encoded]
+    if end_of_text is not None:  # a file's last piece ends with the end-of-text token
+        streams = [np.append(s, np.int32(end_of_text)) if last else s for s, last in zip(streams, batch["last"])]
     blocks, keys, splits = [], [], []
     for stream, key, split in zip(streams, batch["key"], batch["split"]):
         count = len(stream) // (seq_len + 1)

@@ -14,9 +14,10 @@ from cluster.remote import is_empty_dir, is_uri, join, read_text
 from launcher.config import ConfigError, _load, _section
 from launcher.rundir import resume_problems
 from runconfig.resolved import redacted
-from runconfig.schema import STAGES, DataConfig, ModelConfig, RunConfig, searches_student
+from runconfig.schema import NOT_COMPRESSED, STAGES, DataConfig, ModelConfig, RunConfig, searches_student
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
+LANGUAGE_MODELS = ("gpt", "hf")
 
 
 def load_for_run(config_path: str | os.PathLike, overrides: list[str], stages: list[str] | None,
@@ -50,7 +51,10 @@ def input_problems(cfg: RunConfig | None, raw: dict, stages: list[str], resume: 
 
     data, model, tune, output = section("data"), section("model"), section("tune"), section("output")
     problems = _data_problems(data, model) if data is not None else []
+    problems += _model_problems(model) if model is not None else []
     problems += stage_problems(stages, tune is not None and tune.enabled and searches_student(tune.space))
+    if model is not None and model.type in NOT_COMPRESSED:
+        problems += _not_compressed(model.type, stages, cfg)
     if output is None:
         return problems
     out = output.dir
@@ -107,9 +111,18 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
 
     problems = []
     text = data.format == "text"
-    if model is not None and (model.type == "gpt") != text:
-        problems.append("model.type: gpt trains on text (data.format: text) and text needs model.type: gpt"
+    if model is not None and (model.type in LANGUAGE_MODELS) != text:
+        problems.append("model.type: gpt and hf train on text (data.format: text) and text needs model.type gpt or hf"
                         f"; got model.type {model.type} with data.format {data.format}")
+    tokenize = next((t for t in data.transforms if t.type == "tokenize"), None)
+    if model is not None and model.type == "hf" and text:
+        brings = model.tokenizer or model.name_or_path
+        if brings and tokenize is not None and "tokenizer" in tokenize.model_fields_set:
+            problems.append(f"data.transforms: tokenize sets tokenizer {tokenize.tokenizer}, but the model's own tokenizer "
+                            f"({brings}) tokenizes its text; drop the option (or set model.tokenizer)")
+        if not brings and (tokenize is None or tokenize.tokenizer != "bpe"):
+            problems.append("model.tokenizer: a model built from model.hf_config needs a tokenizer: a folder in "
+                            "model.tokenizer, or data.transforms [{type: tokenize, tokenizer: bpe}, pack] to train one")
     sources = sources_of(data.model_dump(mode="json"))
     bundled = [s for s in sources if s.startswith("sklearn:")]
     if bundled and (len(sources) > 1 or text):
@@ -125,6 +138,40 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
     if model is not None and model.type == "cnn" and not image_input:
         problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width], "
                         "use data.format images, or use model.type: mlp")
+    return problems
+
+
+def _model_problems(model: ModelConfig) -> list[str]:
+    """A transformers model's folders: given as paths, they must hold what transformers loads."""
+    problems = []
+    for field, needs in (("name_or_path", "config.json"), ("tokenizer", None)):
+        where = getattr(model, field) if model.type == "hf" else None
+        if where is None:
+            continue
+        if os.path.isdir(where):
+            if needs and not os.path.isfile(os.path.join(where, needs)):
+                problems.append(f"model.{field}: {where} has no {needs}; give a folder written by save_pretrained")
+        elif os.path.exists(where) or not _looks_like_hub_id(where):
+            problems.append(f"model.{field}: {where} is no folder (nor a hub id such as org/name); give a folder "
+                            f"written by save_pretrained")
+    return problems
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`name` or `org/name`, as the hub spells them (a path like ./x, /x or a/b/c is a folder)."""
+    parts = name.split("/")
+    return len(parts) <= 2 and all(p and not p.startswith(".") and p == p.strip() for p in parts)
+
+
+def _not_compressed(kind: str, stages: list[str], cfg: RunConfig | None) -> list[str]:
+    """Stages that do not take this model family yet, asked for by --stages or by the config."""
+    problems = [f"--stages: {stage} does not take model.type {kind} yet; leave it out" for stage in ("distill", "quantize")
+                if stage in stages]
+    for name in ("distill", "quantize"):
+        section = getattr(cfg, name) if cfg is not None else None
+        if section is not None and section.enabled and "enabled" in section.model_fields_set and name not in stages:
+            problems.append(f"{name}.enabled: the {name} stage does not take model.type {kind} yet; set "
+                            f"{name}.enabled: false")
     return problems
 
 

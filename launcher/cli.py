@@ -9,6 +9,7 @@ stopped; a cluster it cannot reach or that refuses its token is one line and exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                                        "or a folder of images; a language model: a text file to continue")
     predict.add_argument("--top-k", type=int, default=1, help="classes to show per row, most likely first (default 1)")
     predict.add_argument("--max-new-tokens", type=int, default=64, help="tokens a language model generates (default 64)")
+    predict.add_argument("--temperature", type=float, default=0.0,
+                         help="a language model samples at this temperature (default 0: greedy, the likeliest token)")
+    predict.add_argument("--top-p", type=float, default=1.0,
+                         help="with --temperature: sample from the likeliest tokens whose probability reaches this (default 1)")
+    predict.add_argument("--seed", type=int, default=0, help="with --temperature: the sampling seed (default 0)")
     predict.add_argument("--output", help="also write the predictions as JSON lines to this file")
     predict.add_argument("--compiled", action="store_true",
                          help="run a static_int8 model's compiled program (model.pt2: machine code, loaded into this "
@@ -168,8 +174,11 @@ def _predict(args, console: Console, errors: Console) -> int:
     import logging
 
     if not args.verbose:  # torchao logs each optional kernel library it cannot load
-        for name in ("torchao", "torch.utils._pytree"):
+        for name in ("torchao", "torch.utils._pytree", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # transformers' weight-loading bars and warnings (it reads these when imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     from rich.table import Table
 
@@ -179,11 +188,13 @@ def _predict(args, console: Console, errors: Console) -> int:
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise DataError(["--top-k and --max-new-tokens: at least 1"])
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise DataError(["--temperature: 0 (greedy) or more; --top-p: above 0, at most 1"])
     spec = read_spec(args.model_dir)
     inputs, names = read_inputs(spec, args.input)
     model, spec = load_model(args.model_dir, compiled=args.compiled)
     if spec["preprocess"]["task"] == "lm":
-        text = decode(spec, generate(model, spec, inputs, args.max_new_tokens))
+        text = decode(spec, generate(model, spec, inputs, args.max_new_tokens, args.temperature, args.top_p, args.seed))
         console.print(text, markup=False, highlight=False, soft_wrap=True)
         records = [{"input": names[0], "generated": text}]
     else:

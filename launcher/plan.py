@@ -42,13 +42,20 @@ def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
     import torch
 
     from dataprep.peek import peek_shape
+    from dataprep.text import HfTokenizer
     from trainers.memory import largest_layer_params
     from trainers.models import build_model, count_params
 
     model = model or cfg.model.model_dump(mode="json")
     input_shape, num_classes = peek_shape(cfg.data.model_dump(mode="json"), cfg.model.seq_len)
-    with torch.device("meta"):
-        module = build_model(model, input_shape, num_classes)
+    tokenizer = HfTokenizer.for_model(model)
+    if tokenizer is not None and tokenizer.source is not None:  # the model's own tokenizer's vocabulary
+        num_classes = len(tokenizer.load())
+    try:
+        with torch.device("meta"):  # a pretrained model's config only: no weights read or allocated
+            module = build_model(model, input_shape, num_classes, weights=False)
+    except ValueError as exc:  # the model does not fit the data (vocabulary, sequence length)
+        raise ConfigError([str(exc)]) from None
     return count_params(module), largest_layer_params(module)
 
 

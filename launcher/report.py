@@ -33,7 +33,9 @@ def stage_line(name: str, result: dict, summary: dict, cfg: RunConfig) -> str:
         how = f"reused cached {cache['key']}" if cache["reused"] else f"cached as {cache['key']}"
         splits = f"train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"
         if "tokens" in result:
-            return (f"{result['files']:,} files -> {sum(result['tokens'].values()):,} {result['tokenizer']} tokens in "
+            tokens = ("tokens of the model's tokenizer" if result["tokenizer"] == "model"
+                      else f"{result['tokenizer']} tokens")
+            return (f"{result['files']:,} files -> {sum(result['tokens'].values()):,} {tokens} in "
                     f"blocks of {result['seq_len']}: {splits} ({how})")
         bad = result["bad_rows"]
         dropped = f", {sum(b['rows'] for b in bad.values()):,} bad rows skipped in {len(bad)} file(s)" if bad else ""

@@ -122,6 +122,7 @@ RESTORED = {"train": Trained, "tune": Trained, "distill": Trained, "quantize": Q
 
 def preprocess(run: Run) -> Prepared:
     from dataprep.cache import prepare
+    from dataprep.text import HfTokenizer
 
     data = run.resolved.dump()["data"]
     bar = run.live.bar("rows written", None)
@@ -129,7 +130,8 @@ def preprocess(run: Run) -> Prepared:
     def progress(rows: int, expected: int | None) -> None:
         run.live.update(bar, completed=rows, total=expected)
 
-    meta, data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress)
+    hf = HfTokenizer.for_model(run.resolved.dump()["model"])
+    meta, data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress, hf)
     (run.run_dir / "data.json").write_text(json.dumps({"path": str(data_dir), "key": meta["cache_key"]}, indent=1))
     record = {"rows": meta["rows"], "cache": {"path": str(data_dir), "key": meta["cache_key"], "reused": reused},
               "bad_rows": meta.get("bad_rows", {}), "files": meta["files"]}
@@ -247,7 +249,7 @@ def quantize(run: Run, data: Prepared, source: Trained) -> Quantized:
 
 def evaluate(run: Run, data: Prepared, models: Models, quantized: Quantized | None) -> Evaluated:
     from trainers.evaluate import first_rows, interleaved_latency, measure, test_metrics
-    from trainers.modeldir import WEIGHTS, load_model
+    from trainers.modeldir import load_model
 
     directories = models.dirs() | (quantized.dirs() if quantized else {})
     measured = quantized.test_metrics if quantized else {}
@@ -267,7 +269,7 @@ def evaluate(run: Run, data: Prepared, models: Models, quantized: Quantized | No
         program = {"program": spec["program"]} if "program" in spec else {}
         if "compiled" in spec:
             program["program_bytes"] = spec["compiled"]["bytes"]
-        numbers[name] = {**measure(spec, directory / WEIGHTS, quality, timings[name]), **verdict, **program,
+        numbers[name] = {**measure(spec, directory, quality, timings[name]), **verdict, **program,
                          "path": str(directory)}
     return Evaluated(numbers)
 
@@ -376,15 +378,20 @@ def _resume_point(storage: Path | str, name: str, console: Console) -> dict:
 def keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
     storage (a path or a URI) into the run's models/ folder; the folder appears complete or not at all."""
-    from dataprep import TOKENIZER_FILE
-    from trainers.modeldir import SPEC, WEIGHTS
+    from dataprep import TOKENIZER_DIR, TOKENIZER_FILE
+    from trainers.modeldir import SPEC, model_files
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    fetch(checkpoint, (WEIGHTS, SPEC), tmp)
+    fetch(checkpoint, (SPEC,), tmp)
+    fetch(checkpoint, tuple(model_files(json.loads((tmp / SPEC).read_text()))), tmp)
+    # A model carries its tokenizer (`raylaunch predict` needs it): a BPE's file, or a transformers
+    # model's tokenizer folder's files beside its weights, where transformers looks for them.
     tokenizer = data_dir / TOKENIZER_FILE
-    if tokenizer.exists():  # a BPE model carries its tokenizer: `raylaunch predict` needs it
+    if tokenizer.exists():
         shutil.copy2(tokenizer, tmp / TOKENIZER_FILE)
+    for file in sorted((data_dir / TOKENIZER_DIR).glob("*")):
+        shutil.copy2(file, tmp / file.name)
     # A driver killed after an earlier copy and before the summary recorded its stage left one:
     # the stage ran again, and its model replaces it.
     shutil.rmtree(target, ignore_errors=True)

@@ -214,8 +214,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    type: Literal["cnn", "mlp", "gpt"] = "cnn"
-    """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text."""
+    type: Literal["cnn", "mlp", "gpt", "hf"] = "cnn"
+    """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text, `hf` any Hugging Face transformers causal LM (`name_or_path` or `hf_config`)."""
     width: int = Field(32, ge=1, le=4096)
     """cnn/mlp: channels of the first conv block (doubling per block), or units per MLP hidden layer."""
     depth: int = Field(2, ge=1, le=8)
@@ -229,12 +229,32 @@ class ModelConfig(Section):
     d_model: int = Field(64, ge=8, le=65536)
     """gpt: embedding width."""
     seq_len: int = Field(128, ge=2, le=1 << 20)
-    """gpt: tokens per training sequence (the text is packed into blocks of this length)."""
+    """gpt, hf: tokens per training sequence (the text is packed into blocks of this length)."""
+    name_or_path: str | None = None
+    """hf: a folder in `save_pretrained` layout (config.json, safetensors weights, tokenizer files), or a hub id transformers downloads where the cluster can reach the hub. Its tokenizer tokenizes the text."""
+    hf_config: dict[str, Any] | None = None
+    """hf: a transformers config (`{model_type: llama, hidden_size: 256, ...}`) to build with fresh weights, instead of name_or_path; `vocab_size` defaults to the tokenizer's."""
+    tokenizer: str | None = None
+    """hf: a tokenizer folder (or hub id) to use instead of the one in name_or_path; with hf_config, this or data.transforms `{type: tokenize, tokenizer: bpe}`."""
+    trust_remote_code: bool = False
+    """hf: run the model's own Python code from its folder or the hub (transformers' trust_remote_code); only for models you trust."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """hf: the dtype the weights are loaded in; null: train.precision's (DeepSpeed trains in train.precision either way)."""
+    attn_implementation: str | None = None
+    """hf: transformers' attention implementation (`sdpa`, `eager`, `flash_attention_2`, ...); null: transformers' default for the model."""
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelConfig:
+    def _consistent(self) -> ModelConfig:
         if self.type == "gpt" and self.d_model % self.n_head:
             raise ValueError(f"n_head: {self.n_head} must divide d_model {self.d_model}")
+        if self.type == "hf" and (self.name_or_path is None) == (self.hf_config is None):
+            raise ValueError("name_or_path: model.type hf needs one of name_or_path (a model folder or hub id) and "
+                             "hf_config (a transformers config to build with fresh weights)")
+        if self.hf_config is not None and not isinstance(self.hf_config.get("model_type"), str):
+            raise ValueError("hf_config: needs model_type (llama, gpt2, mistral, ...): the transformers architecture to build")
+        hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer") if getattr(self, f) is not None]
+        if self.type != "hf" and hf_only:
+            raise ValueError(f"{hf_only[0]}: only for model.type hf (got {self.type})")
         return self
 
 
@@ -456,6 +476,11 @@ class OutputConfig(Section):
     """Also log them to MLflow: `true` keeps an MLflow store in the run directory (`mlflow.db`, SQLite), a string is a tracking URI (`http://mlflow:5000`); one MLflow run per pipeline run, a nested run per training run."""
 
 
+NOT_COMPRESSED = ("hf",)
+"""Model families the distill and quantize stages do not take yet: a plain run skips them, a
+config or --stages that asks for them is refused."""
+
+
 def searches_student(space: dict) -> bool:
     """Whether a search space holds only `distill` paths: its trials distill students rather than
     train teachers."""
@@ -488,12 +513,13 @@ class RunConfig(Section):
     def default_stages(self) -> list[str]:
         """The stages a plain `raylaunch run` performs: a sweep replaces the single run it searches
         (the teacher's training, or with only distill paths in its space, the distillation)."""
+        compresses = self.model.type not in NOT_COMPRESSED
         if self.sweeps_student:
             stages = ["preprocess", "train", "tune"]
         else:
             stages = ["preprocess", "tune" if self.tune.enabled else "train"]
-            stages += ["distill"] if self.distill.enabled else []
-        return stages + (["quantize"] if self.quantize.enabled else []) + ["evaluate"]
+            stages += ["distill"] if self.distill.enabled and compresses else []
+        return stages + (["quantize"] if self.quantize.enabled and compresses else []) + ["evaluate"]
 
 
 def metric_mode(metric: str) -> str:

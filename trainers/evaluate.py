@@ -13,7 +13,7 @@ from torch import nn
 
 from dataprep.stream import stream_folder
 from trainers.batches import model_batch
-from trainers.models import build_model, count_params
+from trainers.models import PRETRAINED, build_model, count_params
 
 
 @torch.inference_mode()
@@ -73,15 +73,21 @@ def interleaved_latency(models: dict[str, nn.Module], example: torch.Tensor, rou
     return {name: {key: float(np.median([r[key] for r in runs])) for key in runs[0]} for name, runs in measured.items()}
 
 
-def measure(spec: dict, weights_file: Path, quality: dict, timing: dict) -> dict:
+def measure(spec: dict, directory: Path, quality: dict, timing: dict) -> dict:
     """The numbers the report shows for one model, given its `test_metrics` and its
     `interleaved_latency`. `params` counts the architecture's parameters (a quantized model stores
-    the same ones in fewer bytes)."""
-    architecture = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
+    the same ones in fewer bytes); `size_bytes` its weights' files."""
+    from trainers.modeldir import weights_bytes
+
+    model = spec["model"]
+    if model["type"] in PRETRAINED:  # the export's own config, not the folder training started from
+        model = {**model, "name_or_path": str(directory), "hf_config": None}
+    with torch.device("meta"):  # counted, never allocated
+        architecture = build_model(model, spec["input_shape"], spec["num_classes"], weights=False)
     return {
         **quality,
         "params": count_params(architecture),
-        "size_bytes": weights_file.stat().st_size,
+        "size_bytes": weights_bytes(directory),
         **timing,
     }
 

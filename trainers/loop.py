@@ -38,6 +38,7 @@ from trainers.models import build_model
 from trainers.worker import Distillation, WorkerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 POSITION = "position.json"
 
@@ -52,7 +53,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(train.seed)  # same seed on every rank: identical initial weights
     model_section = config.model.model_dump(mode="json")
-    model = build_model(model_section, meta["input_shape"], meta["num_classes"])
+    model, hf_deepspeed = _build(config, model_section)  # hf_deepspeed: kept alive as long as the model
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = train.activation_checkpointing
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config.deepspeed)
@@ -137,6 +138,24 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         since_report.close(time.perf_counter() - started, waiting.take())
         _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
                     {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
+
+
+def _build(config: WorkerConfig, section: dict):
+    """The model, and what must stay alive while it trains. A transformers model loads in the
+    training precision's dtype (model.dtype unless set); at ZeRO-3 it is built partitioned: with
+    transformers' HfDeepSpeedConfig alive, each parameter is created inside deepspeed.zero.Init and
+    scattered at once, so no rank ever holds the whole model."""
+    zero3 = None
+    if section["type"] == "hf":
+        section = {**section, "dtype": section["dtype"] or HF_DTYPES[config.train.precision]}
+        if config.deepspeed["zero_optimization"]["stage"] == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # DeepSpeed checks the batch sizes against its own view of the world size, which it
+            # takes from Ray Train's process group only once its comm layer is set up.
+            import_deepspeed().init_distributed()
+            zero3 = HfDeepSpeedConfig(config.deepspeed)  # transformers keeps only a weak reference to it
+    return build_model(section, config.data["input_shape"], config.data["num_classes"]), zero3
 
 
 def shard_name(split: str, rank: int, per_rank: bool) -> str:
@@ -317,14 +336,14 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
         # The most GPU memory any rank's tensors have taken since its process started.
         peak = torch.tensor([torch.cuda.max_memory_allocated(engine.device) / 2**20], dtype=torch.float64)
         metrics["gpu_memory_peak_mb"] = _all_reduce_max(peak, engine.device)[0]
-    state_dict = _full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
+    state_dict = _full_state_dict(engine, rank)  # a collective under ZeRO-3: every rank takes part
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"position": position})
         _fault(config, rank, position["step"], "save:deepspeed")
         torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
         if rank == 0:
-            save_model_dir(directory, state_dict, spec)
+            save_model_dir(directory, state_dict, spec, engine.module)
             # Where in training this checkpoint is, readable without DeepSpeed (a sweep names the trial).
             (directory / POSITION).write_text(json.dumps({"trial": config.trial, **position}))
         _fault(config, rank, position["step"], "save")
@@ -394,17 +413,28 @@ def _all_reduce_max(values: torch.Tensor, device) -> list[float]:
     return values.cpu().tolist()
 
 
-def _full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The whole model's weights in fp32. Under ZeRO-3 each rank holds only a slice of every
-    parameter, so they are gathered first: a collective, every rank must call this."""
+def _full_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights in fp32 on rank 0 (None elsewhere), a tensor shared by two names
+    (a tied LM head) under its first. Under ZeRO-3 each rank holds only a slice of every
+    parameter: they are gathered one at a time, a collective every rank must call, and only rank 0
+    copies them, so no rank ever holds more than one whole parameter beyond the copy."""
     import deepspeed
 
-    module = engine.module
-    if engine.zero_optimization_partition_weights():
+    partitioned = engine.zero_optimization_partition_weights()
+    if partitioned:
         # Validation's forward passes leave the parameters ZeRO-3 prefetched for a backward that
         # never came in flight, and gathering one of those fails ("Cannot partition a param in
         # flight", seen on a GPU): wait for them and release every parameter first.
         engine.empty_partition_cache()
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    weights, seen = {}, set()
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if partitioned and hasattr(tensor, "ds_id"):
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                if rank == 0:
+                    weights[name] = tensor.detach().float().cpu().clone()
+        elif rank == 0:
+            weights[name] = tensor.detach().float().cpu().clone()
+    return weights if rank == 0 else None

@@ -5,6 +5,9 @@
                         the quantization) and how raw input becomes its input (`preprocess`: feature columns,
                         normalization fitted on the train split, image shape, tokenizer)
     tokenizer.json      a BPE language model's tokenizer
+    config.json, ...    a transformers model (`model.type: hf`): the folder transformers' own `from_pretrained`
+                        loads (config, generation config, weights sharded above 5 GB, tokenizer files), beside
+                        model.json; the spec's `files` lists the model's files
     model.pt2           optional, static_int8 only: its program compiled ahead of time by AOTInductor for a
                         CPU and torch version (machine code: loaded only when asked for)
 
@@ -40,7 +43,7 @@ WEIGHTS, SPEC, PROGRAM = "model.safetensors", "model.json", "model.pt2"
 
 # What turns raw input into the model's input (trainers.predict reads these for `raylaunch predict`).
 PREPROCESS_KEYS = ("task", "format", "feature_columns", "stored_shape", "normalize", "augment", "seed", "tokenizer",
-                   "vocab_size", "seq_len")
+                   "vocab_size", "seq_len", "special_tokens")
 
 
 def model_spec(model: dict, data_meta: DataMeta) -> dict:
@@ -54,33 +57,61 @@ def model_spec(model: dict, data_meta: DataMeta) -> dict:
 def read_spec(directory: Path | str) -> dict:
     """A model directory's `model.json`, with the directory it came from (`directory`)."""
     directory = Path(directory)
-    for name in (SPEC, WEIGHTS):
-        if not (directory / name).is_file():
-            models = sorted(p.parent.name for p in (directory / "models").glob(f"*/{SPEC}"))
-            hint = (f"it is a run directory: give one of its models ({', '.join(f'{directory}/models/{m}' for m in models)})"
-                    if models else "give a folder under RUN_DIR/models/")
-            raise DataError([f"{directory}: not a model directory (no {name}); {hint}"])
+
+    def missing(name: str) -> DataError:
+        models = sorted(p.parent.name for p in (directory / "models").glob(f"*/{SPEC}"))
+        hint = (f"it is a run directory: give one of its models ({', '.join(f'{directory}/models/{m}' for m in models)})"
+                if models else "give a folder under RUN_DIR/models/")
+        return DataError([f"{directory}: not a model directory (no {name}); {hint}"])
+
+    if not (directory / SPEC).is_file():
+        raise missing(SPEC)
     try:
-        return {**json.loads((directory / SPEC).read_text()), "directory": str(directory.resolve())}
+        spec = json.loads((directory / SPEC).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError([f"{directory / SPEC}: not valid JSON ({exc}); export the model again"]) from None
+    absent = next((name for name in model_files(spec) if not (directory / name).is_file()), None)
+    if absent:
+        raise missing(absent)
+    return {**spec, "directory": str(directory.resolve())}
 
 
 # ---- fp32: what training writes
 
-def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: dict) -> None:
+def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: dict, model: nn.Module | None = None) -> None:
     """Write weights and spec; each file goes to a temporary name first and is renamed into place,
-    so a reader never sees half a file."""
+    so a reader never sees half a file. A transformers model (`model`: its `CausalLM`, for its
+    config) is written as a transformers folder, the spec listing its files."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    if spec["model"].get("type") == "hf":
+        from trainers.models.hf import save_hf
+
+        files = save_hf(directory, tensors, model.hf.config, spec["preprocess"].get("special_tokens", {}))
+        spec = {**spec, "files": files}
+    else:
+        atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
     atomic_write(directory / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
+
+
+def model_files(spec: dict) -> list[str]:
+    """The files of a model directory besides model.json (and a tokenizer copied in beside them)."""
+    return spec.get("files") or [WEIGHTS]
+
+
+def weights_bytes(directory: Path | str) -> int:
+    """Bytes of a model directory's weights (every safetensors shard)."""
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
 def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
     """The fp32 model in `directory`, in eval mode, and its spec."""
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
+    if spec["model"]["type"] == "hf":
+        from trainers.models.hf import load_hf
+
+        return load_hf(directory), spec
     model = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
     return model.eval(), spec
@@ -165,7 +196,7 @@ def _check_program_path(directory: Path, compiled: dict) -> None:
 
 def _zeros(spec: dict, rows: int) -> torch.Tensor:
     """Inputs of the model's shape (token ids for a language model)."""
-    if spec["model"]["type"] == "gpt":
+    if spec["preprocess"]["task"] == "lm":
         return torch.zeros(rows, *spec["input_shape"], dtype=torch.long)
     return torch.zeros(rows, *spec["input_shape"])
 

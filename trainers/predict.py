@@ -103,14 +103,20 @@ def _text_input(spec: dict, path: Path) -> torch.Tensor:
 
 
 def encode(spec: dict, text: str) -> list[int]:
-    if spec["preprocess"]["tokenizer"] == "bytes":
+    kind = spec["preprocess"]["tokenizer"]
+    if kind == "bytes":
         return list(text.encode("utf-8"))
+    if kind == "model":  # as the training text was: no start token added
+        return _transformers_tokenizer(spec).encode(text, add_special_tokens=False)
     return _bpe(spec).encode(text).ids
 
 
 def decode(spec: dict, ids: list[int]) -> str:
-    if spec["preprocess"]["tokenizer"] == "bytes":
+    kind = spec["preprocess"]["tokenizer"]
+    if kind == "bytes":
         return bytes(ids).decode("utf-8", errors="replace")
+    if kind == "model":
+        return _transformers_tokenizer(spec).decode(ids, skip_special_tokens=True)
     return _bpe(spec).decode(ids)
 
 
@@ -121,6 +127,16 @@ def _bpe(spec: dict):
     if not path.is_file():
         raise DataError([f"{spec['directory']}: the model's BPE tokenizer ({TOKENIZER_FILE}) is missing; copy it from the run's data cache"])
     return Tokenizer.from_file(str(path))
+
+
+def _transformers_tokenizer(spec: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec["directory"])
+    except (OSError, ValueError):
+        raise DataError([f"{spec['directory']}: the model's tokenizer files are missing; copy them from the run's "
+                         f"data cache (its tokenizer/ folder)"]) from None
 
 
 @torch.inference_mode()
@@ -136,18 +152,40 @@ def classify(model: nn.Module, inputs: torch.Tensor, classes: list, top_k: int =
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, spec: dict, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """Greedy continuation of `prompt`. The model sees a fixed window of its `seq_len` last tokens
-    (an exported PT2E program has that length built in); a shorter prompt is left-padded with the
-    newline token."""
+def generate(model: nn.Module, spec: dict, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0) -> list[int]:
+    """A continuation of `prompt`: greedy (`temperature` 0), or sampled at `temperature` from the
+    smallest set of tokens whose probability reaches `top_p`. raylaunch's own models see a fixed
+    window of their `seq_len` last tokens (an exported PT2E program has that length built in; a
+    shorter prompt is left-padded with the newline token); a transformers model generates with
+    transformers' own `generate`, from the prompt's last `seq_len` tokens, up to its end-of-text."""
+    generator = torch.Generator().manual_seed(seed)
     seq_len = spec["input_shape"][0]
+    hf = getattr(model, "hf", None)
+    if hf is not None:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        ids = hf.generate(input_ids=prompt[-seq_len:][None], attention_mask=torch.ones(1, min(len(prompt), seq_len),
+                                                                                        dtype=torch.long),
+                          max_new_tokens=new_tokens, **sampling)
+        return ids[0, min(len(prompt), seq_len):].tolist()
     pad = encode(spec, "\n")[0]
     tokens = prompt.tolist()
     out = []
     for _ in range(new_tokens):
         window = ([pad] * seq_len + tokens)[-seq_len:]
-        logits = model(torch.tensor([window]))
-        token = int(logits[0, -1].argmax())
+        logits = model(torch.tensor([window]))[0, -1].float()
+        token = int(logits.argmax()) if temperature <= 0 else sample(logits, temperature, top_p, generator)
         tokens.append(token)
         out.append(token)
     return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token drawn from softmax(logits / temperature), kept to the top-p nucleus."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    # Keep each token whose preceding probability mass is below top_p (the first is always kept).
+    keep = ordered.cumsum(-1) - ordered < top_p
+    ordered = ordered * keep
+    return int(order[torch.multinomial(ordered / ordered.sum(), 1, generator=generator)])

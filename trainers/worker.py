@@ -90,6 +90,10 @@ def steps_per_epoch(train: TrainConfig, train_rows: int) -> int:
 
 
 def hidden_size(model: ModelConfig) -> int:
+    if model.type == "hf":
+        from trainers.models.hf import hidden_size
+
+        return hidden_size(model.model_dump(mode="json"))
     return model.d_model if model.type == "gpt" else model.width
 
 

@@ -1,0 +1,52 @@
+"""Tiny transformers models for the tests, made here and saved to a folder (nothing downloaded):
+a byte-level BPE tokenizer trained on this Python's own sources, and Llama- and GPT-2-shaped
+causal LMs built from configs, written with `save_pretrained` as a model from the hub would be."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 384, glob: str = "json/*.py"):
+    """A byte-level BPE with start, end and padding tokens, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(SPECIALS.values()), show_progress=False)
+    tokenizer.train_from_iterator((p.read_text() for p in sorted(STDLIB.glob(glob))), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIALS)
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}
+
+
+def save_model(folder: Path, architecture: dict = LLAMA, vocab_size: int = 384, seed: int = 0) -> Path:
+    """A causal LM with fresh weights and its tokenizer, saved as a model folder: config.json,
+    model.safetensors, generation_config.json and the tokenizer's files."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(folder, vocab_size)
+    values = dict(architecture)
+    config = AutoConfig.for_model(values.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **values)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def hf_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
