@@ -18,6 +18,8 @@ from runconfig.schema import NOT_COMPRESSED, STAGES, DataConfig, ModelConfig, Ru
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 LANGUAGE_MODELS = ("gpt", "hf")
+FIXED_KIND = ("cnn", "mlp", "gpt", "hf")
+"""The families made for one kind of data (a `python` model takes whatever its builder does)."""
 
 
 def load_for_run(config_path: str | os.PathLike, overrides: list[str], stages: list[str] | None,
@@ -51,7 +53,7 @@ def input_problems(cfg: RunConfig | None, raw: dict, stages: list[str], resume: 
 
     data, model, tune, output = section("data"), section("model"), section("tune"), section("output")
     problems = _data_problems(data, model) if data is not None else []
-    problems += _model_problems(model) if model is not None else []
+    problems += _model_problems(model, data) if model is not None else []
     problems += stage_problems(stages, tune is not None and tune.enabled and searches_student(tune.space))
     if model is not None and model.type in NOT_COMPRESSED:
         problems += _not_compressed(model.type, stages, cfg)
@@ -111,7 +113,7 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
 
     problems = []
     text = data.format == "text"
-    if model is not None and (model.type in LANGUAGE_MODELS) != text:
+    if model is not None and model.type in FIXED_KIND and (model.type in LANGUAGE_MODELS) != text:
         problems.append("model.type: gpt and hf train on text (data.format: text) and text needs model.type gpt or hf"
                         f"; got model.type {model.type} with data.format {data.format}")
     tokenize = next((t for t in data.transforms if t.type == "tokenize"), None)
@@ -141,8 +143,11 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
     return problems
 
 
-def _model_problems(model: ModelConfig) -> list[str]:
-    """A transformers model's folders: given as paths, they must hold what transformers loads."""
+def _model_problems(model: ModelConfig, data: DataConfig | None) -> list[str]:
+    """A transformers model's folders: given as paths, they must hold what transformers loads. Your
+    own model's builder and loss: they import, and the builder returns a module for this data."""
+    if model.type == "python":
+        return _user_code_problems(model, data)
     problems = []
     for field, needs in (("name_or_path", "config.json"), ("tokenizer", None)):
         where = getattr(model, field) if model.type == "hf" else None
@@ -155,6 +160,40 @@ def _model_problems(model: ModelConfig) -> list[str]:
             problems.append(f"model.{field}: {where} is no folder (nor a hub id such as org/name); give a folder "
                             f"written by save_pretrained")
     return problems
+
+
+def _user_code_problems(model: ModelConfig, data: DataConfig | None) -> list[str]:
+    """Imports the builder and loss and builds the model on the meta device (no memory), for the
+    data's input shape and classes: a path that does not import or a builder that returns no module
+    is said now, before Ray starts, not by every worker."""
+    import torch
+
+    from dataprep import DataError
+    from dataprep.peek import peek_shape
+    from trainers.models import build_model
+    from trainers.models.python import UserCodeError, import_path
+
+    try:
+        if model.loss is not None:
+            import_path(model.loss, "loss")
+        import_path(model.builder, "builder")
+    except UserCodeError as exc:
+        return [str(exc)]
+    if data is None:
+        return []
+    try:
+        input_shape, num_classes = peek_shape(data.model_dump(mode="json"), model.seq_len)
+    except DataError:
+        return []  # the data section's own problems are reported by _data_problems
+    try:
+        with torch.device("meta"):
+            build_model(model.model_dump(mode="json"), input_shape, num_classes)
+    except UserCodeError as exc:
+        return [str(exc)]
+    except Exception as exc:  # the user's builder raised: its own message, with what it was given
+        return [f"model.builder: {model.builder} raised {type(exc).__name__}: {exc} (building for input shape "
+                f"{input_shape} and {num_classes} classes)"]
+    return []
 
 
 def _looks_like_hub_id(name: str) -> bool:

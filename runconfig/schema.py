@@ -8,12 +8,15 @@ of raylaunch's): lower layers read the sections they need from it, typed.
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STAGES = ("preprocess", "train", "tune", "distill", "quantize", "evaluate")
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+"""`package.module:function`: a user's builder or loss."""
 # The transforms drawn afresh every epoch by the training workers (not cached, not in the cache key).
 AUGMENTATIONS = ("random_crop", "flip", "rotate", "brightness")
 
@@ -214,8 +217,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    type: Literal["cnn", "mlp", "gpt", "hf"] = "cnn"
-    """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text, `hf` any Hugging Face transformers causal LM (`name_or_path` or `hf_config`)."""
+    type: Literal["cnn", "mlp", "gpt", "hf", "python"] = "cnn"
+    """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text, `hf` any Hugging Face transformers causal LM (`name_or_path` or `hf_config`), `python` your own `nn.Module` (`builder`)."""
     width: int = Field(32, ge=1, le=4096)
     """cnn/mlp: channels of the first conv block (doubling per block), or units per MLP hidden layer."""
     depth: int = Field(2, ge=1, le=8)
@@ -242,6 +245,12 @@ class ModelConfig(Section):
     """hf: the dtype the weights are loaded in; null: train.precision's (DeepSpeed trains in train.precision either way)."""
     attn_implementation: str | None = None
     """hf: transformers' attention implementation (`sdpa`, `eager`, `flash_attention_2`, ...); null: transformers' default for the model."""
+    builder: str | None = None
+    """python: `package.module:function`, importable from the working directory (so it travels with `raylaunch submit`); called as function(model section, input shape, number of classes or vocabulary size), it returns the `nn.Module`, whose forward takes a batch of inputs and returns logits ([batch, classes], or [batch, seq, vocab] for text)."""
+    loss: str | None = None
+    """python: `package.module:function` computing the training loss as function(logits, targets) -> a scalar tensor; null: cross-entropy."""
+    options: dict[str, Any] = {}
+    """python: your builder's own settings (it reads them as model["options"]); sweeps can search them (`model.options.hidden`)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -255,6 +264,15 @@ class ModelConfig(Section):
         hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer") if getattr(self, f) is not None]
         if self.type != "hf" and hf_only:
             raise ValueError(f"{hf_only[0]}: only for model.type hf (got {self.type})")
+        if self.type == "python" and self.builder is None:
+            raise ValueError("builder: model.type python needs builder: \"package.module:function\" returning the nn.Module")
+        python_only = [f for f in ("builder", "loss") if getattr(self, f) is not None] + (["options"] if self.options else [])
+        if self.type != "python" and python_only:
+            raise ValueError(f"{python_only[0]}: only for model.type python (got {self.type})")
+        for field in ("builder", "loss"):
+            path = getattr(self, field)
+            if path is not None and not IMPORT_PATH.fullmatch(path):
+                raise ValueError(f"{field}: {path!r} is not an import path; write it as \"package.module:function\"")
         return self
 
 

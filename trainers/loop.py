@@ -60,7 +60,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     skip_lone_allreduce(engine)
     startup["engine_ready"] = time.time()
     dtype = DTYPES[train.precision]
-    loss_fn = _loss(config.distill, engine.device)
+    loss_fn = _loss(config.distill, engine.device, config.model.loss)
     train_shard, val_shard = (ray.train.get_dataset_shard(shard_name(split, rank, config.rank_shards))
                               for split in ("train", "val"))
     if config.rank_shards:
@@ -286,10 +286,16 @@ def _finite_everywhere(loss: torch.Tensor, device) -> bool:
     return bad.item() == 0.0
 
 
-def _loss(distill: Distillation | None, device):
-    """loss(logits, targets, batch, inputs): cross-entropy for a teacher; for a student, the
-    distillation loss against the frozen teacher run here (`live`) or its outputs stored with the
-    rows (`precompute`: all logits of a classifier, the top k per token of a language model)."""
+def _loss(distill: Distillation | None, device, user_loss: str | None = None):
+    """loss(logits, targets, batch, inputs): cross-entropy for a teacher (or the user's `model.loss`,
+    given the logits and targets); for a student, the distillation loss against the frozen teacher
+    run here (`live`) or its outputs stored with the rows (`precompute`: all logits of a
+    classifier, the top k per token of a language model)."""
+    if distill is None and user_loss is not None:
+        from trainers.models.python import import_path
+
+        loss = import_path(user_loss, "loss")
+        return lambda logits, y, batch, x: loss(logits, y)
     if distill is None:
         return lambda logits, y, batch, x: F.cross_entropy(logits.flatten(0, -2), y.flatten())
     kd = partial(distillation_loss, temperature=distill.temperature, alpha=distill.alpha)

@@ -7,6 +7,7 @@ from torch import nn
 from trainers.models.cnn import build_cnn
 from trainers.models.gpt import build_gpt
 from trainers.models.mlp import build_mlp
+from trainers.models.python import build_python
 
 
 
@@ -16,7 +17,7 @@ def build_hf(model: dict, input_shape: list[int], num_classes: int, weights: boo
     return build_hf(model, input_shape, num_classes, weights)
 
 
-BUILDERS = {"cnn": build_cnn, "mlp": build_mlp, "gpt": build_gpt, "hf": build_hf}
+BUILDERS = {"cnn": build_cnn, "mlp": build_mlp, "gpt": build_gpt, "hf": build_hf, "python": build_python}
 PRETRAINED = ("hf",)
 """The families whose builders can load weights (`weights=False`: the architecture, fresh)."""
 
