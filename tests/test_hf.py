@@ -174,14 +174,40 @@ def test_a_config_the_model_cannot_run_is_one_line_before_ray_starts(case, llama
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
+# The ZeRO-3 example of transformers' DeepSpeed docs: every value "auto", optimizer and parameters offloaded to CPU.
+TRANSFORMERS_ZERO3 = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                          "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                          "contiguous_gradients": True, "sub_group_size": 1e9, "reduce_bucket_size": "auto",
+                          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                          "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                          "stage3_gather_16bit_weights_on_model_save": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
+}
+
+
 @pytest.mark.ray
 def test_a_llama_folder_trains_at_zero3_and_exports_a_folder_transformers_loads(llama, ray_address, tmp_path):
+    """With transformers' own ZeRO-3 offload JSON (train.deepspeed_config), on 2 workers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainers.modeldir import load_model
 
-    done = _raylaunch("run", str(_config(tmp_path, {"name_or_path": str(llama)}, zero={"stage": 3})), address=ray_address)
+    ds = tmp_path / "ds_config_zero3.json"
+    ds.write_text(json.dumps(TRANSFORMERS_ZERO3))
+    config = _config(tmp_path, {"name_or_path": str(llama)}, zero={"stage": 3}, deepspeed_config=str(ds))
+    done = _raylaunch("run", str(config), address=ray_address)
     assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
+    deepspeed = json.loads((tmp_path / "run" / "deepspeed.json").read_text())
+    assert deepspeed["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert deepspeed["zero_optimization"]["reduce_bucket_size"] == 32 * 32  # "auto" from the model's hidden size
     assert "tokens of the model's tokenizer in blocks of 32" in done.stdout
     # distill and quantize do not take transformers models yet: a plain run leaves them out
     assert "(stages: preprocess, train, evaluate)" in done.stdout
@@ -212,7 +238,7 @@ def test_a_llama_folder_trains_at_zero3_and_exports_a_folder_transformers_loads(
     generated = json.loads((tmp_path / "out.jsonl").read_text())["generated"]
     inputs = tokenizer("import json\n", return_tensors="pt", add_special_tokens=False)
     expected = theirs.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    assert generated == tokenizer.decode(expected, skip_special_tokens=True) and generated.strip()
+    assert generated and generated == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.ray
@@ -284,3 +310,27 @@ def test_the_hf_llama_config_is_a_4m_llama_built_from_its_config():
     assert stages == ["preprocess", "train", "evaluate"]
     params, _ = model_size(cfg)
     assert 3.5e6 < params < 4.5e6, params
+
+
+@pytest.mark.ray
+def test_a_sweep_searches_the_transformers_config_and_the_learning_rate(ray_address, tmp_path):
+    """Each trial builds its own architecture (model.hf_config.*) and trains it; the best trial's
+    model is the exported transformers folder."""
+    from transformers import AutoConfig
+
+    config = _config(tmp_path, {"hf_config": GPT2},
+                     {"transforms": [{"type": "tokenize", "tokenizer": "bpe", "vocab_size": 320}, "pack"]},
+                     workers=1, epochs=1)
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump(raw | {"tune": {
+        "enabled": True, "search": "grid", "scheduler": "fifo", "metric": "val_loss",
+        "space": {"model.hf_config.n_embd": {"grid": [16, 32]}, "train.lr": {"grid": [3e-3]}}}}))
+    done = _raylaunch("run", str(config), address=ray_address)
+    assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
+    tune = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["tune"]
+    assert sorted(t["model.hf_config.n_embd"] for t in tune["trials"]) == [16, 32]
+    assert all(t["status"] == "completed" for t in tune["trials"])
+    best = min(tune["trials"], key=lambda t: t["val_loss"])
+    assert tune["best_values"]["model.hf_config.n_embd"] == best["model.hf_config.n_embd"]
+    exported = AutoConfig.from_pretrained(tmp_path / "run" / "models" / "teacher")
+    assert exported.n_embd == best["model.hf_config.n_embd"]
