@@ -31,6 +31,7 @@ from dataprep.meta import DataMeta
 from dataprep.sources import BadRows, Files, Problems, data_files, format_of, sources_of
 from dataprep.stream import encode_tensors
 from dataprep.text import HfTokenizer
+from dataprep.text_tables import text_task
 from dataprep.transforms import FeatureStats, model_input_shape
 from runconfig.schema import AUGMENTATIONS
 
@@ -52,28 +53,34 @@ def input_identity(data: dict, files: Files | None) -> list:
     return [[i.path, i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File]
 
 
-def cache_key(data: dict, seq_len: int | None, files: Files | None, hf: HfTokenizer | None = None) -> str:
+def cache_key(data: dict, seq_len: int | None, files: Files | None, hf: HfTokenizer | None = None,
+              task: str = "lm") -> str:
+    text = data["format"] == "text" or data["text_column"] is not None
     identity = {
         "version": VERSION,
         "settings": {k: data[k] for k in _ROW_SETTINGS},
         "transforms": [t for t in data["transforms"] if t["type"] not in AUGMENTATIONS],
-        "seq_len": seq_len if data["format"] == "text" else None,
+        "seq_len": seq_len if text else None,
         "inputs": input_identity(data, files),
     }
-    if hf is not None and data["format"] == "text":
+    if data["text_column"] is not None:  # a table's text: packed for a language model, or a classifier's rows
+        identity |= {"text_column": data["text_column"], "task": task}
+    if hf is not None and text:
         identity["tokenizer"] = hf.fingerprint()
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare(data: dict, seq_len: int, cache_root: Path,
             progress: Callable[[int, int | None], None] | None = None,
-            hf: HfTokenizer | None = None) -> tuple[DataMeta, Path, bool]:
+            hf: HfTokenizer | None = None, model_task: str = "auto") -> tuple[DataMeta, Path, bool]:
     """The preprocessed dataset for a data section: (meta, its folder, whether it was reused).
     `progress(rows written, rows expected or None)` is called about twice a second while it writes.
-    `hf`: text for a transformers model, tokenized with its tokenizer (`dataprep.text`)."""
+    `hf`: text for a transformers model, tokenized with its tokenizer (`dataprep.text`);
+    `model_task`: what a table's text column is for (`dataprep.text_tables.text_task`)."""
     # Listed once: the key and the preprocessing see the same files.
     files = None if sources_of(data)[0].startswith("sklearn:") else data_files(data)
-    key = cache_key(data, seq_len, files, hf)
+    task = text_task(data, model_task, files) if data["text_column"] is not None else "lm"
+    key = cache_key(data, seq_len, files, hf, task)
     entry = cache_root / key
     if (entry / META).is_file():
         return with_augmentations(json.loads((entry / META).read_text()), data), entry, True
@@ -92,7 +99,7 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
 
     try:
         with preprocessing_context():  # errors as themselves, no per-operator reservations (cluster.raycompat, 6)
-            meta = _preprocess(data, files, seq_len, writer, tmp, problems, hf)
+            meta = _preprocess(data, files, seq_len, writer, tmp, problems, hf, task)
         meta["bad_rows"] = ray.get(ledger.report.remote()) if ledger else {}
         meta["cache_key"] = key
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -110,7 +117,11 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
 
 
 def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path, problems: Problems,
-                hf: HfTokenizer | None = None) -> DataMeta:
+                hf: HfTokenizer | None = None, task: str = "lm") -> DataMeta:
+    if data["text_column"] is not None:
+        from dataprep.text_tables import preprocess_text_table
+
+        return preprocess_text_table(data, files, task, seq_len, writer, tmp, problems, hf)
     if data["format"] == "text":
         from dataprep.text import preprocess_text
 
@@ -123,7 +134,7 @@ def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path
 def expected_rows(data: dict, files: Files | None) -> int | None:
     """The rows preprocessing will write, where that is cheap to know before it starts: one per
     image file, or the row counts in Parquet files' footers. None for the rest (CSV, JSONL, text)."""
-    if files is None or not files.paths:
+    if files is None or not files.paths or data["text_column"] is not None:  # text rows become blocks
         return None
     fmt = data["format"] if data["format"] != "auto" else format_of(files)
     if fmt == "images":

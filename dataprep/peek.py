@@ -12,12 +12,18 @@ from dataprep.transforms import model_input_shape
 from runconfig.schema import AUGMENTATIONS
 
 
-def peek_shape(data: dict, seq_len: int) -> tuple[list[int], int]:
-    """(the model's input shape, the number of classes or the vocabulary size)."""
+def peek_shape(data: dict, seq_len: int, model_task: str = "auto") -> tuple[list[int], int]:
+    """(the model's input shape, the number of classes or the vocabulary size). A classifier of a
+    table's text column (`model_task`, see `dataprep.text_tables.text_task`) counts its labels."""
     transforms = data["transforms"]
-    if data["format"] == "text":
+    if data["format"] == "text" or data["text_column"] is not None:
         from dataprep.text import tokenizer_of
+        from dataprep.text_tables import text_task
 
+        files = data_files(data)
+        if data["text_column"] is not None and text_task(data, model_task, files) == "classify":
+            fmt = format_of(files) if data["format"] == "auto" else data["format"]
+            return [seq_len], _count_labels(files, fmt, data["label_column"])
         spec = tokenizer_of(data)
         return [seq_len], 256 if spec["tokenizer"] == "bytes" else spec["vocab_size"]
     given = label_classes(transforms)

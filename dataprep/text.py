@@ -115,6 +115,47 @@ def bpe_as_transformers(tokenizer_json: str):
                                    eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
 
 
+@dataclass(frozen=True)
+class Tokenization:
+    """How a text source is tokenized: the tokenizer's serialized form that the Ray Data tasks load
+    (None: byte tokens), its kind, its end-of-text id (between documents), its vocabulary and the
+    transformers tokenizer itself (saved beside the data), where there is one."""
+
+    json: str | None
+    kind: str
+    end_of_text: int | None
+    vocab_size: int
+    transformers: Any = None
+
+    def record(self) -> dict:
+        """What the data's meta.json keeps of it."""
+        record = {"tokenizer": self.kind, "vocab_size": self.vocab_size}
+        if self.transformers is not None:
+            record["special_tokens"] = special_token_ids(self.transformers)
+        return record
+
+
+def tokenization(data: dict, hf: HfTokenizer | None, train_split, out_dir: Path) -> Tokenization:
+    """The tokenizer of a text source: a transformers model's own (`hf`), or data.transforms'
+    bytes or BPE; a BPE is trained on `train_split()` (a dataset of the train split's `text`) and
+    saved in `out_dir` (as a transformers tokenizer, with an end-of-text token, for `hf`)."""
+    spec = tokenizer_of(data)
+    if hf is not None and hf.source is not None:
+        tokenizer = hf.load()
+        tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+        return Tokenization(tokenizer.backend_tokenizer.to_str(), "model", end_of_text_id(tokenizer), len(tokenizer),
+                            tokenizer)
+    if spec["tokenizer"] != "bpe":
+        return Tokenization(None, "bytes", None, BYTE_VOCAB)
+    tokenizer_json = train_bpe(train_split(), spec["vocab_size"], [END_OF_TEXT] if hf is not None else [])
+    if hf is None:
+        (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
+        return Tokenization(tokenizer_json, "bpe", None, spec["vocab_size"])
+    tokenizer = bpe_as_transformers(tokenizer_json)
+    tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    return Tokenization(tokenizer_json, "bpe", end_of_text_id(tokenizer), len(tokenizer), tokenizer)
+
+
 def preprocess_text(data: dict, files: Files, seq_len: int, writer, out_dir: Path, hf: HfTokenizer | None = None) -> dict:
     keyed = {"relative": files.relative, "size": PIECE_BLOCKS * (seq_len + 1), "seed": data["seed"],
              "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"]}
@@ -122,39 +163,25 @@ def preprocess_text(data: dict, files: Files, seq_len: int, writer, out_dir: Pat
     # reading, cutting, tokenizing and packing fuse into one task per batch of files.
     paths = ray.data.from_items([{"path": p} for p in files.paths], override_num_blocks=min(len(files.paths), 64))
     read_args = {"batch_size": 16, "concurrency": data["concurrency"], "batch_format": "numpy"}
-    spec = tokenizer_of(data)
-    tokenizer_json, tokenizer, kind = None, None, spec["tokenizer"]
-    if hf is not None and hf.source is not None:
-        tokenizer, kind = hf.load(), "model"
-        tokenizer_json = tokenizer.backend_tokenizer.to_str()
-    elif spec["tokenizer"] == "bpe":
-        pieces = paths.map_batches(_read_pieces, fn_kwargs={"filesystem": files.filesystem, **keyed}, **read_args)
-        tokenizer_json = train_bpe(pieces.filter(expr="split == 0"), spec["vocab_size"],
-                                   [END_OF_TEXT] if hf is not None else [])
-        if hf is None:
-            (out_dir / TOKENIZER_FILE).write_text(tokenizer_json)
-        else:
-            tokenizer = bpe_as_transformers(tokenizer_json)
-    end_of_text = end_of_text_id(tokenizer) if tokenizer is not None else None
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    tokens = tokenization(data, hf, lambda: paths.map_batches(_read_pieces, fn_kwargs={"filesystem": files.filesystem, **keyed},
+                                                              **read_args).filter(expr="split == 0"), out_dir)
     packed = paths.map_batches(_read_and_pack, fn_kwargs={"filesystem": files.filesystem, "seq_len": seq_len,
-                                                          "tokenizer_json": tokenizer_json, "end_of_text": end_of_text,
+                                                          "tokenizer_json": tokens.json, "end_of_text": tokens.end_of_text,
                                                           **keyed}, **read_args)
-    rows, _ = writer(packed)
+    sizes = [i.size for i in files.filesystem.get_file_info(files.paths)]
+    return {"format": "text", "files": len(files.paths), **packed_meta(writer(packed)[0], seq_len, tokens, data["seed"]),
+            "bytes": int(sum(sizes))}
+
+
+def packed_meta(rows: dict[str, int], seq_len: int, tokens: Tokenization, seed: int) -> dict:
+    """The meta.json of text packed into blocks (refusing an empty split)."""
     for name, count in rows.items():
         if count == 0:
             raise DataError([f"data.{name}_fraction: the {name} split is empty ({sum(rows.values())} blocks of {seq_len + 1} "
                              f"tokens in all); use more text, a shorter model.seq_len or a larger fraction"])
-    vocab = BYTE_VOCAB if tokenizer_json is None else len(tokenizer) if tokenizer is not None else spec["vocab_size"]
-    sizes = [i.size for i in files.filesystem.get_file_info(files.paths)]
-    meta = {"format": "text", "files": len(files.paths), "task": "lm", "tokenizer": kind,
-            "vocab_size": vocab, "num_classes": vocab, "classes": None, "input_shape": [seq_len], "stored_shape": [seq_len + 1],
-            "seq_len": seq_len, "rows": rows, "tokens": {k: v * seq_len for k, v in rows.items()}, "augment": [],
-            "seed": data["seed"], "bytes": int(sum(sizes))}
-    if tokenizer is not None:
-        meta["special_tokens"] = special_token_ids(tokenizer)
-    return meta
+    return {"task": "lm", **tokens.record(), "num_classes": tokens.vocab_size, "classes": None, "input_shape": [seq_len],
+            "stored_shape": [seq_len + 1], "seq_len": seq_len, "rows": rows, "tokens": {k: v * seq_len for k, v in rows.items()},
+            "augment": [], "seed": seed}
 
 
 def _read(paths, filesystem) -> list[bytes]:
@@ -219,7 +246,11 @@ def train_bpe(train_pieces: ray.data.Dataset, vocab_size: int, special_tokens: l
     return tokenizer.to_str()
 
 
-def _pack(batch: dict, seq_len: int, tokenizer_json: str | None, end_of_text: int | None = None) -> dict:
+def _pack(batch: dict, seq_len: int, tokenizer_json: str | None, end_of_text: int | None = None,
+          join: bool = False) -> dict:
+    """Token blocks of `seq_len + 1` from a batch's pieces: each piece cut on its own, or (`join`:
+    short documents, a table's rows) the pieces of each split joined end to end first, so that a
+    block holds several documents and only the batch's last tail is dropped."""
     if tokenizer_json is None:
         streams = [np.frombuffer(bytes(t), dtype=np.uint8).astype(np.int32) for t in batch["text"]]
     else:
@@ -233,8 +264,15 @@ def _pack(batch: dict, seq_len: int, tokenizer_json: str | None, end_of_text: in
         streams = [np.asarray(e.ids, dtype=np.int32) for e in encoded]
     if end_of_text is not None:  # a file's last piece ends with the end-of-text token
         streams = [np.append(s, np.int32(end_of_text)) if last else s for s, last in zip(streams, batch["last"])]
+    keys_in, splits_in = batch["key"], batch["split"]
+    if join and len(streams):
+        # One stream per split, keyed by its first piece's key (its blocks' keys follow on from it).
+        groups = [np.flatnonzero(splits_in == split) for split in np.unique(splits_in)]
+        streams = [np.concatenate([streams[i] for i in group]) for group in groups]
+        keys_in = np.array([keys_in[group[0]] for group in groups], dtype=np.int64)
+        splits_in = np.array([splits_in[group[0]] for group in groups], dtype=np.int8)
     blocks, keys, splits = [], [], []
-    for stream, key, split in zip(streams, batch["key"], batch["split"]):
+    for stream, key, split in zip(streams, keys_in, splits_in):
         count = len(stream) // (seq_len + 1)
         if count:
             blocks.append(stream[: count * (seq_len + 1)].reshape(count, seq_len + 1))

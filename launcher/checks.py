@@ -112,10 +112,13 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
     from dataprep.sources import data_files, sources_of
 
     problems = []
-    text = data.format == "text"
+    text = data.is_text
     if model is not None and model.type in FIXED_KIND and (model.type in LANGUAGE_MODELS) != text:
-        problems.append("model.type: gpt and hf train on text (data.format: text) and text needs model.type gpt or hf"
-                        f"; got model.type {model.type} with data.format {data.format}")
+        problems.append("model.type: gpt and hf train on text (data.format: text, or a table's data.text_column) and text "
+                        f"needs model.type gpt or hf; got model.type {model.type} with data.format {data.format}")
+    if model is not None and model.task == "sequence_classification" and data.text_column is None:
+        problems.append("model.task: sequence_classification gives each text a label: set data.text_column (and "
+                        "data.label_column) to columns of a Parquet, CSV or JSONL table")
     tokenize = next((t for t in data.transforms if t.type == "tokenize"), None)
     if model is not None and model.type == "hf" and text:
         brings = model.tokenizer or model.name_or_path
@@ -133,7 +136,9 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
         problems.append(f"data.source: unknown bundled dataset {bundled[0]!r} (known: {', '.join(SKLEARN_DATASETS)})")
     elif not bundled:
         try:
-            data_files(data.model_dump(mode="json"))
+            files = data_files(data.model_dump(mode="json"))
+            if data.text_column is not None:
+                problems += _text_table_problems(data, model, files)
         except DataError as exc:
             problems += exc.problems
     image_input = data.format == "images" or data.image_shape is not None or data.source == "sklearn:digits"
@@ -141,6 +146,20 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
         problems.append("model.type: cnn needs image input; set data.image_shape [channels, height, width], "
                         "use data.format images, or use model.type: mlp")
     return problems
+
+
+def _text_table_problems(data: DataConfig, model: ModelConfig | None, files) -> list[str]:
+    """A table's text column (and a classifier's label column) in its first file; a classifier's
+    rows are not packed."""
+    from dataprep.text_tables import check_columns, text_task
+
+    dump = data.model_dump(mode="json")
+    task = text_task(dump, model.task if model is not None else "auto", files)
+    check_columns(dump, files, task)
+    if task == "classify" and any(t.type == "pack" for t in data.transforms):
+        return ["data.transforms: pack joins texts into blocks for a language model; a classifier reads each row's text "
+                "on its own (truncated or padded to model.seq_len): use [tokenize]"]
+    return []
 
 
 def _model_problems(model: ModelConfig, data: DataConfig | None) -> list[str]:

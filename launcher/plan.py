@@ -47,10 +47,22 @@ def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
     from trainers.models import build_model, count_params
 
     model = model or cfg.model.model_dump(mode="json")
-    input_shape, num_classes = peek_shape(cfg.data.model_dump(mode="json"), cfg.model.seq_len)
+    data = cfg.data.model_dump(mode="json")
+    input_shape, num_classes = peek_shape(data, cfg.model.seq_len, model["task"])
+    if model["type"] == "hf":
+        from dataprep.sources import data_files
+        from dataprep.text_tables import text_task
+        from trainers.models.hf import DATA_TASKS
+
+        model = {**model, "task": DATA_TASKS[text_task(data, model["task"], data_files(data))]}
     tokenizer = HfTokenizer.for_model(model)
-    if tokenizer is not None and tokenizer.source is not None:  # the model's own tokenizer's vocabulary
-        num_classes = len(tokenizer.load())
+    if tokenizer is not None:  # the vocabulary: the model's own tokenizer's, or the BPE's to be trained
+        from dataprep.text import tokenizer_of
+
+        vocab = len(tokenizer.load()) if tokenizer.source is not None else tokenizer_of(data)["vocab_size"]
+        if model["task"] == "causal_lm":
+            num_classes = vocab
+        model = {**model, "vocab_size": vocab}
     try:
         with torch.device("meta"):  # a pretrained model's config only: no weights read or allocated
             module = build_model(model, input_shape, num_classes, weights=False)

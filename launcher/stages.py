@@ -130,8 +130,9 @@ def preprocess(run: Run) -> Prepared:
     def progress(rows: int, expected: int | None) -> None:
         run.live.update(bar, completed=rows, total=expected)
 
-    hf = HfTokenizer.for_model(run.resolved.dump()["model"])
-    meta, data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress, hf)
+    model = run.resolved.dump()["model"]
+    meta, data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress, HfTokenizer.for_model(model),
+                                     model["task"])
     (run.run_dir / "data.json").write_text(json.dumps({"path": str(data_dir), "key": meta["cache_key"]}, indent=1))
     record = {"rows": meta["rows"], "cache": {"path": str(data_dir), "key": meta["cache_key"], "reused": reused},
               "bad_rows": meta.get("bad_rows", {}), "files": meta["files"]}

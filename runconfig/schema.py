@@ -147,6 +147,8 @@ class DataConfig(Section):
     """`auto` goes by the file extensions. `images`: a folder with one subfolder per class (the label is the subfolder's name). `text`: files read as text for the language model."""
     text_glob: str = "**/*"
     """text and images: which files under a source folder to read (a glob, `**` recursive)."""
+    text_column: str | None = None
+    """Parquet, CSV, JSONL: the column holding text. A language model packs the rows' texts as documents; a sequence classifier (`model.task`) reads each row's text, truncated or padded to model.seq_len, with its label_column."""
     label_column: str = "label"
     """Column holding the class label (any type; see the `label_encode` transform)."""
     feature_columns: list[str] | None = None
@@ -205,14 +207,21 @@ class DataConfig(Section):
         if scaler is not None and scaler.per == "feature" and "random_crop" in kinds:
             raise ValueError(f"transforms: {scaler.type} per feature fits one statistic per pixel position, which random_crop "
                              f"moves every epoch; use {{type: {scaler.type}, per: channel}}")
-        text = self.format == "text"
+        if self.text_column is not None and self.format in ("text", "images"):
+            raise ValueError(f"text_column: names a column of a table (Parquet, CSV, JSONL), not of data.format {self.format}")
+        text = self.is_text
         wrong = [k for k in kinds if (k in TEXT_TRANSFORMS) != text or (text and k == "label_encode")]
         if wrong:
-            kind = "text (data.format: text)" if text else "tables and images"
+            kind = "text (data.format: text, or data.text_column)" if text else "tables and images"
             raise ValueError(f"transforms: {', '.join(wrong)} cannot apply to {kind}")
-        if text and kinds and kinds != ["tokenize", "pack"]:
-            raise ValueError("transforms: text takes [tokenize, pack], in that order")
+        if text and kinds and kinds not in (["tokenize", "pack"], ["tokenize"]):
+            raise ValueError("transforms: text takes [tokenize, pack], in that order (a classifier's rows: [tokenize])")
         return self
+
+    @property
+    def is_text(self) -> bool:
+        """Text files, or a table's text column: tokenized rather than read as numbers."""
+        return self.format == "text" or self.text_column is not None
 
 
 
@@ -232,7 +241,9 @@ class ModelConfig(Section):
     d_model: int = Field(64, ge=8, le=65536)
     """gpt: embedding width."""
     seq_len: int = Field(128, ge=2, le=1 << 20)
-    """gpt, hf: tokens per training sequence (the text is packed into blocks of this length)."""
+    """gpt, hf: tokens per training sequence (the text is packed into blocks of this length; a classifier's rows are truncated or padded to it)."""
+    task: Literal["auto", "causal_lm", "sequence_classification"] = "auto"
+    """hf: `causal_lm` (next-token prediction) or `sequence_classification` (a label per text: data.text_column and data.label_column); `auto`: sequence_classification where the table has the label column, else causal_lm."""
     name_or_path: str | None = None
     """hf: a folder in `save_pretrained` layout (config.json, safetensors weights, tokenizer files), or a hub id transformers downloads where the cluster can reach the hub. Its tokenizer tokenizes the text."""
     hf_config: dict[str, Any] | None = None
@@ -262,6 +273,7 @@ class ModelConfig(Section):
         if self.hf_config is not None and not isinstance(self.hf_config.get("model_type"), str):
             raise ValueError("hf_config: needs model_type (llama, gpt2, mistral, ...): the transformers architecture to build")
         hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer") if getattr(self, f) is not None]
+        hf_only += ["task"] if self.task != "auto" else []
         if self.type != "hf" and hf_only:
             raise ValueError(f"{hf_only[0]}: only for model.type hf (got {self.type})")
         if self.type == "python" and self.builder is None:

@@ -17,6 +17,7 @@ import pytest
 import ray
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parent.parent
 
 
 def skip_or_fail(reason: str) -> None:
@@ -35,6 +36,21 @@ def ray_cluster():
     ray.init(num_cpus=2, log_to_driver=False, logging_level="error", **embedded_ray_options())
     yield ray.cluster_resources()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster):
+    """The session's local Ray, which the CLI processes join (`cluster.address`) instead of each
+    starting one of its own."""
+    return ray.get_runtime_context().gcs_address
+
+
+def raylaunch(*args: str, address: str | None = None, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` in a process of its own, as a user runs it (stdout and stderr both
+    captured); with `address`, joining that Ray."""
+    joined = ["--set", f"cluster.address={address}"] if address else []
+    return subprocess.run([sys.executable, "-m", "launcher", *args, *joined], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _free_ports(n: int) -> list[int]:

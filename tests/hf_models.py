@@ -50,3 +50,35 @@ def save_model(folder: Path, architecture: dict = LLAMA, vocab_size: int = 384, 
 
 def hf_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+BERT = {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 128}
+BERT_SPECIALS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+
+
+def save_classifier(folder: Path, classes: list[str], vocab_size: int = 512, seed: int = 0) -> Path:
+    """A BERT-style sequence classifier with fresh weights and a WordPiece-free byte-level BPE that
+    wraps each text as [CLS] text [SEP], saved as a model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(BERT_SPECIALS.values()), show_progress=False)
+    tokenizer.train_from_iterator((p.read_text() for p in sorted(STDLIB.glob("http/*.py"))), trainer=trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
+                                                                                                       ("[SEP]", sep)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **BERT_SPECIALS)
+    wrapped.save_pretrained(folder)
+    values = dict(BERT)
+    config = AutoConfig.for_model(values.pop("model_type"), vocab_size=len(wrapped), pad_token_id=wrapped.pad_token_id,
+                                  num_labels=len(classes), id2label=dict(enumerate(classes)),
+                                  label2id={c: i for i, c in enumerate(classes)}, **values)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    return folder

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import raylaunch
 from hf_models import GPT2, LLAMA, save_model, train_tokenizer
 
 ROOT = Path(__file__).parent.parent
@@ -35,7 +34,7 @@ def gpt2(tmp_path_factory) -> Path:
 def _section(folder: Path, **more) -> dict:
     from runconfig.schema import ModelConfig
 
-    return ModelConfig(type="hf", name_or_path=str(folder), seq_len=SEQ, **more).model_dump(mode="json")
+    return ModelConfig(type="hf", name_or_path=str(folder), seq_len=SEQ, task="causal_lm", **more).model_dump(mode="json")
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -65,6 +64,14 @@ def test_the_plan_counts_parameters_from_the_config_alone(llama, tmp_path):
         counted = build_model(_section(broken), [SEQ], 384, weights=False)
     assert count_params(counted) == real == 43_168
     assert all(p.device.type == "meta" for p in counted.parameters())
+
+
+def test_dtype_and_attention_implementation_pass_through(llama):
+    from trainers.models import build_model
+
+    model = build_model(_section(llama, dtype="bfloat16", attn_implementation="eager"), [SEQ], 384)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.hf.config._attn_implementation == "eager"
 
 
 def test_the_model_must_hold_the_tokenizer_and_the_sequence():
@@ -134,19 +141,6 @@ def _config(tmp_path: Path, model: dict, data: dict | None = None, **train) -> P
     return path
 
 
-def _raylaunch(*args: str, address: str | None = None) -> subprocess.CompletedProcess:
-    joined = ["--set", f"cluster.address={address}"] if address else []
-    return subprocess.run([sys.executable, "-m", "launcher", *args, *joined], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-
-
-@pytest.fixture(scope="module")
-def ray_address(ray_cluster):
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
 REFUSED = {
     "no-tokenizer": ({"hf_config": LLAMA}, None, "model.tokenizer: a model built from model.hf_config needs a tokenizer: "
                      "a folder in model.tokenizer, or data.transforms [{type: tokenize, tokenizer: bpe}, pack] to train one"),
@@ -168,7 +162,7 @@ def test_a_config_the_model_cannot_run_is_one_line_before_ray_starts(case, llama
     if case == "distill":
         raw = yaml.safe_load(config.read_text())
         config.write_text(yaml.safe_dump(raw | {"distill": {"enabled": True}}))
-    done = _raylaunch("run", str(config))
+    done = raylaunch("run", str(config))
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == line.replace("LLAMA", str(llama)), done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
@@ -203,7 +197,7 @@ def test_a_llama_folder_trains_at_zero3_and_exports_a_folder_transformers_loads(
     ds = tmp_path / "ds_config_zero3.json"
     ds.write_text(json.dumps(TRANSFORMERS_ZERO3))
     config = _config(tmp_path, {"name_or_path": str(llama)}, zero={"stage": 3}, deepspeed_config=str(ds))
-    done = _raylaunch("run", str(config), address=ray_address)
+    done = raylaunch("run", str(config), address=ray_address)
     assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
     deepspeed = json.loads((tmp_path / "run" / "deepspeed.json").read_text())
     assert deepspeed["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -232,7 +226,7 @@ def test_a_llama_folder_trains_at_zero3_and_exports_a_folder_transformers_loads(
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("import json\n")
-    predicted = _raylaunch("predict", str(exported), str(prompt), "--max-new-tokens", "12", "--output",
+    predicted = raylaunch("predict", str(exported), str(prompt), "--max-new-tokens", "12", "--output",
                            str(tmp_path / "out.jsonl"))
     assert predicted.returncode == 0 and predicted.stderr == "", predicted.stdout + predicted.stderr
     generated = json.loads((tmp_path / "out.jsonl").read_text())["generated"]
@@ -248,7 +242,7 @@ def test_a_gpt2_from_hf_config_trains_on_its_own_bpe_and_exports_a_tokenizer(ray
     config = _config(tmp_path, {"hf_config": GPT2},
                      {"transforms": [{"type": "tokenize", "tokenizer": "bpe", "vocab_size": 320}, "pack"]},
                      workers=1, zero={"stage": 0})
-    done = _raylaunch("run", str(config), address=ray_address)
+    done = raylaunch("run", str(config), address=ray_address)
     assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
     exported = tmp_path / "run" / "models" / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -274,7 +268,8 @@ def _partitioned_build(rank: int, world: int, port: int, folder: str, results: s
     dist.init_process_group("gloo", rank=rank, world_size=world)
     train = TrainConfig(workers=world, micro_batch_size=2, zero={"stage": 3})
     model = ModelConfig(type="hf", name_or_path=folder, seq_len=SEQ)
-    config = WorkerConfig(model=model, train=train, data={"input_shape": [SEQ], "num_classes": 384}, steps_per_epoch=1,
+    config = WorkerConfig(model=model, train=train, data={"task": "lm", "input_shape": [SEQ], "num_classes": 384,
+                                                         "classes": None}, steps_per_epoch=1,
                           deepspeed=deepspeed_config(train, 32, 1), metric="val_loss", lr_path="train.lr",
                           ingest_memory_mb=None, shuffle_buffer=1)
     built, keep = _build(config, model.model_dump(mode="json"))
@@ -313,19 +308,18 @@ def test_the_hf_llama_config_is_a_4m_llama_built_from_its_config():
 
 
 @pytest.mark.ray
-def test_a_sweep_searches_the_transformers_config_and_the_learning_rate(ray_address, tmp_path):
-    """Each trial builds its own architecture (model.hf_config.*) and trains it; the best trial's
-    model is the exported transformers folder."""
-    from transformers import AutoConfig
+def test_a_sweep_searches_the_transformers_config_and_the_learning_rate(llama, ray_address, tmp_path):
+    """Each trial builds its own architecture (model.hf_config.*) and trains it, on text tokenized
+    with another folder's tokenizer (model.tokenizer); the best trial's model is the exported
+    transformers folder, that tokenizer with it."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    config = _config(tmp_path, {"hf_config": GPT2},
-                     {"transforms": [{"type": "tokenize", "tokenizer": "bpe", "vocab_size": 320}, "pack"]},
-                     workers=1, epochs=1)
+    config = _config(tmp_path, {"hf_config": GPT2, "tokenizer": str(llama)}, workers=1, epochs=1)  # the Llama's tokenizer
     raw = yaml.safe_load(config.read_text())
     config.write_text(yaml.safe_dump(raw | {"tune": {
         "enabled": True, "search": "grid", "scheduler": "fifo", "metric": "val_loss",
         "space": {"model.hf_config.n_embd": {"grid": [16, 32]}, "train.lr": {"grid": [3e-3]}}}}))
-    done = _raylaunch("run", str(config), address=ray_address)
+    done = raylaunch("run", str(config), address=ray_address)
     assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
     tune = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["tune"]
     assert sorted(t["model.hf_config.n_embd"] for t in tune["trials"]) == [16, 32]
@@ -334,3 +328,5 @@ def test_a_sweep_searches_the_transformers_config_and_the_learning_rate(ray_addr
     assert tune["best_values"]["model.hf_config.n_embd"] == best["model.hf_config.n_embd"]
     exported = AutoConfig.from_pretrained(tmp_path / "run" / "models" / "teacher")
     assert exported.n_embd == best["model.hf_config.n_embd"]
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "models" / "teacher")
+    assert exported_tokenizer.get_vocab() == AutoTokenizer.from_pretrained(llama).get_vocab()

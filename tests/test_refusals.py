@@ -26,15 +26,6 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
-def ray_address(ray_cluster):
-    """The session's local Ray, which the CLI processes join (`cluster.address`) instead of each
-    starting one of its own."""
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
-@pytest.fixture(scope="module")
 def bad_data(tmp_path_factory) -> Path:
     """A table with a value that is not a number, a corrupt Parquet file beside a good one, two CSV
     files whose columns disagree, an image folder with a file that is no image."""

@@ -67,13 +67,6 @@ def _raylaunch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def ray_address(ray_cluster):
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
 @pytest.mark.ray
 def test_a_module_in_the_working_directory_trains_quantizes_and_predicts(project, ray_address):
     done = _raylaunch(project, "run", str(_config(project, loss="mynets.tabular:tenfold")), "--set",

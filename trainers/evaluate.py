@@ -81,7 +81,9 @@ def measure(spec: dict, directory: Path, quality: dict, timing: dict) -> dict:
 
     model = spec["model"]
     if model["type"] in PRETRAINED:  # the export's own config, not the folder training started from
-        model = {**model, "name_or_path": str(directory), "hf_config": None}
+        from trainers.models.hf import DATA_TASKS
+
+        model = {**model, "name_or_path": str(directory), "hf_config": None, "task": DATA_TASKS[spec["preprocess"]["task"]]}
     with torch.device("meta"):  # counted, never allocated
         architecture = build_model(model, spec["input_shape"], spec["num_classes"], weights=False)
     return {

@@ -147,7 +147,12 @@ def _build(config: WorkerConfig, section: dict):
     scattered at once, so no rank ever holds the whole model."""
     zero3 = None
     if section["type"] == "hf":
-        section = {**section, "dtype": section["dtype"] or HF_DTYPES[config.train.precision]}
+        from trainers.models.hf import DATA_TASKS
+
+        meta = config.data
+        section = {**section, "dtype": section["dtype"] or HF_DTYPES[config.train.precision],
+                   "task": DATA_TASKS[meta["task"]], "special_tokens": meta.get("special_tokens"), "classes": meta["classes"],
+                   "vocab_size": meta.get("vocab_size")}
         if config.deepspeed["zero_optimization"]["stage"] == 3:
             from transformers.integrations import HfDeepSpeedConfig
 

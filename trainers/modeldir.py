@@ -43,7 +43,7 @@ WEIGHTS, SPEC, PROGRAM = "model.safetensors", "model.json", "model.pt2"
 
 # What turns raw input into the model's input (trainers.predict reads these for `raylaunch predict`).
 PREPROCESS_KEYS = ("task", "format", "feature_columns", "stored_shape", "normalize", "augment", "seed", "tokenizer",
-                   "vocab_size", "seq_len", "special_tokens")
+                   "vocab_size", "seq_len", "special_tokens", "text_column")
 
 
 def model_spec(model: dict, data_meta: DataMeta) -> dict:
@@ -109,9 +109,9 @@ def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
     if spec["model"]["type"] == "hf":
-        from trainers.models.hf import load_hf
+        from trainers.models.hf import DATA_TASKS, load_hf
 
-        return load_hf(directory), spec
+        return load_hf(directory, DATA_TASKS[spec["preprocess"]["task"]]), spec
     model = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
     return model.eval(), spec

@@ -34,6 +34,8 @@ def read_inputs(spec: dict, source: Path | str) -> tuple[torch.Tensor, list[str]
     prep = spec["preprocess"]
     if prep["task"] == "lm":
         return _text_input(spec, source), [source.name]
+    if prep.get("text_column"):
+        return _labelled_text(spec, source)
     if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
         features, names = _images(source, prep["stored_shape"])
     elif source.suffix.lower() in TABLE_SUFFIXES:
@@ -69,6 +71,35 @@ def _table(path: Path, fmt: str, prep: dict) -> tuple[np.ndarray, list[str]]:
         row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
         raise DataError([f"{path}, row {row + 1}: a feature value is missing or not a number"])
     return values.reshape(len(values), *prep["stored_shape"]), [f"row {i + 1}" for i in range(len(values))]
+
+
+def _labelled_text(spec: dict, source: Path) -> tuple[torch.Tensor, list[str]]:
+    """A text classifier's input: the text column of a table's rows, tokenized as its training rows
+    were (the tokenizer's start and end tokens, truncated or right-padded to seq_len)."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    prep, column = spec["preprocess"], spec["preprocess"]["text_column"]
+    fmt = TABLE_SUFFIXES.get(source.suffix.lower())
+    if fmt is None or source.is_dir():
+        raise DataError([f"{source}: a text classifier reads a CSV, Parquet or JSONL file with a {column!r} column"])
+    try:
+        table = {"csv": pyarrow.csv.read_csv, "parquet": pyarrow.parquet.read_table, "jsonl": pyarrow.json.read_json}[fmt](source)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError([f"{source}: not a readable {fmt} file ({str(exc).splitlines()[0]})"]) from None
+    if column not in table.column_names:
+        raise DataError([f"{source}: no {column!r} column, which the model reads its text from"])
+    texts = table[column].cast(pa.string()).to_pylist()
+    empty = next((i for i, t in enumerate(texts) if t is None), None)
+    if empty is not None:
+        raise DataError([f"{source}, row {empty + 1}: no text in the column {column!r}"])
+    tokenizer = _transformers_tokenizer(spec)
+    pad = prep.get("special_tokens", {}).get("pad_token_id", tokenizer.pad_token_id)
+    ids = [tokenizer(t, truncation=True, max_length=prep["seq_len"])["input_ids"] for t in texts]
+    padded = [row + [pad] * (prep["seq_len"] - len(row)) for row in ids]
+    return torch.tensor(padded, dtype=torch.long), [f"row {i + 1}" for i in range(len(texts))]
 
 
 def _images(source: Path, shape: list[int]) -> tuple[np.ndarray, list[str]]:

@@ -1,8 +1,10 @@
-"""Hugging Face transformers causal LMs: loaded from a folder (or the hub), or built from a config.
+"""Hugging Face transformers models: loaded from a folder (or the hub), or built from a config; a
+causal LM or a sequence classifier (`model.task`).
 
-`CausalLM` wraps one as raylaunch's own models are (token ids in, next-token logits out), so the
-train loop, evaluation and prediction treat it as they treat the built-in gpt. What a run exports
-is a transformers folder (`save_hf`) that `AutoModelForCausalLM.from_pretrained` loads as it is.
+`CausalLM` and `SequenceClassifier` wrap one as raylaunch's own models are (token ids in, logits
+out), so the train loop, evaluation and prediction treat it as they treat the built-in ones. What
+a run exports is a transformers folder (`save_hf`) that `AutoModelForCausalLM` (or
+`AutoModelForSequenceClassification`) `.from_pretrained` loads as it is.
 """
 
 from __future__ import annotations
@@ -41,14 +43,38 @@ class CausalLM(nn.Module):
             self.hf.gradient_checkpointing_disable()
 
 
-def hf_config(model: dict, vocab_size: int):
+class SequenceClassifier(CausalLM):
+    """A transformers sequence classifier: `forward(tokens)` returns class logits [batch, classes].
+    Rows are right-padded with the tokenizer's pad token, which the attention mask leaves out (a
+    decoder model classifies by its last token before the padding, found the same way)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.long()
+        return self.hf(input_ids=tokens, attention_mask=(tokens != self.hf.config.pad_token_id).long()).logits
+
+
+WRAPPERS = {"causal_lm": CausalLM, "sequence_classification": SequenceClassifier}
+DATA_TASKS = {"lm": "causal_lm", "classify": "sequence_classification"}
+"""The model task that a dataset's task (`DataMeta.task`) trains."""
+
+
+def auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}[task]
+
+
+def hf_config(model: dict, vocab_size: int, classes: list | None = None):
     """The transformers config of the `model` section: the folder's (or hub id's) config.json, or
-    `model.hf_config` with the tokenizer's vocabulary size unless it gives one."""
+    `model.hf_config` with the tokenizer's vocabulary size unless it gives one. A classifier's
+    (`classes`) gets its labels; the tokenizer's special tokens (`model["special_tokens"]`, set by
+    the train loop) fill those the config lacks."""
     from transformers import AutoConfig
 
     if model.get("hf_config") is not None:
         values = dict(model["hf_config"])
-        values.setdefault("vocab_size", vocab_size)
+        if vocab_size:
+            values.setdefault("vocab_size", vocab_size)
         # The architecture's default special tokens (GPT-2's 50256) mean nothing in this tokenizer:
         # the export writes the tokenizer's own (save_hf).
         for name in SPECIAL_TOKEN_IDS:
@@ -59,6 +85,13 @@ def hf_config(model: dict, vocab_size: int):
             raise ValueError(f"model.hf_config: {str(exc).splitlines()[0]}") from None
     else:
         config = AutoConfig.from_pretrained(model["name_or_path"], trust_remote_code=model.get("trust_remote_code", False))
+    for name, value in (model.get("special_tokens") or {}).items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
+    if classes is not None:
+        config.num_labels = len(classes)
+        config.id2label = {i: str(c) for i, c in enumerate(classes)}
+        config.label2id = {str(c): i for i, c in enumerate(classes)}
     if getattr(config, "vocab_size", None) is not None and config.vocab_size < vocab_size:
         where = "model.hf_config.vocab_size" if model.get("hf_config") is not None else f"model.name_or_path ({model['name_or_path']})"
         raise ValueError(f"{where}: {config.vocab_size} embeddings but the tokenizer has {vocab_size} tokens; "
@@ -71,26 +104,36 @@ def hf_config(model: dict, vocab_size: int):
 
 
 def build_hf(model: dict, input_shape: list[int], num_classes: int, weights: bool = True) -> CausalLM:
-    """The `hf` model for text packed into blocks of `model.seq_len` over a `num_classes` vocabulary:
-    the folder's weights (`weights`), or fresh ones for hf_config or when only the architecture is
-    needed (the plan builds it on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
+    """The `hf` model for `model["task"]`: a causal LM over a `num_classes` vocabulary, or a
+    classifier of `num_classes` classes (`model["classes"]`, their names, where known); sequences of
+    `model.seq_len` tokens. The folder's weights (`weights`; a classifier's head is new unless the
+    folder holds one), or fresh ones for hf_config or when only the architecture is needed (the
+    plan builds it on the meta device)."""
+    task = model.get("task") or "causal_lm"
+    if task == "auto":
+        raise ValueError("build_hf: resolve model.task from the data first (trainers.models.hf.DATA_TASKS)")
     if input_shape[-1] != model["seq_len"]:
         raise ValueError(f"hf: model.seq_len {model['seq_len']} but the data was packed into blocks of {input_shape[-1]}")
-    config = hf_config(model, num_classes)
+    classes, vocab_size = None, num_classes
+    if task == "sequence_classification":  # the vocabulary is the tokenizer's (`model["vocab_size"]`, where known)
+        classes, vocab_size = model.get("classes") or list(range(num_classes)), model.get("vocab_size") or 0
+    config = hf_config(model, vocab_size, classes)
     options = {"trust_remote_code": model.get("trust_remote_code", False),
                "dtype": DTYPES[model.get("dtype") or "float32"]}
     if model.get("attn_implementation"):
         options["attn_implementation"] = model["attn_implementation"]
+    auto = auto_class(task)
     if model.get("name_or_path") and weights:
         # transformers 5 swaps layers for kernels fetched from the hub by default (use_kernels):
-        # a download at run time, and code nobody reviewed. Never here (../shared/FACTS.md).
-        hf = AutoModelForCausalLM.from_pretrained(model["name_or_path"], config=config, use_kernels=False, **options)
+        # a download at run time, and code nobody reviewed. Never here (../shared/FACTS.md). A
+        # classifier folder whose head has another number of labels than the data's classes gets
+        # a new head, the rest of its weights kept: fine-tuning on other labels.
+        hf = auto.from_pretrained(model["name_or_path"], config=config, use_kernels=False,
+                                  ignore_mismatched_sizes=task == "sequence_classification", **options)
     else:
-        hf = AutoModelForCausalLM.from_config(config, **options)
-    hf.config.use_cache = False  # training and scoring whole blocks: no key/value cache
-    return CausalLM(hf)
+        hf = auto.from_config(config, **options)
+    hf.config.use_cache = False  # training and scoring whole sequences: no key/value cache
+    return WRAPPERS[task](hf)
 
 
 def hidden_size(model: dict) -> int:
@@ -123,9 +166,7 @@ def save_hf(directory: Path, state_dict: dict[str, torch.Tensor], config, specia
     return sorted(p.name for p in directory.iterdir() if p.name not in before)
 
 
-def load_hf(directory: Path | str, dtype: torch.dtype = torch.float32) -> CausalLM:
+def load_hf(directory: Path | str, task: str = "causal_lm", dtype: torch.dtype = torch.float32) -> CausalLM:
     """An exported transformers folder, loaded by transformers itself, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_kernels=False)
-    return CausalLM(hf).eval()
+    hf = auto_class(task).from_pretrained(str(directory), dtype=dtype, use_kernels=False)
+    return WRAPPERS[task](hf).eval()
