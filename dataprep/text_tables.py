@@ -27,6 +27,12 @@ from dataprep.text import PIECE_BLOCKS, HfTokenizer, _pack, cut, packed_meta, to
 TASKS = {"causal_lm": "lm", "sequence_classification": "classify"}
 
 
+def model_task(model: dict) -> str:
+    """What a model section asks of a table's text: a transformers model's `task`; raylaunch's own
+    language model (gpt) reads text as a language model, label column or not."""
+    return model["task"] if model["type"] == "hf" else "causal_lm"
+
+
 def text_task(data: dict, model_task: str, files: Files | None) -> str:
     """`lm` or `classify`: text files are a language model's; a table's text column is a
     classifier's where `model.task` says so, or (`auto`) where its first file has the label column."""

@@ -151,10 +151,10 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
 def _text_table_problems(data: DataConfig, model: ModelConfig | None, files) -> list[str]:
     """A table's text column (and a classifier's label column) in its first file; a classifier's
     rows are not packed."""
-    from dataprep.text_tables import check_columns, text_task
+    from dataprep.text_tables import check_columns, model_task, text_task
 
     dump = data.model_dump(mode="json")
-    task = text_task(dump, model.task if model is not None else "auto", files)
+    task = text_task(dump, model_task(model.model_dump(mode="json")) if model is not None else "auto", files)
     check_columns(dump, files, task)
     if task == "classify" and any(t.type == "pack" for t in data.transforms):
         return ["data.transforms: pack joins texts into blocks for a language model; a classifier reads each row's text "

@@ -43,12 +43,13 @@ def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
 
     from dataprep.peek import peek_shape
     from dataprep.text import HfTokenizer
+    from dataprep.text_tables import model_task
     from trainers.memory import largest_layer_params
     from trainers.models import build_model, count_params
 
     model = model or cfg.model.model_dump(mode="json")
     data = cfg.data.model_dump(mode="json")
-    input_shape, num_classes = peek_shape(data, cfg.model.seq_len, model["task"])
+    input_shape, num_classes = peek_shape(data, cfg.model.seq_len, model_task(model))
     if model["type"] == "hf":
         from dataprep.sources import data_files
         from dataprep.text_tables import text_task

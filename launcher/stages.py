@@ -123,6 +123,7 @@ RESTORED = {"train": Trained, "tune": Trained, "distill": Trained, "quantize": Q
 def preprocess(run: Run) -> Prepared:
     from dataprep.cache import prepare
     from dataprep.text import HfTokenizer
+    from dataprep.text_tables import model_task
 
     data = run.resolved.dump()["data"]
     bar = run.live.bar("rows written", None)
@@ -132,7 +133,7 @@ def preprocess(run: Run) -> Prepared:
 
     model = run.resolved.dump()["model"]
     meta, data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress, HfTokenizer.for_model(model),
-                                     model["task"])
+                                     model_task(model))
     (run.run_dir / "data.json").write_text(json.dumps({"path": str(data_dir), "key": meta["cache_key"]}, indent=1))
     record = {"rows": meta["rows"], "cache": {"path": str(data_dir), "key": meta["cache_key"], "reused": reused},
               "bad_rows": meta.get("bad_rows", {}), "files": meta["files"]}

@@ -146,3 +146,23 @@ def test_a_text_table_the_model_cannot_read_is_one_line_before_ray_starts(case, 
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == line.replace("CODE", str(labelled)), done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_built_in_gpt_reads_a_text_column_as_a_language_model_label_column_or_not(tmp_path):
+    from dataprep.sources import data_files
+    from dataprep.text_tables import model_task, text_task
+    from launcher.checks import load_for_run
+    from launcher.plan import model_size
+
+    code_chunks(100).to_parquet(tmp_path / "code.parquet")  # text and package columns
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": str(tmp_path / "code.parquet"), "text_column": "text",
+                                               "label_column": "package"},
+                                      "model": {"type": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 32},
+                                      "output": {"dir": str(tmp_path / "run")}}))
+    cfg, _ = load_for_run(config, [], None)
+    data = cfg.data.model_dump(mode="json")
+    assert text_task(data, model_task(cfg.model.model_dump(mode="json")), data_files(data)) == "lm"
+    assert text_task(data, "auto", data_files(data)) == "classify"  # what an hf model would make of it
+    params, _ = model_size(cfg)
+    assert params == 256 * 16 + 32 * 16 + 12 * 16 * 16 + 13 * 16 + 2 * 16 + 16 * 256  # byte vocabulary in and out
