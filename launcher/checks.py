@@ -178,7 +178,20 @@ def _model_problems(model: ModelConfig, data: DataConfig | None) -> list[str]:
         elif os.path.exists(where) or not _looks_like_hub_id(where):
             problems.append(f"model.{field}: {where} is no folder (nor a hub id such as org/name); give a folder "
                             f"written by save_pretrained")
+    config = os.path.join(model.name_or_path or "", "config.json")
+    if model.type == "hf" and not model.trust_remote_code and os.path.isfile(config) and _brings_code(config):
+        problems.append(f"model.trust_remote_code: {model.name_or_path} brings its own model code (auto_map in "
+                        f"config.json), which runs only with model.trust_remote_code: true; set it if you trust that code")
     return problems
+
+
+def _brings_code(config_json: str) -> bool:
+    import json
+
+    try:
+        return "auto_map" in json.loads(open(config_json).read())
+    except (OSError, ValueError):
+        return False  # transformers says what is wrong with the file when it loads it
 
 
 def _user_code_problems(model: ModelConfig, data: DataConfig | None) -> list[str]:

@@ -82,3 +82,54 @@ def save_classifier(folder: Path, classes: list[str], vocab_size: int = 512, see
     torch.manual_seed(seed)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     return folder
+
+
+CUSTOM_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyLMConfig(PretrainedConfig):
+    model_type = "tinylm"
+
+    def __init__(self, vocab_size=384, width=16, **kwargs):
+        self.vocab_size, self.width = vocab_size, width
+        super().__init__(**kwargs)
+'''
+
+CUSTOM_MODEL = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_tinylm import TinyLMConfig
+
+
+class TinyLM(PreTrainedModel):
+    config_class = TinyLMConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.width)
+        self.head = nn.Linear(config.width, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids, use_cache=None, **kwargs):
+        return CausalLMOutput(logits=self.head(torch.tanh(self.embed(input_ids))))
+'''
+
+
+def save_custom_code_model(folder: Path) -> Path:
+    """A causal LM whose architecture is the folder's own Python code (config.json's auto_map), as
+    models that need trust_remote_code are, with fresh weights and a tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(folder)
+    (folder / "configuration_tinylm.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tinylm.py").write_text(CUSTOM_MODEL)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "tinylm", "vocab_size": len(tokenizer), "width": 16, "architectures": ["TinyLM"],
+        "auto_map": {"AutoConfig": "configuration_tinylm.TinyLMConfig", "AutoModelForCausalLM": "modeling_tinylm.TinyLM"}}))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    AutoModelForCausalLM.from_config(config, trust_remote_code=True).save_pretrained(folder)
+    return folder

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import raylaunch
-from hf_models import GPT2, LLAMA, save_model, train_tokenizer
+from hf_models import GPT2, LLAMA, save_custom_code_model, save_model, train_tokenizer
 
 ROOT = Path(__file__).parent.parent
 SEQ = 32
@@ -151,13 +151,18 @@ REFUSED = {
                   "id such as org/name); give a folder written by save_pretrained"),
     "distill": ({"name_or_path": "LLAMA"}, None, "distill.enabled: the distill stage does not take model.type hf yet; set "
                 "distill.enabled: false"),
+    "remote-code": ({"name_or_path": "CUSTOM"}, None, "model.trust_remote_code: CUSTOM brings its own model code "
+                    "(auto_map in config.json), which runs only with model.trust_remote_code: true; set it if you trust "
+                    "that code"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_config_the_model_cannot_run_is_one_line_before_ray_starts(case, llama, tmp_path):
     model, data, line = REFUSED[case]
-    model = {k: (str(llama) if v == "LLAMA" else v) for k, v in model.items()}
+    custom = save_custom_code_model(tmp_path / "custom") if case == "remote-code" else None
+    model = {k: (str(llama) if v == "LLAMA" else str(custom) if v == "CUSTOM" else v) for k, v in model.items()}
+    line = line.replace("CUSTOM", str(custom))
     config = _config(tmp_path, model, data)
     if case == "distill":
         raw = yaml.safe_load(config.read_text())
@@ -330,3 +335,24 @@ def test_a_sweep_searches_the_transformers_config_and_the_learning_rate(llama, r
     assert exported.n_embd == best["model.hf_config.n_embd"]
     exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "models" / "teacher")
     assert exported_tokenizer.get_vocab() == AutoTokenizer.from_pretrained(llama).get_vocab()
+
+
+@pytest.mark.ray
+def test_a_model_with_its_own_code_trains_and_exports_its_code(ray_address, tmp_path):
+    """trust_remote_code: the folder's Python files travel with the export, which loads as it is."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.modeldir import load_model
+
+    custom = save_custom_code_model(tmp_path / "custom")
+    config = _config(tmp_path, {"name_or_path": str(custom), "trust_remote_code": True}, workers=1, epochs=1,
+                     zero={"stage": 0})
+    done = raylaunch("run", str(config), address=ray_address)
+    assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
+    exported = tmp_path / "run" / "models" / "teacher"
+    assert {"configuration_tinylm.py", "modeling_tinylm.py"} <= {p.name for p in exported.iterdir()}
+    theirs = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    ours, _ = load_model(exported)
+    tokens = torch.randint(0, 384, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=tokens).logits, ours(tokens))

@@ -87,7 +87,9 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: d
     if spec["model"].get("type") == "hf":
         from trainers.models.hf import save_hf
 
-        files = save_hf(directory, tensors, model.hf.config, spec["preprocess"].get("special_tokens", {}))
+        section = spec["model"]
+        code = section["name_or_path"] if section.get("trust_remote_code") and os.path.isdir(section["name_or_path"] or "") else None
+        files = save_hf(directory, tensors, model.hf.config, spec["preprocess"].get("special_tokens", {}), code)
         spec = {**spec, "files": files}
     else:
         atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
@@ -111,7 +113,7 @@ def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
     if spec["model"]["type"] == "hf":
         from trainers.models.hf import DATA_TASKS, load_hf
 
-        return load_hf(directory, DATA_TASKS[spec["preprocess"]["task"]]), spec
+        return load_hf(directory, DATA_TASKS[spec["preprocess"]["task"]], spec["model"].get("trust_remote_code", False)), spec
     model = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
     return model.eval(), spec

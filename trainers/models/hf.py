@@ -10,6 +10,7 @@ a run exports is a transformers folder (`save_hf`) that `AutoModelForCausalLM` (
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -147,10 +148,13 @@ def hidden_size(model: dict) -> int:
     return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024)
 
 
-def save_hf(directory: Path, state_dict: dict[str, torch.Tensor], config, special_tokens: dict[str, int]) -> list[str]:
+def save_hf(directory: Path, state_dict: dict[str, torch.Tensor], config, special_tokens: dict[str, int],
+            code_from: str | None = None) -> list[str]:
     """Write a transformers folder: config.json and generation_config.json (with the tokenizer's
-    special token ids) and the weights as safetensors, sharded above MAX_SHARD_SIZE. Returns the
-    files written. `state_dict` is `CausalLM`'s (keys under `hf.`), tied weights listed once."""
+    special token ids) and the weights as safetensors, sharded above MAX_SHARD_SIZE; with
+    `code_from` (a trust_remote_code model's folder), its Python files, which config.json's
+    auto_map names. Returns the files written. `state_dict` is `CausalLM`'s (keys under `hf.`),
+    tied weights listed once."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
@@ -163,10 +167,15 @@ def save_hf(directory: Path, state_dict: dict[str, torch.Tensor], config, specia
     GenerationConfig.from_model_config(config).save_pretrained(directory)
     weights = {key.removeprefix("hf."): value for key, value in state_dict.items()}
     save_torch_state_dict(weights, directory, max_shard_size=MAX_SHARD_SIZE)
+    for code in sorted(Path(code_from).glob("*.py")) if code_from else []:
+        shutil.copy2(code, directory / code.name)
     return sorted(p.name for p in directory.iterdir() if p.name not in before)
 
 
-def load_hf(directory: Path | str, task: str = "causal_lm", dtype: torch.dtype = torch.float32) -> CausalLM:
-    """An exported transformers folder, loaded by transformers itself, in eval mode."""
-    hf = auto_class(task).from_pretrained(str(directory), dtype=dtype, use_kernels=False)
+def load_hf(directory: Path | str, task: str = "causal_lm", trust_remote_code: bool = False,
+            dtype: torch.dtype = torch.float32) -> CausalLM:
+    """An exported transformers folder, loaded by transformers itself, in eval mode (a model of
+    its own code, `trust_remote_code`, runs the Python files exported with it)."""
+    hf = auto_class(task).from_pretrained(str(directory), dtype=dtype, use_kernels=False,
+                                          trust_remote_code=trust_remote_code)
     return WRAPPERS[task](hf).eval()
