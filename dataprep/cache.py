@@ -79,7 +79,7 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
     `model_task`: what a table's text column is for (`dataprep.text_tables.text_task`)."""
     # Listed once: the key and the preprocessing see the same files.
     files = None if sources_of(data)[0].startswith("sklearn:") else data_files(data)
-    task = text_task(data, model_task, files) if data["text_column"] is not None else "lm"
+    task = text_task(data, model_task, files)
     key = cache_key(data, seq_len, files, hf, task)
     entry = cache_root / key
     if (entry / META).is_file():

@@ -20,8 +20,8 @@ def peek_shape(data: dict, seq_len: int, model_task: str = "auto") -> tuple[list
         from dataprep.text import tokenizer_of
         from dataprep.text_tables import text_task
 
-        files = data_files(data)
-        if data["text_column"] is not None and text_task(data, model_task, files) == "classify":
+        if text_task(data, model_task) == "classify":
+            files = data_files(data)
             fmt = format_of(files) if data["format"] == "auto" else data["format"]
             return [seq_len], _count_labels(files, fmt, data["label_column"])
         spec = tokenizer_of(data)

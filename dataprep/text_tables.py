@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from dataprep import DataError
 from dataprep.preprocess import _label_order, _plain, row_keys, split_of
-from dataprep.sources import FILE, ROW, Files, Problems, format_of, peek_columns, read_tables
+from dataprep.sources import FILE, ROW, Files, Problems, data_files, format_of, peek_columns, read_tables
 from dataprep.text import PIECE_BLOCKS, HfTokenizer, _pack, cut, packed_meta, tokenization
 
 TASKS = {"causal_lm": "lm", "sequence_classification": "classify"}
@@ -33,13 +33,15 @@ def model_task(model: dict) -> str:
     return model["task"] if model["type"] == "hf" else "causal_lm"
 
 
-def text_task(data: dict, model_task: str, files: Files | None) -> str:
+def text_task(data: dict, model_task: str, files: Files | None = None) -> str:
     """`lm` or `classify`: text files are a language model's; a table's text column is a
-    classifier's where `model.task` says so, or (`auto`) where its first file has the label column."""
+    classifier's where `model.task` says so, or (`auto`) where its first file has the label column
+    (`files`: the data's files where the caller has them listed; listed here only when needed)."""
     if data["format"] == "text" or data["text_column"] is None:
         return "lm"
     if model_task != "auto":
         return TASKS[model_task]
+    files = files if files is not None else data_files(data)
     fmt = format_of(files) if data["format"] == "auto" else data["format"]
     return "classify" if data["label_column"] in peek_columns(files, fmt) else "lm"
 

@@ -51,11 +51,10 @@ def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
     data = cfg.data.model_dump(mode="json")
     input_shape, num_classes = peek_shape(data, cfg.model.seq_len, model_task(model))
     if model["type"] == "hf":
-        from dataprep.sources import data_files
         from dataprep.text_tables import text_task
         from trainers.models.hf import DATA_TASKS
 
-        model = {**model, "task": DATA_TASKS[text_task(data, model["task"], data_files(data))]}
+        model = {**model, "task": DATA_TASKS[text_task(data, model["task"])]}
     tokenizer = HfTokenizer.for_model(model)
     if tokenizer is not None:  # the vocabulary: the model's own tokenizer's, or the BPE's to be trained
         from dataprep.text import tokenizer_of
