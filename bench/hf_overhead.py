@@ -125,6 +125,7 @@ def main() -> None:
     from dataprep.text import HfTokenizer
     from launcher.config import load
     from runconfig.resolved import ResolvedConfig
+    from bench.train_overhead import print_medians
     from trainers.fit import build_trainer, load_splits
     from trainers.worker import worker_config
 
@@ -199,15 +200,8 @@ def main() -> None:
     finally:
         embedded.close()
         ray.shutdown()
-    medians = {w: {k: statistics.median(o[k] for o in runs[w]) for k in ("rate", "startup_s", "wall_s")} for w in WAYS}
     print(f"\nmedian of {args.rounds} interleaved rounds (tokens/s, steady state)")
-    for way in WAYS:
-        m = medians[way]
-        print(f"  {way:<7} {m['rate']:>9,.0f}   start-up {m['startup_s']:5.1f} s   wall {m['wall_s']:5.1f} s")
-    for (a, b), target in TARGETS.items():
-        ratio = medians[a]["rate"] / medians[b]["rate"]
-        verdict = "" if target is None else " (target >= %.2f: %s)" % (target, "met" if ratio >= target else "NOT met")
-        print(f"  {a} / {b} = {ratio:.3f}{verdict}")
+    medians = print_medians(runs, TARGETS)
     (work / "results.json").write_text(json.dumps({"medians": medians, "runs": runs}, indent=1))
 
 

@@ -119,6 +119,20 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     return {"rate": rate, "startup_s": wall - epochs * items / rate, "wall_s": wall}
 
 
+def print_medians(runs: dict[str, list[dict]], targets: dict[tuple[str, str], float | None]) -> dict:
+    """Each way's medians over its rounds (rate, start-up, wall), printed with the ratios `targets`
+    names (a / b and the target it must reach, or None); returns the medians."""
+    medians = {w: {k: statistics.median(o[k] for o in outs) for k in ("rate", "startup_s", "wall_s")}
+               for w, outs in runs.items()}
+    for way, m in medians.items():
+        print(f"  {way:<11} {m['rate']:>10,.0f}   start-up {m['startup_s']:5.1f} s   wall {m['wall_s']:5.1f} s")
+    for (a, b), target in targets.items():
+        ratio = medians[a]["rate"] / medians[b]["rate"]
+        verdict = "" if target is None else (" (target >= %.3f: %s)" % (target, "met" if ratio >= target else "NOT met"))
+        print(f"  {a} / {b} = {ratio:.3f}{verdict}")
+    return medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="cnn,gpt")
@@ -186,15 +200,8 @@ def main() -> None:
                     print(f"  {case} round {r + 1} {way:<11} {out['rate']:>10,.0f} items/s  start-up {out['startup_s']:5.1f} s"
                           f"  wall {out['wall_s']:5.1f} s", flush=True)
             unit = "tokens/s" if items_per_row > 1 else "samples/s"
-            medians = {w: {k: statistics.median(o[k] for o in runs[w]) for k in ("rate", "startup_s", "wall_s")} for w in WAYS}
             print(f"\n{case}: global batch {batch}, {epochs} epochs, median of {args.rounds} interleaved rounds ({unit})")
-            for way in WAYS:
-                m = medians[way]
-                print(f"  {way:<11} {m['rate']:>10,.0f}   start-up {m['startup_s']:5.1f} s   wall {m['wall_s']:5.1f} s")
-            for (a, b), target in TARGETS.items():
-                ratio = medians[a]["rate"] / medians[b]["rate"]
-                verdict = "" if target is None else (" (target >= %.3f: %s)" % (target, "met" if ratio >= target else "NOT met"))
-                print(f"  {a} / {b} = {ratio:.3f}{verdict}")
+            medians = print_medians(runs, TARGETS)
             summary[case] = {"unit": unit, "medians": medians, "runs": runs}
     finally:
         ray_up(False)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import raylaunch
+from test_deepspeed_json import HF_ZERO2, LLAMA_FACTORY_ZERO3_OFFLOAD
 from hf_models import GPT2, LLAMA, save_custom_code_model, save_model, train_tokenizer
 
 ROOT = Path(__file__).parent.parent
@@ -173,23 +174,10 @@ def test_a_config_the_model_cannot_run_is_one_line_before_ray_starts(case, llama
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
-# The ZeRO-3 example of transformers' DeepSpeed docs: every value "auto", optimizer and parameters offloaded to CPU.
-TRANSFORMERS_ZERO3 = {
-    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-             "hysteresis": 2, "min_loss_scale": 1},
-    "bf16": {"enabled": "auto"},
-    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
-                                                 "warmup_num_steps": "auto"}},
-    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                          "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
-                          "contiguous_gradients": True, "sub_group_size": 1e9, "reduce_bucket_size": "auto",
-                          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
-                          "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
-                          "stage3_gather_16bit_weights_on_model_save": True},
-    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
-    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
-}
+# The ZeRO-3 example of transformers' DeepSpeed docs: its ZeRO-2 example (every value "auto") with the
+# ZeRO-3 block LLaMA-Factory's offload config also ships (optimizer and parameters offloaded to CPU).
+TRANSFORMERS_ZERO3 = HF_ZERO2 | {"bf16": {"enabled": "auto"},
+                                 "zero_optimization": LLAMA_FACTORY_ZERO3_OFFLOAD["zero_optimization"]}
 
 
 @pytest.mark.ray
