@@ -325,6 +325,21 @@ def test_a_sweep_searches_the_transformers_config_and_the_learning_rate(llama, r
     assert exported_tokenizer.get_vocab() == AutoTokenizer.from_pretrained(llama).get_vocab()
 
 
+def test_the_export_carries_the_code_a_remote_code_model_was_loaded_with(llama, tmp_path):
+    """The files behind the loaded classes travel, wherever transformers found them (a folder, or a
+    hub repo whose auto_map points into another repo: `repo--module.Class` becomes `module.Class`)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models.hf import local_class_ref, remote_code_files
+
+    custom = AutoModelForCausalLM.from_pretrained(save_custom_code_model(tmp_path / "custom"), trust_remote_code=True)
+    assert [p.name for p in remote_code_files(custom)] == ["configuration_tinylm.py", "modeling_tinylm.py"]
+    assert remote_code_files(AutoModelForCausalLM.from_pretrained(llama)) == []
+    assert local_class_ref("org/code--modeling_x.X") == "modeling_x.X"
+    assert local_class_ref(["org/code--tok.Slow", None]) == ["tok.Slow", None]
+    assert local_class_ref("modeling_x.X") == "modeling_x.X"
+
+
 @pytest.mark.ray
 def test_a_model_with_its_own_code_trains_and_exports_its_code(ray_address, tmp_path):
     """trust_remote_code: the folder's Python files travel with the export, which loads as it is."""

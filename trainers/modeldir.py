@@ -85,10 +85,9 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: d
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     if spec["model"].get("type") == "hf":
-        from trainers.models.hf import save_hf
+        from trainers.models.hf import remote_code_files, save_hf
 
-        section = spec["model"]
-        code = section["name_or_path"] if section.get("trust_remote_code") and os.path.isdir(section["name_or_path"] or "") else None
+        code = remote_code_files(model.hf) if spec["model"].get("trust_remote_code") else []
         files = save_hf(directory, tensors, model.hf.config, spec["preprocess"].get("special_tokens", {}), code)
         spec = {**spec, "files": files}
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -149,12 +150,12 @@ def hidden_size(model: dict) -> int:
 
 
 def save_hf(directory: Path, state_dict: dict[str, torch.Tensor], config, special_tokens: dict[str, int],
-            code_from: str | None = None) -> list[str]:
+            code: list[Path] = ()) -> list[str]:
     """Write a transformers folder: config.json and generation_config.json (with the tokenizer's
-    special token ids) and the weights as safetensors, sharded above MAX_SHARD_SIZE; with
-    `code_from` (a trust_remote_code model's folder), its Python files, which config.json's
-    auto_map names. Returns the files written. `state_dict` is `CausalLM`'s (keys under `hf.`),
-    tied weights listed once."""
+    special token ids) and the weights as safetensors, sharded above MAX_SHARD_SIZE; `code` (a
+    trust_remote_code model's Python files, `remote_code_files`) is copied beside them and
+    config.json's auto_map made to name those copies. Returns the files written. `state_dict` is
+    `CausalLM`'s (keys under `hf.`), tied weights listed once."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
@@ -162,14 +163,41 @@ def save_hf(directory: Path, state_dict: dict[str, torch.Tensor], config, specia
     for name, value in special_tokens.items():
         setattr(config, name, value)
     config.use_cache = True  # the exported model is for inference
+    if code and getattr(config, "auto_map", None):
+        config.auto_map = {key: local_class_ref(ref) for key, ref in config.auto_map.items()}
     before = set(p.name for p in directory.iterdir())
     config.save_pretrained(directory)
     GenerationConfig.from_model_config(config).save_pretrained(directory)
     weights = {key.removeprefix("hf."): value for key, value in state_dict.items()}
     save_torch_state_dict(weights, directory, max_shard_size=MAX_SHARD_SIZE)
-    for code in sorted(Path(code_from).glob("*.py")) if code_from else []:
-        shutil.copy2(code, directory / code.name)
+    for path in code:
+        shutil.copyfile(path, directory / path.name)
     return sorted(p.name for p in directory.iterdir() if p.name not in before)
+
+
+def remote_code_files(hf: nn.Module) -> list[Path]:
+    """The Python files that define a trust_remote_code model: the modules of its model and config
+    classes and what they import relatively, as transformers loaded them (from a folder or a hub
+    repo); none for a model of transformers' own."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files: dict[str, Path] = {}
+    for cls in (type(hf), type(hf.config)):
+        if cls.__module__.split(".")[0] != "transformers_modules":
+            continue
+        source = Path(sys.modules[cls.__module__].__file__)
+        # transformers caches each class's module under its own hash: the same file can come twice
+        for path in (source, *map(Path, get_relative_import_files(source))):
+            files.setdefault(path.name, path)
+    return [files[name] for name in sorted(files)]
+
+
+def local_class_ref(ref):
+    """An auto_map entry made to point at code beside config.json: `repo--module.Class` (code kept
+    in another hub repo) becomes `module.Class`; tokenizer entries are pairs."""
+    if isinstance(ref, (list, tuple)):
+        return [local_class_ref(part) for part in ref]
+    return ref.split("--")[-1] if isinstance(ref, str) else ref
 
 
 def load_hf(directory: Path | str, task: str = "causal_lm", trust_remote_code: bool = False,
