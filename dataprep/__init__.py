@@ -9,6 +9,7 @@ TOKENIZER_FILE = "tokenizer.json"
 """A BPE tokenizer trained on the train split, beside the data it tokenized and every model trained on it."""
 TOKENIZER_DIR = "tokenizer"
 """A transformers model's tokenizer (`save_pretrained` files), beside the data it tokenized."""
+IGNORE = -100  # the label of a token without a loss (instruction prompts): cross-entropy's ignore_index
 
 
 def find_transform(transforms: list[dict], *kinds: str) -> dict | None:

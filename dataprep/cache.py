@@ -54,8 +54,8 @@ def input_identity(data: dict, files: Files | None) -> list:
 
 
 def cache_key(data: dict, seq_len: int | None, files: Files | None, hf: HfTokenizer | None = None,
-              task: str = "lm") -> str:
-    text = data["format"] == "text" or data["text_column"] is not None
+              task: str = "lm", packed: bool = False) -> str:
+    text = data["format"] == "text" or data["text_column"] is not None or data["instructions"] is not None
     identity = {
         "version": VERSION,
         "settings": {k: data[k] for k in _ROW_SETTINGS},
@@ -67,20 +67,24 @@ def cache_key(data: dict, seq_len: int | None, files: Files | None, hf: HfTokeni
         identity |= {"text_column": data["text_column"], "task": task}
     if hf is not None and text:
         identity["tokenizer"] = hf.fingerprint()
+    if data["instructions"] is not None:  # rendered with a chat template, maybe several examples a row
+        identity |= {"instructions": data["instructions"], "packed": packed,
+                     "chat_template": hf.load().chat_template if hf is not None and hf.source else None}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare(data: dict, seq_len: int, cache_root: Path,
             progress: Callable[[int, int | None], None] | None = None,
-            hf: HfTokenizer | None = None, model_task: str = "auto") -> tuple[DataMeta, Path, bool]:
+            hf: HfTokenizer | None = None, model_task: str = "auto", packed: bool = False) -> tuple[DataMeta, Path, bool]:
     """The preprocessed dataset for a data section: (meta, its folder, whether it was reused).
     `progress(rows written, rows expected or None)` is called about twice a second while it writes.
     `hf`: text for a transformers model, tokenized with its tokenizer (`dataprep.text`);
-    `model_task`: what a table's text column is for (`dataprep.text_tables.text_task`)."""
+    `model_task`: what a table's text column is for (`dataprep.text_tables.text_task`); `packed`:
+    several instruction examples a row (data.pack, where the model's attention separates them)."""
     # Listed once: the key and the preprocessing see the same files.
     files = None if sources_of(data)[0].startswith("sklearn:") else data_files(data)
     task = text_task(data, model_task, files)
-    key = cache_key(data, seq_len, files, hf, task)
+    key = cache_key(data, seq_len, files, hf, task, packed)
     entry = cache_root / key
     if (entry / META).is_file():
         return with_augmentations(json.loads((entry / META).read_text()), data), entry, True
@@ -99,7 +103,7 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
 
     try:
         with preprocessing_context():  # errors as themselves, no per-operator reservations (cluster.raycompat, 6)
-            meta = _preprocess(data, files, seq_len, writer, tmp, problems, hf, task)
+            meta = _preprocess(data, files, seq_len, writer, tmp, problems, hf, task, packed)
         meta["bad_rows"] = ray.get(ledger.report.remote()) if ledger else {}
         meta["cache_key"] = key
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -117,7 +121,11 @@ def prepare(data: dict, seq_len: int, cache_root: Path,
 
 
 def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path, problems: Problems,
-                hf: HfTokenizer | None = None, task: str = "lm") -> DataMeta:
+                hf: HfTokenizer | None = None, task: str = "lm", packed: bool = False) -> DataMeta:
+    if data["instructions"] is not None:
+        from dataprep.instructions import preprocess_instructions
+
+        return preprocess_instructions(data, files, seq_len, writer, tmp, problems, hf, packed)
     if data["text_column"] is not None:
         from dataprep.text_tables import preprocess_text_table
 
@@ -134,7 +142,8 @@ def _preprocess(data: dict, files: Files | None, seq_len: int, writer, tmp: Path
 def expected_rows(data: dict, files: Files | None) -> int | None:
     """The rows preprocessing will write, where that is cheap to know before it starts: one per
     image file, or the row counts in Parquet files' footers. None for the rest (CSV, JSONL, text)."""
-    if files is None or not files.paths or data["text_column"] is not None:  # text rows become blocks
+    if files is None or not files.paths or data["text_column"] is not None or data["instructions"] is not None:
+        # text rows become blocks, instruction rows maybe several to one
         return None
     fmt = data["format"] if data["format"] != "auto" else format_of(files)
     if fmt == "images":
@@ -226,7 +235,7 @@ def write_splits(dataset: ray.data.Dataset, root: Path, fit: tuple[str, str] | N
     for _, returned in ray.get(writes):
         if combine and returned is not None:
             stats = combine(stats, returned)
-    shutil.rmtree(parts)
+    shutil.rmtree(parts, ignore_errors=True)  # absent where no row was written
     return dict(sink.rows), stats
 
 

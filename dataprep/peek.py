@@ -16,7 +16,7 @@ def peek_shape(data: dict, seq_len: int, model_task: str = "auto") -> tuple[list
     """(the model's input shape, the number of classes or the vocabulary size). A classifier of a
     table's text column (`model_task`, see `dataprep.text_tables.text_task`) counts its labels."""
     transforms = data["transforms"]
-    if data["format"] == "text" or data["text_column"] is not None:
+    if data["format"] == "text" or data["text_column"] is not None or data.get("instructions") is not None:
         from dataprep.text import tokenizer_of
         from dataprep.text_tables import text_task
 

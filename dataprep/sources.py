@@ -33,7 +33,7 @@ from dataprep import DataError
 FILE, ROW = "__file", "__row"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _EXTENSIONS = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "jsonl": (".jsonl", ".ndjson", ".json"),
-               "images": IMAGE_EXTENSIONS}
+               "images": IMAGE_EXTENSIONS, "python": (".py",)}
 # Image shapes of the bundled datasets that are images.
 BUNDLED_IMAGE_SHAPES = {"digits": [1, 8, 8]}
 
@@ -64,14 +64,18 @@ def sources_of(data: dict) -> list[str]:
     import sysconfig
 
     sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
-    if data["format"] == "text":
+    if data["format"] in ("text", "python") or (data.get("instructions") is not None and data["format"] == "auto"):
         return [sysconfig.get_paths()["stdlib"] if s == STDLIB else s for s in sources]
     return sources
 
 
 def data_files(data: dict) -> Files:
     """The files a data section (not a bundled dataset) names, as preprocessing reads them."""
-    return list_files(sources_of(data), data["text_glob"], IMAGE_EXTENSIONS if data["format"] == "images" else None)
+    fmt = data["format"]
+    raw = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    if fmt == "auto" and data.get("instructions") is not None and STDLIB in raw:
+        fmt = "python"  # this Python's library as instruction pairs
+    return list_files(sources_of(data), data["text_glob"], {"images": IMAGE_EXTENSIONS, "python": (".py",)}.get(fmt))
 
 
 def table_features(files: Files, fmt: str, data: dict) -> list[str]:
@@ -267,13 +271,21 @@ class TableFiles(FileBasedDatasource):
     a time, so a file whose columns differ from the others' is seen as it is, not with the other
     files' columns filled in with nulls."""
 
-    def __init__(self, files: Files, fmt: str, problems: Problems, rows: int):
+    def __init__(self, files: Files, fmt: str, problems: Problems, rows: int, prompt_bytes: int | None = None):
         super().__init__(files.paths, filesystem=files.filesystem)
-        self.fmt, self.problems, self.rows = fmt, problems, rows
+        self.fmt, self.problems, self.rows, self.prompt_bytes = fmt, problems, rows, prompt_bytes
 
     def _read_stream(self, f, path: str):
-        reader = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}[self.fmt]
-        for table in reader(f, path, self.problems):
+        if self.fmt == "python":
+            from dataprep.python_functions import function_pairs
+
+            pairs = function_pairs(f.readall().decode("utf-8", "replace"), self.prompt_bytes)
+            lines = pairs.pop("line")
+            tables = [pa.table(pairs).append_column(FILE, pa.array([path] * len(lines), pa.string()))
+                      .append_column(ROW, pa.array(lines, pa.int64()))] if lines else []
+        else:
+            tables = {"parquet": _parquet, "csv": _csv, "jsonl": _jsonl}[self.fmt](f, path, self.problems)
+        for table in tables:
             for start in range(0, table.num_rows, self.rows):
                 yield table.slice(start, self.rows)
 
@@ -393,8 +405,9 @@ def image_mode(files: Files) -> tuple[str, list[int]]:
         return mode, [1 if mode == "L" else 3, image.height, image.width]
 
 
-def read_tables(files: Files, fmt: str, problems: Problems, rows: int) -> ray.data.Dataset:
-    return ray.data.read_datasource(TableFiles(files, fmt, problems, rows))
+def read_tables(files: Files, fmt: str, problems: Problems, rows: int, prompt_bytes: int | None = None) -> ray.data.Dataset:
+    """`fmt` python: each file's functions as instruction pairs, prompts of at most `prompt_bytes`."""
+    return ray.data.read_datasource(TableFiles(files, fmt, problems, rows, prompt_bytes))
 
 
 DECODED_BYTES_PER_TASK = 64 << 20  # pixels one image-decoding task makes, at most
@@ -434,6 +447,10 @@ def peek_columns(files: Files, fmt: str) -> list[str]:
     """The first file's column names, read cheaply on the driver (a Parquet footer, a CSV header,
     a JSONL first line), to name the feature columns and plan the run."""
     first = files.paths[0]
+    if fmt == "python":
+        from dataprep.python_functions import PROMPT, RESPONSE
+
+        return [PROMPT, RESPONSE]
     with files.filesystem.open_input_file(first) as f:
         try:
             if fmt == "parquet":

@@ -119,8 +119,15 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
     if model is not None and model.task == "sequence_classification" and data.text_column is None:
         problems.append("model.task: sequence_classification gives each text a label: set data.text_column (and "
                         "data.label_column) to columns of a Parquet, CSV or JSONL table")
+    if data.instructions is not None and model is not None:
+        if model.type != "hf":
+            problems.append(f"data.instructions: instruction data fine-tunes a transformers causal LM; set model.type: hf "
+                            f"(got {model.type})")
+        elif not (model.tokenizer or model.name_or_path):
+            problems.append("model.tokenizer: instruction data is rendered and tokenized by the model's own tokenizer; "
+                            "give model.name_or_path or model.tokenizer (a folder with tokenizer files)")
     tokenize = next((t for t in data.transforms if t.type == "tokenize"), None)
-    if model is not None and model.type == "hf" and text:
+    if model is not None and model.type == "hf" and text and data.instructions is None:
         brings = model.tokenizer or model.name_or_path
         if brings and tokenize is not None and "tokenizer" in tokenize.model_fields_set:
             problems.append(f"data.transforms: tokenize sets tokenizer {tokenize.tokenizer}, but the model's own tokenizer "
@@ -139,6 +146,10 @@ def _data_problems(data: DataConfig, model: ModelConfig | None) -> list[str]:
             files = data_files(data.model_dump(mode="json"))
             if data.text_column is not None:
                 problems += _text_table_problems(data, model, files)
+            if data.instructions is not None:
+                from dataprep.instructions import check_columns
+
+                check_columns(data.model_dump(mode="json"), files)
         except DataError as exc:
             problems += exc.problems
     image_input = data.format == "images" or data.image_shape is not None or data.source == "sklearn:digits"

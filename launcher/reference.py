@@ -34,6 +34,9 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             continue
         default = field.default.model_dump(mode="json") if isinstance(field.default, BaseModel) else field.default
         rows.append(f"| `{path}` | {_type_name(field.annotation)} | `{json.dumps(default)}` | {field.description or ''} |")
+        optional = [a for a in typing.get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if optional:  # a section that is off (null) unless given: its own keys follow it
+            rows += _rows(optional[0], f"{path}.")
     return rows
 
 

@@ -32,13 +32,17 @@ def stage_line(name: str, result: dict, summary: dict, cfg: RunConfig) -> str:
         rows, cache = result["rows"], result["cache"]
         how = f"reused cached {cache['key']}" if cache["reused"] else f"cached as {cache['key']}"
         splits = f"train {rows['train']:,} / val {rows['val']:,} / test {rows['test']:,}"
+        bad = result["bad_rows"]
+        dropped = f", {sum(b['rows'] for b in bad.values()):,} bad rows skipped in {len(bad)} file(s)" if bad else ""
+        if "packed" in result:
+            each = "examples packed, each attending to itself" if result["packed"] else "an example each"
+            return (f"{result['files']:,} files of instructions -> rows of {result['seq_len']} tokens ({each}; loss on "
+                    f"the responses): {splits} ({how}{dropped})")
         if "tokens" in result:
             tokens = ("tokens of the model's tokenizer" if result["tokenizer"] == "model"
                       else f"{result['tokenizer']} tokens")
             return (f"{result['files']:,} files -> {sum(result['tokens'].values()):,} {tokens} in "
-                    f"blocks of {result['seq_len']}: {splits} ({how})")
-        bad = result["bad_rows"]
-        dropped = f", {sum(b['rows'] for b in bad.values()):,} bad rows skipped in {len(bad)} file(s)" if bad else ""
+                    f"blocks of {result['seq_len']}: {splits} ({how}{dropped})")
         return f"{sum(rows.values()):,} rows, {result['num_classes']} classes -> {splits} ({how}{dropped})"
     if name in ("train", "distill"):
         role = "teacher" if name == "train" else "student"

@@ -133,15 +133,26 @@ def preprocess(run: Run) -> Prepared:
 
     model = run.resolved.dump()["model"]
     meta, data_dir, reused = prepare(data, run.cfg.model.seq_len, run.cache_root, progress, HfTokenizer.for_model(model),
-                                     model_task(model))
+                                     model_task(model), packs_examples(data, model))
     (run.run_dir / "data.json").write_text(json.dumps({"path": str(data_dir), "key": meta["cache_key"]}, indent=1))
     record = {"rows": meta["rows"], "cache": {"path": str(data_dir), "key": meta["cache_key"], "reused": reused},
               "bad_rows": meta.get("bad_rows", {}), "files": meta["files"]}
     if meta["task"] == "lm":
         record |= {"tokens": meta["tokens"], "tokenizer": meta["tokenizer"], "seq_len": meta["seq_len"]}
+    if "instructions" in meta:
+        record["packed"] = meta["instructions"]["packed"]
     else:
         record |= {"num_classes": meta["num_classes"], "input_shape": meta["input_shape"]}
     return Prepared(data_dir, meta, record)
+
+
+def packs_examples(data: dict, model: dict) -> bool:
+    """data.pack where the model keeps packed examples apart (else one example a row, padded)."""
+    if not data["pack"] or model["type"] != "hf":
+        return False
+    from trainers.models.hf import separates_packed
+
+    return separates_packed(model)
 
 
 def train(run: Run, data: Prepared) -> Trained:

@@ -140,15 +140,47 @@ TRANSFORM_TYPES = {model.model_fields["type"].default: model for model in TRANSF
 TEXT_TRANSFORMS = ("tokenize", "pack")
 
 
+ROLES = ("system", "user", "assistant")
+
+
+class Instructions(Section):
+    prompt_column: str = "prompt"
+    """Column holding each example's prompt (the user's turn)."""
+    response_column: str = "response"
+    """Column holding the reply the model learns to give: only its tokens carry a loss."""
+    system_column: str | None = None
+    """Optional column holding a system message that goes before the prompt."""
+    messages_column: str | None = None
+    """Instead of prompt and response: a column of conversations, lists of `{role, content}` turns (roles system, user, assistant; JSON text in CSV); every assistant turn is learned, the rest is context."""
+    template: dict[str, str] | None = None
+    """Per role, the text a turn becomes, `{content}` standing for what it says (`{user: "### Instruction:\\n{content}\\n\\n", assistant: "### Response:\\n{content}"}`); an assistant turn's text before `{content}` is prompt, its content and the rest (then the end-of-text token) are learned. Saved with the tokenizer as its chat template. null: the tokenizer's own chat template, or these Alpaca-style headers where it has none."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Instructions:
+        pair = [f for f in ("prompt_column", "response_column", "system_column") if f in self.model_fields_set]
+        if self.messages_column is not None and pair:
+            raise ValueError(f"instructions.{pair[0]}: conversations come from messages_column alone; drop {pair[0]}")
+        for role, text in (self.template or {}).items():
+            if role not in ROLES:
+                raise ValueError(f"instructions.template: unknown role {role!r} (roles: {', '.join(ROLES)})")
+            if text.count("{content}") != 1:
+                raise ValueError(f"instructions.template: the {role} turn must hold {{content}} once (got {text!r})")
+        return self
+
+
 class DataConfig(Section):
     source: str | list[str] = "sklearn:digits"
     """Where the data is: `sklearn:digits` / `sklearn:breast_cancer` / `sklearn:wine` / `sklearn:iris`, or one or more files, folders or globs, local or a URI pyarrow knows (`s3://`, `gs://`, `file://`); for text, `python-stdlib` is this Python's own library sources."""
-    format: Literal["auto", "parquet", "csv", "jsonl", "text", "images"] = "auto"
-    """`auto` goes by the file extensions. `images`: a folder with one subfolder per class (the label is the subfolder's name). `text`: files read as text for the language model."""
+    format: Literal["auto", "parquet", "csv", "jsonl", "text", "images", "python"] = "auto"
+    """`auto` goes by the file extensions. `images`: a folder with one subfolder per class (the label is the subfolder's name). `text`: files read as text for the language model. `python`: Python files as instruction pairs (data.instructions: each documented function's signature and docstring is a prompt, the rest of its body the response; `python-stdlib` is this Python's library)."""
     text_glob: str = "**/*"
     """text and images: which files under a source folder to read (a glob, `**` recursive)."""
     text_column: str | None = None
     """Parquet, CSV, JSONL: the column holding text. A language model packs the rows' texts as documents; a sequence classifier (`model.task`) reads each row's text, truncated or padded to model.seq_len, with its label_column."""
+    instructions: Instructions | None = None
+    """Parquet, CSV, JSONL: instruction or chat data for fine-tuning a transformers causal LM (`{}` takes the defaults: `prompt` and `response` columns). Rendered as the model's chat, tokenized with its tokenizer; the loss is on the responses only."""
+    pack: bool = False
+    """instructions: several examples per sequence of model.seq_len, each attending only to itself (position ids restart per example, for transformers models whose attention separates such sequences; other models get one example per sequence, padded)."""
     label_column: str = "label"
     """Column holding the class label (any type; see the `label_encode` transform)."""
     feature_columns: list[str] | None = None
@@ -207,6 +239,16 @@ class DataConfig(Section):
         if scaler is not None and scaler.per == "feature" and "random_crop" in kinds:
             raise ValueError(f"transforms: {scaler.type} per feature fits one statistic per pixel position, which random_crop "
                              f"moves every epoch; use {{type: {scaler.type}, per: channel}}")
+        if self.instructions is not None and (self.format in ("text", "images") or self.text_column is not None):
+            raise ValueError("instructions: instruction data is a table (Parquet, CSV, JSONL) of its own columns, not "
+                             "data.format text or images, nor with text_column")
+        if self.instructions is not None and self.transforms:
+            raise ValueError("transforms: instruction data is tokenized by the model's own tokenizer; leave transforms empty")
+        if self.format == "python" and self.instructions is None:
+            raise ValueError("format: python reads functions as instruction pairs; set data.instructions: {}")
+        if self.pack and self.instructions is None:
+            raise ValueError("pack: packs instruction examples (data.instructions); text files and a text_column are "
+                             "always packed into blocks")
         if self.text_column is not None and self.format in ("text", "images"):
             raise ValueError(f"text_column: names a column of a table (Parquet, CSV, JSONL), not of data.format {self.format}")
         text = self.is_text
@@ -221,7 +263,7 @@ class DataConfig(Section):
     @property
     def is_text(self) -> bool:
         """Text files, or a table's text column: tokenized rather than read as numbers."""
-        return self.format == "text" or self.text_column is not None
+        return self.format == "text" or self.text_column is not None or self.instructions is not None
 
 
 

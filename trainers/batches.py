@@ -1,7 +1,8 @@
 """What a model sees of a batch of a cached split: inputs and targets, augmented when training.
 
 A classifier's batch has `features` (images as uint8 pixels) and `label`; a language model's has
-`tokens` (seq_len + 1 per row: the inputs are the first seq_len, the targets the last seq_len).
+`tokens` (seq_len + 1 per row: the inputs are the first seq_len, the targets the last seq_len),
+and instruction data `labels` (the targets, IGNORE where there is no loss) and, packed, `positions`.
 Pixels are scaled to [0, 1]; images trained with augmentations get a fresh draw per (seed, epoch,
 row key), and evaluation sees the centre crop when training crops; then the normalization
 fitted on the train split applies (`meta["normalize"]`).
@@ -19,7 +20,9 @@ def model_batch(batch: dict, meta: dict, epoch: int | None = None) -> tuple[torc
     """(inputs, targets) of a batch; `epoch` set means training (draw the augmentations)."""
     if "tokens" in batch:
         tokens = batch["tokens"].long()
-        return tokens[:, :-1], tokens[:, 1:]
+        # Instruction data: targets only where `labels` is not IGNORE (the responses).
+        targets = batch["labels"].long() if "labels" in batch else tokens
+        return tokens[:, :-1], targets[:, 1:]
     x, y = batch["features"], batch["label"]
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
@@ -29,6 +32,11 @@ def model_batch(batch: dict, meta: dict, epoch: int | None = None) -> tuple[torc
     elif steps and (crop := find_transform(steps, "random_crop")):
         x = center_crop(x, crop["size"])
     return normalized(x, meta["normalize"]), y
+
+
+def model_kwargs(batch: dict) -> dict:
+    """What the model takes besides the inputs: position ids of packed instruction examples."""
+    return {"positions": batch["positions"][:, :-1].long()} if "positions" in batch else {}
 
 
 def normalized(x: torch.Tensor, normalize: dict) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataprep import IGNORE
 from dataprep.stream import stream_folder
-from trainers.batches import model_batch
+from trainers.batches import model_batch, model_kwargs
 from trainers.models import PRETRAINED, build_model, count_params
 
 
@@ -25,12 +26,13 @@ def test_metrics(model: nn.Module, test_dir: Path | str, meta: dict, batch_size:
     lm = False
     for batch in stream_folder(test_dir).iter_torch_batches(batch_size=batch_size, device="cpu"):
         x, labels = model_batch(batch, meta)
-        logits = model(x)
+        logits = model(x, **model_kwargs(batch))
         lm = logits.dim() == 3
         logits, labels = logits.flatten(0, -2).float(), labels.flatten()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        total += labels.numel()
+        counted = labels != IGNORE  # instruction data: the responses' tokens only
+        correct += ((logits.argmax(-1) == labels) & counted).sum().item()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE).item()
+        total += counted.sum().item()
     metrics = {"accuracy": correct / total, "loss": loss_sum / total}
     if lm:
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))

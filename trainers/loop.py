@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from cluster.raycompat import HeldShard
 from cluster.remote import local_dir
 from trainers import import_deepspeed
-from trainers.batches import model_batch
+from dataprep import IGNORE
+from trainers.batches import model_batch, model_kwargs
 from trainers.distill import LOGITS, TOPK_INDICES, TOPK_VALUES, distillation_loss, topk_distillation_loss
 from trainers.modeldir import load_model_dir, model_spec, save_model_dir
 from trainers.models import build_model
@@ -114,7 +115,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
                 _trace(config.trace, rank, epoch, index, batch)
             x, y = model_batch(batch, meta, epoch)
             x = _model_input(x, dtype)
-            loss = loss_fn(engine(x).float(), y, batch, x)
+            loss = loss_fn(engine(x, **model_kwargs(batch)).float(), y, batch, x)
             if skip_bad and not _finite_everywhere(loss, engine.device):
                 since_report.skipped += 1
                 continue  # every rank skips the same micro batch: the accumulation stays aligned
@@ -302,7 +303,7 @@ def _loss(distill: Distillation | None, device, user_loss: str | None = None):
         loss = import_path(user_loss, "loss")
         return lambda logits, y, batch, x: loss(logits, y)
     if distill is None:
-        return lambda logits, y, batch, x: F.cross_entropy(logits.flatten(0, -2), y.flatten())
+        return lambda logits, y, batch, x: F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE)
     kd = partial(distillation_loss, temperature=distill.temperature, alpha=distill.alpha)
     if distill.teacher_outputs == "precompute":
         topk = partial(topk_distillation_loss, temperature=distill.temperature, alpha=distill.alpha)
@@ -403,11 +404,12 @@ def _validate(engine, shard, dtype, batch_size: int, meta: dict) -> dict:
     sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
         x, y = model_batch(batch, meta)
-        logits = engine(_model_input(x, dtype)).float().flatten(0, -2)
+        logits = engine(_model_input(x, dtype), **model_kwargs(batch)).float().flatten(0, -2)
         y = y.flatten()
-        sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        sums[1] += (logits.argmax(-1) == y).sum()
-        sums[2] += len(y)
+        counted = y != IGNORE  # instruction data: the responses' tokens only
+        sums[0] += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE)
+        sums[1] += ((logits.argmax(-1) == y) & counted).sum()
+        sums[2] += counted.sum()
     loss, correct, count = _all_reduce_sum(sums, engine.device)
     return {"val_loss": loss / count, "val_accuracy": correct / count, "val_rows": int(count)}
 

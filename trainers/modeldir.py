@@ -43,7 +43,7 @@ WEIGHTS, SPEC, PROGRAM = "model.safetensors", "model.json", "model.pt2"
 
 # What turns raw input into the model's input (trainers.predict reads these for `raylaunch predict`).
 PREPROCESS_KEYS = ("task", "format", "feature_columns", "stored_shape", "normalize", "augment", "seed", "tokenizer",
-                   "vocab_size", "seq_len", "special_tokens", "text_column")
+                   "vocab_size", "seq_len", "special_tokens", "text_column", "instructions")
 
 
 def model_spec(model: dict, data_meta: DataMeta) -> dict:

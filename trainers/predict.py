@@ -138,7 +138,11 @@ def encode(spec: dict, text: str) -> list[int]:
     if kind == "bytes":
         return list(text.encode("utf-8"))
     if kind == "model":  # as the training text was: no start token added
-        return _transformers_tokenizer(spec).encode(text, add_special_tokens=False)
+        tokenizer = _transformers_tokenizer(spec)
+        if "instructions" in spec["preprocess"]:  # fine-tuned on chats: the text is the user's turn
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
     return _bpe(spec).encode(text).ids
 
 

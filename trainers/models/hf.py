@@ -10,6 +10,7 @@ a run exports is a transformers folder (`save_hf`) that `AutoModelForCausalLM` (
 from __future__ import annotations
 
 import copy
+import inspect
 import shutil
 import sys
 from pathlib import Path
@@ -23,14 +24,15 @@ MAX_SHARD_SIZE = "5GB"  # transformers' own default: larger exports are written 
 
 
 class CausalLM(nn.Module):
-    """A transformers causal LM: `forward(tokens)` returns next-token logits [batch, seq, vocab]."""
+    """A transformers causal LM: `forward(tokens)` returns next-token logits [batch, seq, vocab];
+    `positions` (packed examples: restarting at each) are its position ids."""
 
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=tokens, use_cache=False).logits
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hf(input_ids=tokens, position_ids=positions, use_cache=False).logits
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -136,6 +138,24 @@ def build_hf(model: dict, input_shape: list[int], num_classes: int, weights: boo
         hf = auto.from_config(config, **options)
     hf.config.use_cache = False  # training and scoring whole sequences: no key/value cache
     return WRAPPERS[task](hf)
+
+
+def separates_packed(model: dict) -> bool:
+    """Whether the model keeps packed examples apart when their position ids restart at each: a
+    transformers model whose forward takes position ids and builds its masks with transformers'
+    create_causal_mask, which reads such positions as separate sequences (sdpa, eager, flex; flash
+    attention reads them too). A model of its own code is not assumed to."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if model.get("trust_remote_code"):
+        return False
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config(model, 0))]
+    except KeyError:
+        return False
+    if "position_ids" not in inspect.signature(cls.forward).parameters:
+        return False
+    return "create_causal_mask" in inspect.getsource(sys.modules[cls.__module__])
 
 
 def hidden_size(model: dict) -> int:
