@@ -132,7 +132,7 @@ def main() -> None:
             cfg = load(ROOT / "configs" / "lm.yaml", overrides)
             run = cfg.model_dump(mode="json")
             meta, data_dir, _ = prepare(run["data"], shape["seq_len"], work / "cache")
-            params, _ = model_size(cfg)
+            params, _, _ = model_size(cfg)
             print(f"\n{size}: {params / 1e6:,.1f}M parameters, {meta['rows']['train']} train rows of {meta['seq_len']} "
                   f"tokens, micro batch {shape['micro']}, {EPOCHS} epochs", flush=True)
             spec = work / f"{size}.json"

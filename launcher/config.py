@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import types
+import typing
 import re
 from pathlib import Path
 from typing import Any
@@ -228,7 +230,10 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
             return raw
         if node.get(part) is None:
             node[part] = {}
-        section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        # A section, or an optional one (model.lora: null until a key of it is set)
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        section = next((a for a in (annotation, *(typing.get_args(annotation) if optional else ()))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if not section and not str(annotation).startswith("dict["):
             raise ConfigError([f"{_shown_path(parts[: i + 2])}: unknown key ({_shown_path(parts[: i + 1])} is not a section)"])
         if not isinstance(node[part], dict):  # a section, or a mapping-valued field such as tune.space
@@ -236,7 +241,7 @@ def set_path(raw: dict, path: str, value: Any) -> dict:
         if not section:
             node[part][".".join(parts[i + 1 :])] = value
             return raw
-        node, model = node[part], annotation
+        node, model = node[part], section
     return raw
 
 

@@ -29,16 +29,20 @@ class Plan:
     stages: list[StagePlan]
     configured_stage: int | str
     chosen_stage: int | None
+    trainable: int | None = None
+    """Parameters that train where fewer than all do (LoRA's adapters); None: all."""
 
     def summary(self) -> dict:
-        return {"params": self.params, "largest_layer_params": self.largest_layer, "worker_group": self.demand,
+        return {"params": self.params, "trainable_params": self.trainable or self.params,
+                "largest_layer_params": self.largest_layer, "worker_group": self.demand,
                 "budget_bytes_per_worker": self.budget_bytes, "budget_source": self.budget_source,
                 "configured_stage": self.configured_stage, "chosen_stage": self.chosen_stage,
                 "per_worker_bytes": {p.stage: p.device_bytes for p in self.stages}}
 
 
-def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
-    """Parameters and largest layer of the configured model, built on the meta device (no memory)."""
+def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int, int]:
+    """Parameters, largest layer and trainable parameters (fewer with LoRA) of the configured
+    model, built on the meta device (no memory)."""
     import torch
 
     from dataprep.peek import peek_shape
@@ -68,7 +72,7 @@ def model_size(cfg: RunConfig, model: dict | None = None) -> tuple[int, int]:
             module = build_model(model, input_shape, num_classes, weights=False)
     except ValueError as exc:  # the model does not fit the data (vocabulary, sequence length)
         raise ConfigError([str(exc)]) from None
-    return count_params(module), largest_layer_params(module)
+    return count_params(module), largest_layer_params(module), sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def worker_budget(cfg: RunConfig, cluster: dict[str, float]) -> tuple[float | None, str]:
@@ -88,9 +92,10 @@ def worker_budget(cfg: RunConfig, cluster: dict[str, float]) -> tuple[float | No
 
 def make_plan(cfg: RunConfig, cluster: dict[str, float]) -> Plan:
     train = cfg.train
-    params, largest = model_size(cfg)
+    params, largest, trainable = model_size(cfg)
+    trainable = trainable if trainable < params else None
     stages = plan_all_stages(params, largest, train.workers, train.precision, train.zero.offload_optimizer,
-                             train.zero.offload_param)
+                             train.zero.offload_param, trainable)
     budget, source = worker_budget(cfg, cluster)
     configured = train.zero.stage
     if budget is None:
@@ -104,7 +109,7 @@ def make_plan(cfg: RunConfig, cluster: dict[str, float]) -> Plan:
         chosen = configured
     demand = worker_group_demand(train.workers, train.cpus_per_worker, train.use_gpu)
     return Plan(params, largest, demand, cluster, groups_that_fit(cluster, demand), budget, source, stages,
-                configured, chosen)
+                configured, chosen, trainable)
 
 
 def check_plan(plan: Plan) -> int:
@@ -137,7 +142,8 @@ def _gib(value: float) -> str:
 
 def print_plan(console: Console, cfg: RunConfig, plan: Plan) -> None:
     train = cfg.train
-    console.print(f"[bold]model[/] {cfg.model.type}: {plan.params:,} parameters (largest layer {plan.largest_layer:,}), "
+    trains = f"; {plan.trainable:,} train: LoRA adapters" if plan.trainable else ""
+    console.print(f"[bold]model[/] {cfg.model.type}: {plan.params:,} parameters (largest layer {plan.largest_layer:,}{trains}), "
                   f"{train.precision}")
     console.print(f"[bold]workers[/] {train.workers} x ({describe({k: v / train.workers for k, v in plan.demand.items()})}) "
                   f"= {describe(plan.demand)}; cluster has {describe({k: v for k, v in plan.cluster.items() if k in ('CPU', 'GPU')})}"

@@ -392,7 +392,7 @@ def keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
     """Copy a checkpoint's consolidated model (not its DeepSpeed training state) out of Ray's
     storage (a path or a URI) into the run's models/ folder; the folder appears complete or not at all."""
     from dataprep import TOKENIZER_DIR, TOKENIZER_FILE
-    from trainers.modeldir import SPEC, model_files
+    from trainers.modeldir import SPEC, export_adapter, model_files
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -405,6 +405,7 @@ def keep_model(checkpoint: str, target: Path, data_dir: Path) -> Path:
         shutil.copy2(tokenizer, tmp / TOKENIZER_FILE)
     for file in sorted((data_dir / TOKENIZER_DIR).glob("*")):
         shutil.copy2(file, tmp / file.name)
+    export_adapter(tmp)  # LoRA: the adapter merged into the base model, and kept beside it
     # A driver killed after an earlier copy and before the summary recorded its stage left one:
     # the stage ran again, and its model replaces it.
     shutil.rmtree(target, ignore_errors=True)

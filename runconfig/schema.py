@@ -267,6 +267,17 @@ class DataConfig(Section):
 
 
 
+class Lora(Section):
+    r: int = Field(8, ge=1, le=4096)
+    """Rank of each adapter (the low-rank update's inner width)."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale of the update: it is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input while training."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Which layers get adapters: module names or name suffixes (`[q_proj, v_proj]`), or `all-linear` (every linear layer but the output head, PEFT's shorthand)."""
+
+
 class ModelConfig(Section):
     type: Literal["cnn", "mlp", "gpt", "hf", "python"] = "cnn"
     """Model family: `cnn` for images, `mlp` for tabular rows, `gpt` (decoder-only transformer) for text, `hf` any Hugging Face transformers causal LM (`name_or_path` or `hf_config`), `python` your own `nn.Module` (`builder`)."""
@@ -302,6 +313,8 @@ class ModelConfig(Section):
     """python: `package.module:function`, importable from the working directory (so it travels with `raylaunch submit`); called as function(model section, input shape, number of classes or vocabulary size), it returns the `nn.Module`, whose forward takes a batch of inputs and returns logits ([batch, classes], or [batch, seq, vocab] for text)."""
     loss: str | None = None
     """python: `package.module:function` computing the training loss as function(logits, targets) -> a scalar tensor; null: cross-entropy."""
+    lora: Lora | None = None
+    """hf with name_or_path: train LoRA adapters (PEFT) instead of every weight (`{}` takes the defaults); only the adapters reach the optimizer and the checkpoints. The export holds the merged model (a plain transformers folder) and the adapter (`adapter/`, PEFT's layout)."""
     options: dict[str, Any] = {}
     """python: your builder's own settings (it reads them as model["options"]); sweeps can search them (`model.options.hidden`)."""
 
@@ -314,7 +327,9 @@ class ModelConfig(Section):
                              "hf_config (a transformers config to build with fresh weights)")
         if self.hf_config is not None and not isinstance(self.hf_config.get("model_type"), str):
             raise ValueError("hf_config: needs model_type (llama, gpt2, mistral, ...): the transformers architecture to build")
-        hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer") if getattr(self, f) is not None]
+        if self.lora is not None and self.hf_config is not None:
+            raise ValueError("lora: adapters train on pretrained weights; give model.name_or_path instead of hf_config")
+        hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer", "lora") if getattr(self, f) is not None]
         hf_only += ["task"] if self.task != "auto" else []
         if self.type != "hf" and hf_only:
             raise ValueError(f"{hf_only[0]}: only for model.type hf (got {self.type})")

@@ -296,7 +296,7 @@ def test_the_hf_llama_config_is_a_4m_llama_built_from_its_config():
 
     cfg, stages = load_for_run(ROOT / "configs" / "hf-llama.yaml", [], None)
     assert stages == ["preprocess", "train", "evaluate"]
-    params, _ = model_size(cfg)
+    params, _, _ = model_size(cfg)
     assert 3.5e6 < params < 4.5e6, params
 
 

@@ -164,5 +164,5 @@ def test_the_built_in_gpt_reads_a_text_column_as_a_language_model_label_column_o
     data = cfg.data.model_dump(mode="json")
     assert text_task(data, model_task(cfg.model.model_dump(mode="json")), data_files(data)) == "lm"
     assert text_task(data, "auto", data_files(data)) == "classify"  # what an hf model would make of it
-    params, _ = model_size(cfg)
+    params, _, _ = model_size(cfg)
     assert params == 256 * 16 + 32 * 16 + 12 * 16 * 16 + 13 * 16 + 2 * 16 + 16 * 256  # byte vocabulary in and out

@@ -10,7 +10,7 @@ import pandas as pd
 
 from cluster.raycompat import CHECKPOINT_PATH
 
-from trainers.modeldir import WEIGHTS
+from trainers.modeldir import SPEC
 from tuning.sweep import _summarize
 
 RUN = {"train": {"epochs": 3, "workers": 2, "cpus_per_worker": 1, "use_gpu": False},
@@ -24,7 +24,7 @@ def _trial(tmp_path, name: str, accuracies: list[float], kept: set[int]) -> Simp
         path = tmp_path / name / f"checkpoint_{epoch}"
         if epoch in kept:
             path.mkdir(parents=True)
-            (path / WEIGHTS).write_bytes(b"weights")
+            (path / SPEC).write_text("{}")  # written last: the checkpoint's model is complete
         paths.append(str(path))
     history = pd.DataFrame({"epoch": range(1, len(accuracies) + 1), "val_accuracy": accuracies, CHECKPOINT_PATH: paths,
                             "time_this_iter_s": [900.0] * len(accuracies)})

@@ -57,7 +57,9 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     model, hf_deepspeed = _build(config, model_section)  # hf_deepspeed: kept alive as long as the model
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = train.activation_checkpointing
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config.deepspeed)
+    # Only what trains reaches the optimizer (LoRA: the adapters; the base weights stay frozen).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config.deepspeed)
     skip_lone_allreduce(engine)
     startup["engine_ready"] = time.time()
     dtype = DTYPES[train.precision]
@@ -348,10 +350,13 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
         # The most GPU memory any rank's tensors have taken since its process started.
         peak = torch.tensor([torch.cuda.max_memory_allocated(engine.device) / 2**20], dtype=torch.float64)
         metrics["gpu_memory_peak_mb"] = _all_reduce_max(peak, engine.device)[0]
-    state_dict = _full_state_dict(engine, rank)  # a collective under ZeRO-3: every rank takes part
+    adapters = bool(config.model.lora)
+    # A collective under ZeRO-3: every rank takes part. LoRA: the adapters alone (the rest is the base).
+    state_dict = _full_state_dict(engine, rank, trainable_only=adapters)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"position": position})
+        engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"position": position},
+                               exclude_frozen_parameters=adapters)
         _fault(config, rank, position["step"], "save:deepspeed")
         torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
         if rank == 0:
@@ -365,7 +370,10 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
 
 
 def _load_state(engine, directory: Path, rank: int) -> dict:
-    _, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    # A LoRA checkpoint holds no frozen weight: the base model built them as they were.
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    _, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                             load_module_strict=not frozen)
     rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)  # tensors: nothing to unpickle
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -426,11 +434,12 @@ def _all_reduce_max(values: torch.Tensor, device) -> list[float]:
     return values.cpu().tolist()
 
 
-def _full_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:
+def _full_state_dict(engine, rank: int, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
     """The whole model's weights in fp32 on rank 0 (None elsewhere), a tensor shared by two names
-    (a tied LM head) under its first. Under ZeRO-3 each rank holds only a slice of every
-    parameter: they are gathered one at a time, a collective every rank must call, and only rank 0
-    copies them, so no rank ever holds more than one whole parameter beyond the copy."""
+    (a tied LM head) under its first; `trainable_only`: the parameters that train (LoRA's
+    adapters). Under ZeRO-3 each rank holds only a slice of every parameter: they are gathered
+    one at a time, a collective every rank must call, and only rank 0 copies them, so no rank
+    ever holds more than one whole parameter beyond the copy."""
     import deepspeed
 
     partitioned = engine.zero_optimization_partition_weights()
@@ -441,7 +450,7 @@ def _full_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None:
         engine.empty_partition_cache()
     weights, seen = {}, set()
     for name, tensor in engine.module.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
+        if id(tensor) in seen or (trainable_only and not tensor.requires_grad):
             continue
         seen.add(id(tensor))
         if partitioned and hasattr(tensor, "ds_id"):

@@ -36,16 +36,19 @@ def largest_layer_params(model) -> int:
 
 
 def plan_stage(stage: int, params: int, largest_layer: int, workers: int, precision: str,
-               offload_optimizer: bool = False, offload_param: bool = False) -> StagePlan:
+               offload_optimizer: bool = False, offload_param: bool = False, trainable: int | None = None) -> StagePlan:
+    """`trainable`: the parameters that train where not all do (LoRA): only they have gradients
+    and optimizer states (DeepSpeed's estimators assume all do, so the formula counts them)."""
     mixed = precision in ("bf16", "fp16")
-    if mixed and stage in (2, 3):
+    if mixed and stage in (2, 3) and trainable is None:
         return _deepspeed_estimate(stage, params, largest_layer, workers, offload_optimizer, offload_param)
+    learned = params if trainable is None else trainable
     weight, grad, optim = (2, 2, 12) if mixed else (4, 4, 8)
     shards = {"weights": workers if stage >= 3 else 1, "grads": workers if stage >= 2 else 1,
               "optim": workers if stage >= 1 else 1}
     weights = weight * params / shards["weights"] + (weight * largest_layer if stage >= 3 else 0)
-    grads = grad * params / shards["grads"]
-    optimizer = optim * params / shards["optim"]
+    grads = grad * learned / shards["grads"]
+    optimizer = optim * learned / shards["optim"]
     device, offloaded = weights + grads + optimizer, 0.0
     if offload_optimizer and stage >= 1:
         device, offloaded = device - optimizer, offloaded + optimizer
@@ -76,10 +79,11 @@ def _deepspeed_estimate(stage: int, params: int, largest_layer: int, workers: in
 
 
 def plan_all_stages(params: int, largest_layer: int, workers: int, precision: str,
-                    offload_optimizer: bool = False, offload_param: bool = False) -> list[StagePlan]:
+                    offload_optimizer: bool = False, offload_param: bool = False,
+                    trainable: int | None = None) -> list[StagePlan]:
     """One plan per stage 0-3; offload applies where the stage allows it."""
     return [plan_stage(s, params, largest_layer, workers, precision, offload_optimizer and s >= 1,
-                       offload_param and s >= 3) for s in range(4)]
+                       offload_param and s >= 3, trainable) for s in range(4)]
 
 
 def fits(plan: StagePlan, budget_bytes: float) -> bool:

@@ -84,7 +84,11 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: d
     config) is written as a transformers folder, the spec listing its files."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    if spec["model"].get("type") == "hf":
+    if spec["model"].get("lora"):  # a LoRA checkpoint: the adapter alone (`export_adapter` merges it)
+        from trainers.models.hf import save_adapter
+
+        spec = {**spec, "files": save_adapter(directory, model.hf, tensors), "adapter_only": True}
+    elif spec["model"].get("type") == "hf":
         from trainers.models.hf import remote_code_files, save_hf
 
         code = remote_code_files(model.hf) if spec["model"].get("trust_remote_code") else []
@@ -93,6 +97,36 @@ def save_model_dir(directory: Path, state_dict: dict[str, torch.Tensor], spec: d
     else:
         atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
     atomic_write(directory / SPEC, lambda p: p.write_text(json.dumps(spec, indent=1)))
+
+
+ADAPTER_DIR = "adapter"
+
+
+def export_adapter(directory: Path) -> None:
+    """A LoRA checkpoint's model folder (its adapter alone) made an export: the base model with the
+    adapter merged, as a plain transformers folder, and the adapter in PEFT's layout under
+    adapter/ (the spec records its settings and files). Anything else is left as it is."""
+    from trainers.models.hf import DATA_TASKS, WRAPPERS, merged_with_adapter
+
+    spec = json.loads((directory / SPEC).read_text())
+    if not spec.get("adapter_only"):
+        return
+    adapter = directory / ADAPTER_DIR
+    adapter.mkdir()
+    for name in model_files(spec):
+        (directory / name).rename(adapter / name)
+    task = DATA_TASKS[spec["preprocess"]["task"]]
+    merged = WRAPPERS[task](merged_with_adapter(spec["model"], adapter, task, spec["classes"]))
+    weights, seen = {}, set()
+    for name, tensor in merged.state_dict().items():  # a tied head once, as training writes it
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor
+    section = {k: v for k, v in spec["model"].items() if k != "lora"}
+    exported = {k: v for k, v in spec.items() if k not in ("adapter_only", "files")}
+    exported |= {"model": section, "lora": spec["model"]["lora"],
+                 "adapter": {"dir": ADAPTER_DIR, "files": model_files(spec)}}
+    save_model_dir(directory, weights, exported, merged)
 
 
 def model_files(spec: dict) -> list[str]:
@@ -109,6 +143,11 @@ def load_model_dir(directory: Path | str) -> tuple[nn.Module, dict]:
     """The fp32 model in `directory`, in eval mode, and its spec."""
     directory = Path(directory)
     spec = json.loads((directory / SPEC).read_text())
+    if spec.get("adapter_only"):
+        from trainers.models.hf import DATA_TASKS, WRAPPERS, merged_with_adapter
+
+        task = DATA_TASKS[spec["preprocess"]["task"]]
+        return WRAPPERS[task](merged_with_adapter(spec["model"], directory, task, spec["classes"])), spec
     if spec["model"]["type"] == "hf":
         from trainers.models.hf import DATA_TASKS, load_hf
 

@@ -27,7 +27,7 @@ from runconfig.resolved import ResolvedConfig, apply_overrides
 from runconfig.schema import metric_mode
 from trainers.fit import build_trainer, fit, storage_uri
 from trainers.loop import POSITION
-from trainers.modeldir import WEIGHTS
+from trainers.modeldir import SPEC
 from trainers.worker import worker_config
 from tuning.space import max_epochs, mutation_domain, planned_epochs, tune_domain
 
@@ -249,7 +249,8 @@ def _usage(train: dict, history) -> dict:
 
 
 def _kept(checkpoint_path) -> bool:
-    return isinstance(checkpoint_path, str) and exists(join(checkpoint_path, WEIGHTS))
+    # model.json is written after the weights (whatever files they are: sharded, an adapter)
+    return isinstance(checkpoint_path, str) and exists(join(checkpoint_path, SPEC))
 
 
 def _one_line(error: BaseException | None) -> str:

@@ -137,7 +137,46 @@ def build_hf(model: dict, input_shape: list[int], num_classes: int, weights: boo
     else:
         hf = auto.from_config(config, **options)
     hf.config.use_cache = False  # training and scoring whole sequences: no key/value cache
+    if model.get("lora"):
+        hf = with_lora(hf, model["lora"], task)
     return WRAPPERS[task](hf)
+
+
+def with_lora(hf: nn.Module, lora: dict, task: str) -> nn.Module:
+    """`hf` with LoRA adapters (PEFT) on `lora["target_modules"]`: only they train (and a
+    classifier's head, which PEFT keeps whole: it is new)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["target_modules"],
+                        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS)
+    return get_peft_model(hf, config)
+
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def save_adapter(directory: Path, peft_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Write a LoRA model's adapter in PEFT's layout (`PeftModel.from_pretrained` loads it) from
+    `state_dict`, the wrapper's trainable tensors (keys under `hf.`, gathered under ZeRO-3)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    weights = get_peft_model_state_dict(peft_model, {k.removeprefix("hf."): v for k, v in state_dict.items()},
+                                        save_embedding_layers=False)  # "auto" may ask the hub about the base
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    peft_model.peft_config["default"].save_pretrained(str(directory))
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+def merged_with_adapter(model: dict, adapter_dir: Path, task: str, classes: list | None = None) -> nn.Module:
+    """The base model (`model["name_or_path"]`, in fp32) with the adapter in `adapter_dir` merged
+    into its weights: a plain transformers model, in eval mode (a classifier's: of `classes`)."""
+    from peft import PeftModel
+
+    section = {**model, "lora": None, "task": task, "dtype": "float32", "classes": classes}
+    base = build_hf(section, [model["seq_len"]], len(classes or [])).hf
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
 def separates_packed(model: dict) -> bool:
