@@ -14,7 +14,7 @@ from cluster.remote import is_empty_dir, is_uri, join, read_text
 from launcher.config import ConfigError, _load, _section
 from launcher.rundir import resume_problems
 from runconfig.resolved import redacted
-from runconfig.schema import NOT_COMPRESSED, STAGES, DataConfig, ModelConfig, RunConfig, searches_student
+from runconfig.schema import NOT_DISTILLED, NOT_PT2E, STAGES, DataConfig, ModelConfig, RunConfig, searches_student
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 LANGUAGE_MODELS = ("gpt", "hf")
@@ -55,8 +55,13 @@ def input_problems(cfg: RunConfig | None, raw: dict, stages: list[str], resume: 
     problems = _data_problems(data, model) if data is not None else []
     problems += _model_problems(model, data) if model is not None else []
     problems += stage_problems(stages, tune is not None and tune.enabled and searches_student(tune.space))
-    if model is not None and model.type in NOT_COMPRESSED:
-        problems += _not_compressed(model.type, stages, cfg)
+    if model is not None and model.type in NOT_DISTILLED:
+        problems += _not_distilled(model.type, stages, cfg)
+    quantize = section("quantize")
+    if (model is not None and model.type in NOT_PT2E and quantize is not None and "methods" in quantize.model_fields_set
+            and "static_int8" in quantize.methods):
+        problems.append(f"quantize.methods: static_int8 (a PT2E export of the whole model) does not take model.type "
+                        f"{model.type}; use int8_dynamic, int8_weight_only or int4_weight_only")
     if output is None:
         return problems
     out = output.dir
@@ -245,15 +250,12 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) <= 2 and all(p and not p.startswith(".") and p == p.strip() for p in parts)
 
 
-def _not_compressed(kind: str, stages: list[str], cfg: RunConfig | None) -> list[str]:
-    """Stages that do not take this model family yet, asked for by --stages or by the config."""
-    problems = [f"--stages: {stage} does not take model.type {kind} yet; leave it out" for stage in ("distill", "quantize")
-                if stage in stages]
-    for name in ("distill", "quantize"):
-        section = getattr(cfg, name) if cfg is not None else None
-        if section is not None and section.enabled and "enabled" in section.model_fields_set and name not in stages:
-            problems.append(f"{name}.enabled: the {name} stage does not take model.type {kind} yet; set "
-                            f"{name}.enabled: false")
+def _not_distilled(kind: str, stages: list[str], cfg: RunConfig | None) -> list[str]:
+    """The distill stage does not take this model family yet: asked for by --stages or by the config."""
+    problems = [f"--stages: distill does not take model.type {kind} yet; leave it out"] if "distill" in stages else []
+    section = cfg.distill if cfg is not None else None
+    if section is not None and section.enabled and "enabled" in section.model_fields_set and "distill" not in stages:
+        problems.append(f"distill.enabled: the distill stage does not take model.type {kind} yet; set distill.enabled: false")
     return problems
 
 

@@ -264,7 +264,8 @@ class _MlflowLog:
         now = int(time.time() * 1000)
         metrics = [Metric(f"{model}_{key}", float(value), now, 0) for model, numbers in summary.get("models", {}).items()
                    for key, value in numbers.items()
-                   if key in ("accuracy", "perplexity", "size_bytes", "latency_ms_p50", "latency_ms_p95", "rows_per_s_b64")]
+                   if key in ("accuracy", "perplexity", "size_bytes", "latency_ms_p50", "latency_ms_p95", "rows_per_s_b64",
+                              "gen_tokens_per_s_b1", "gen_tokens_per_s_b8")]
         if metrics:
             self.client.log_batch(self.parent, metrics=metrics)
         for path in files:

@@ -16,13 +16,19 @@ from runconfig.schema import RunConfig, metric_mode
 COLUMNS = (("accuracy", "test accuracy", "{:.4f}".format), ("perplexity", "test perplexity", "{:.2f}".format),
            ("params", "params", "{:,}".format), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
            ("latency_ms_p50", "b1 p50 ms", "{:.3f}".format), ("latency_ms_p95", "b1 p95 ms", "{:.3f}".format),
-           ("rows_per_s_b64", "b64 rows/s", "{:,.0f}".format), ("status", "gate", str))
+           ("rows_per_s_b64", "b64 rows/s", "{:,.0f}".format),
+           ("gen_tokens_per_s_b1", "generated tok/s b1", "{:,.0f}".format),
+           ("gen_tokens_per_s_b8", "generated tok/s b8", "{:,.0f}".format), ("status", "gate", str))
 # The console's narrower version (an 80-column terminal holds it): (key, title, format).
 CONSOLE_COLUMNS = (("accuracy", "acc", "{:.4f}".format), ("perplexity", "ppl", "{:.2f}".format),
                    ("params", "params", lambda n: _compact(n)), ("size_bytes", "KiB", lambda b: f"{b / 1024:.1f}"),
                    ("latency_ms_p50", "p50 ms", "{:.3f}".format), ("latency_ms_p95", "p95 ms", "{:.3f}".format),
                    ("rows_per_s_b64", "b64/s", lambda r: _compact(r)),
+                   ("gen_tokens_per_s_b1", "gen1/s", lambda r: _compact(r)),
+                   ("gen_tokens_per_s_b8", "gen8/s", lambda r: _compact(r)),
                    ("status", "gate", lambda s: "ok" if s == "accepted" else s))
+# A language model's console table shows generation speed in place of these (the report keeps all).
+CONSOLE_ONLY_CLASSIFIERS = ("latency_ms_p50", "latency_ms_p95", "rows_per_s_b64")
 CHART = "models.png"
 
 
@@ -213,6 +219,8 @@ def print_table(console: Console, summary: dict) -> None:
     if not models:
         return
     columns = _columns(models, CONSOLE_COLUMNS)
+    if any("gen_tokens_per_s_b1" in m for m in models.values()):  # an 80-column terminal holds it
+        columns = [c for c in columns if c[0] not in CONSOLE_ONLY_CLASSIFIERS]
     rows = [[name, *_row(m, columns)] for name, m in models.items()]
     titles = ["model", *(title for _, title, _ in columns)]
     table = Table(title="Models on the held-out test split", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,

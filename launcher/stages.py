@@ -225,6 +225,7 @@ def quantize(run: Run, data: Prepared, source: Trained) -> Quantized:
     (`QuantizationRejected` carries the verdicts for the summary)."""
     from trainers.evaluate import first_rows, test_metrics
     from trainers.modeldir import load_model, quantize_model_dir
+    from runconfig.schema import NOT_PT2E
     from trainers.quantize import gate, rejection, unsupported_reason
 
     q = run.cfg.quantize
@@ -235,7 +236,9 @@ def quantize(run: Run, data: Prepared, source: Trained) -> Quantized:
     # to reproduce its quantized model on them.
     calibration = first_rows(data.data_dir / "val", data.meta, q.calibration_rows)
     made, skipped = {}, {}
-    for method in q.methods:
+    # The default methods hold static_int8, which these families do not take (asked for, it is refused).
+    methods = [m for m in q.methods if not (m == "static_int8" and run.cfg.model.type in NOT_PT2E)]
+    for method in methods:
         reason = unsupported_reason(method)
         if reason:
             skipped[method] = reason
@@ -261,7 +264,7 @@ def quantize(run: Run, data: Prepared, source: Trained) -> Quantized:
 
 
 def evaluate(run: Run, data: Prepared, models: Models, quantized: Quantized | None) -> Evaluated:
-    from trainers.evaluate import first_rows, interleaved_latency, measure, test_metrics
+    from trainers.evaluate import GEN_BATCHES, first_rows, generation_speed, interleaved_latency, measure, test_metrics
     from trainers.modeldir import load_model
 
     directories = models.dirs() | (quantized.dirs() if quantized else {})
@@ -272,6 +275,10 @@ def evaluate(run: Run, data: Prepared, models: Models, quantized: Quantized | No
     # Every model here was made by this run: a compiled program among them is its own.
     loaded = {name: load_model(directory, compiled=True) for name, directory in directories.items()}
     timings = interleaved_latency({name: model for name, (model, _) in loaded.items()}, example)
+    if data.meta["task"] == "lm":  # and how fast each language model writes
+        speeds = generation_speed({name: model for name, (model, _) in loaded.items()},
+                                  first_rows(test_dir, data.meta, max(GEN_BATCHES)))
+        timings = {name: timings[name] | speeds[name] for name in timings}
     numbers = {}
     for name, directory in directories.items():
         model, spec = loaded[name]

@@ -563,9 +563,12 @@ class OutputConfig(Section):
     """Also log them to MLflow: `true` keeps an MLflow store in the run directory (`mlflow.db`, SQLite), a string is a tracking URI (`http://mlflow:5000`); one MLflow run per pipeline run, a nested run per training run."""
 
 
-NOT_COMPRESSED = ("hf",)
-"""Model families the distill and quantize stages do not take yet: a plain run skips them, a
-config or --stages that asks for them is refused."""
+NOT_DISTILLED = ("hf",)
+"""Model families the distill stage does not take yet: a plain run skips it, a config or --stages
+that asks for it is refused."""
+NOT_PT2E = ("hf",)
+"""Model families quantize's static_int8 (a PT2E export of the whole model) does not take: a plain
+run skips it with the reason, a config that lists it is refused."""
 
 
 def searches_student(space: dict) -> bool:
@@ -600,13 +603,13 @@ class RunConfig(Section):
     def default_stages(self) -> list[str]:
         """The stages a plain `raylaunch run` performs: a sweep replaces the single run it searches
         (the teacher's training, or with only distill paths in its space, the distillation)."""
-        compresses = self.model.type not in NOT_COMPRESSED
+        distills = self.model.type not in NOT_DISTILLED
         if self.sweeps_student:
             stages = ["preprocess", "train", "tune"]
         else:
             stages = ["preprocess", "tune" if self.tune.enabled else "train"]
-            stages += ["distill"] if self.distill.enabled and compresses else []
-        return stages + (["quantize"] if self.quantize.enabled and compresses else []) + ["evaluate"]
+            stages += ["distill"] if self.distill.enabled and distills else []
+        return stages + (["quantize"] if self.quantize.enabled else []) + ["evaluate"]
 
 
 def metric_mode(metric: str) -> str:

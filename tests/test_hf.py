@@ -197,7 +197,7 @@ def test_a_llama_folder_trains_at_zero3_and_exports_a_folder_transformers_loads(
     assert deepspeed["zero_optimization"]["reduce_bucket_size"] == 32 * 32  # "auto" from the model's hidden size
     assert "tokens of the model's tokenizer in blocks of 32" in done.stdout
     # distill and quantize do not take transformers models yet: a plain run leaves them out
-    assert "(stages: preprocess, train, evaluate)" in done.stdout
+    assert "(stages: preprocess, train, quantize, evaluate)" in done.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     train = summary["stages"]["train"]
     assert train["zero_stage"] == 3 and train["val_perplexity"] < 384 / 2  # well below guessing among 384 tokens
@@ -295,7 +295,7 @@ def test_the_hf_llama_config_is_a_4m_llama_built_from_its_config():
     from launcher.plan import model_size
 
     cfg, stages = load_for_run(ROOT / "configs" / "hf-llama.yaml", [], None)
-    assert stages == ["preprocess", "train", "evaluate"]
+    assert stages == ["preprocess", "train", "quantize", "evaluate"]
     params, _, _ = model_size(cfg)
     assert 3.5e6 < params < 4.5e6, params
 

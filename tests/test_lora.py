@@ -224,3 +224,16 @@ def test_a_lora_config_that_cannot_run_is_one_line_before_ray_starts(case, llama
     assert done.returncode == 2, done.stdout + done.stderr
     assert line in done.stdout + done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_sft_lora_config_fine_tunes_adapters_on_stdlib_pairs_and_quantizes(llama):
+    """configs/sft-lora.yaml (its base, configs/hf-llama.yaml's export, swapped for a tiny Llama)."""
+    from launcher.checks import load_for_run
+    from launcher.plan import model_size
+
+    root = Path(__file__).parent.parent
+    cfg, stages = load_for_run(root / "configs" / "sft-lora.yaml", [f"model.name_or_path={llama}"], None)
+    assert stages == ["preprocess", "train", "quantize", "evaluate"]
+    assert cfg.data.format == "python" and cfg.data.pack and cfg.model.lora.r == 16
+    params, _, trainable = model_size(cfg)
+    assert 0 < trainable < params

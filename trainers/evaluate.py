@@ -75,6 +75,48 @@ def interleaved_latency(models: dict[str, nn.Module], example: torch.Tensor, rou
     return {name: {key: float(np.median([r[key] for r in runs])) for key in runs[0]} for name, runs in measured.items()}
 
 
+GEN_BATCHES = (1, 8)
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` more tokens for each row of `prompts`, greedily: a transformers model through
+    its own `generate` (key/value cache; exactly `new_tokens`, whatever the end-of-text token), any
+    other language model (or one without `generate`) by a forward pass over the last window of
+    its width each token."""
+    hf = getattr(model, "hf", None)
+    if hasattr(hf, "generate"):  # (a model of its own code may not be a GenerationMixin)
+        return hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, prompts.shape[1]:]
+    width, tokens = prompts.shape[1], prompts
+    for _ in range(new_tokens):
+        token = model(tokens[:, -width:])[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, token], dim=1)
+    return tokens[:, width:]
+
+
+def generation_speed(models: dict[str, nn.Module], rows: torch.Tensor, rounds: int = 2) -> dict[str, dict]:
+    """New tokens per second that each language model generates greedily at batch 1 and 8
+    (`gen_tokens_per_s_b1`, `_b8`), from prompts made of `rows` (test rows: a transformers model
+    gets their first half, generating the rest of the window; others their whole window), after a
+    warm-up; rounds take the models in turns (the order rotated) and the median counts."""
+    width = rows.shape[1]
+    new_tokens = max(1, min(32, width // 2))
+    names = list(models)
+    measured: dict[str, dict[str, list]] = {name: {f"gen_tokens_per_s_b{b}": [] for b in GEN_BATCHES} for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            model = models[name]
+            for batch in GEN_BATCHES:
+                prompts = rows[:batch] if len(rows) >= batch else rows[:1].expand(batch, -1)
+                prompts = prompts[:, : width - new_tokens] if hasattr(getattr(model, "hf", None), "generate") else prompts
+                greedy(model, prompts, 2)
+                start = time.perf_counter()
+                greedy(model, prompts, new_tokens)
+                measured[name][f"gen_tokens_per_s_b{batch}"].append(batch * new_tokens / (time.perf_counter() - start))
+    return {name: {key: float(np.median(values)) for key, values in runs.items()} for name, runs in measured.items()}
+
+
 def measure(spec: dict, directory: Path, quality: dict, timing: dict) -> dict:
     """The numbers the report shows for one model, given its `test_metrics` and its
     `interleaved_latency`. `params` counts the architecture's parameters (a quantized model stores

@@ -175,6 +175,15 @@ def quantize_model_dir(source: Path, target: Path, method: str, calibration: tor
     (target / PROGRAM).unlink(missing_ok=True)  # a resumed stage's earlier export: model.json is rewritten below
     if (source / TOKENIZER_FILE).exists():
         shutil.copy2(source / TOKENIZER_FILE, target / TOKENIZER_FILE)
+    if spec["model"]["type"] == "hf":
+        # The transformers folder's config (the architecture to rebuild), its code (trust_remote_code),
+        # generation config and tokenizer travel; its fp32 weights (and a LoRA adapter) do not.
+        for path in source.iterdir():
+            weights = path.suffix == ".safetensors" or path.name == "model.safetensors.index.json"
+            if path.is_file() and path.name != SPEC and not weights:
+                shutil.copy2(path, target / path.name)
+        spec.pop("files", None)
+        spec.pop("adapter", None)
     atomic_write(target / WEIGHTS, lambda p: save_file(tensors, str(p)))
     inputs = calibration if calibration is not None else _zeros(spec, 4)
     if compile and method == PT2E:
@@ -213,7 +222,14 @@ def load_quantized_dir(directory: Path | str, compiled_program: bool = False) ->
         spec = {**spec, "program": f"the reference program: {spec['not_compiled']}"}
     # The architecture's own weights are replaced below; a fixed seed keeps loading deterministic.
     torch.manual_seed(0)
-    fresh = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
+    if spec["model"]["type"] == "hf":  # the architecture from the folder's own config.json
+        from trainers.models.hf import DATA_TASKS, WRAPPERS, auto_class, load_config
+
+        task = DATA_TASKS[spec["preprocess"]["task"]]
+        config = load_config(directory, spec["model"].get("trust_remote_code", False))
+        fresh = WRAPPERS[task](auto_class(task).from_config(config, trust_remote_code=spec["model"].get("trust_remote_code", False)))
+    else:
+        fresh = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     saved = load_file(str(directory / WEIGHTS))
     if method == PT2E:
         model = quantize_model(fresh, PT2E, _zeros(spec, 2))

@@ -197,7 +197,7 @@ def generate(model: nn.Module, spec: dict, prompt: torch.Tensor, new_tokens: int
     generator = torch.Generator().manual_seed(seed)
     seq_len = spec["input_shape"][0]
     hf = getattr(model, "hf", None)
-    if hf is not None:
+    if hasattr(hf, "generate"):  # (a model of its own code may not be a GenerationMixin)
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         ids = hf.generate(input_ids=prompt[-seq_len:][None], attention_mask=torch.ones(1, min(len(prompt), seq_len),

@@ -259,6 +259,13 @@ def local_class_ref(ref):
     return ref.split("--")[-1] if isinstance(ref, str) else ref
 
 
+def load_config(directory: Path | str, trust_remote_code: bool = False):
+    """An exported folder's transformers config (the architecture a quantized export rebuilds)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+
+
 def load_hf(directory: Path | str, task: str = "causal_lm", trust_remote_code: bool = False,
             dtype: torch.dtype = torch.float32) -> CausalLM:
     """An exported transformers folder, loaded by transformers itself, in eval mode (a model of
