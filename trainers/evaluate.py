@@ -15,6 +15,7 @@ from dataprep import IGNORE
 from dataprep.stream import stream_folder
 from trainers.batches import model_batch, model_kwargs
 from trainers.models import PRETRAINED, build_model, count_params
+from trainers.models.hf import generation_model
 
 
 @torch.inference_mode()
@@ -84,8 +85,8 @@ def greedy(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Te
     its own `generate` (key/value cache; exactly `new_tokens`, whatever the end-of-text token), any
     other language model (or one without `generate`) by a forward pass over the last window of
     its width each token."""
-    hf = getattr(model, "hf", None)
-    if hasattr(hf, "generate"):  # (a model of its own code may not be a GenerationMixin)
+    hf = generation_model(model)
+    if hf is not None:
         return hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, prompts.shape[1]:]
     width, tokens = prompts.shape[1], prompts
@@ -109,7 +110,7 @@ def generation_speed(models: dict[str, nn.Module], rows: torch.Tensor, rounds: i
             model = models[name]
             for batch in GEN_BATCHES:
                 prompts = rows[:batch] if len(rows) >= batch else rows[:1].expand(batch, -1)
-                prompts = prompts[:, : width - new_tokens] if hasattr(getattr(model, "hf", None), "generate") else prompts
+                prompts = prompts[:, : width - new_tokens] if generation_model(model) is not None else prompts
                 greedy(model, prompts, 2)
                 start = time.perf_counter()
                 greedy(model, prompts, new_tokens)

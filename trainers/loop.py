@@ -77,7 +77,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         checkpoint = ray.train.Checkpoint(config.start_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            position = _load_state(engine, Path(directory), rank)
+            position = _load_state(engine, Path(directory), rank, adapters_only=bool(config.model.lora))
         if adopted:
             _apply_optimizer_values(engine, config.deepspeed)
 
@@ -369,11 +369,10 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _load_state(engine, directory: Path, rank: int) -> dict:
+def _load_state(engine, directory: Path, rank: int, adapters_only: bool = False) -> dict:
     # A LoRA checkpoint holds no frozen weight: the base model built them as they were.
-    frozen = any(not p.requires_grad for p in engine.module.parameters())
     _, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                                             load_module_strict=not frozen)
+                                             load_module_strict=not adapters_only)
     rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)  # tensors: nothing to unpickle
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():

@@ -106,17 +106,13 @@ def export_adapter(directory: Path) -> None:
     """A LoRA checkpoint's model folder (its adapter alone) made an export: the base model with the
     adapter merged, as a plain transformers folder, and the adapter in PEFT's layout under
     adapter/ (the spec records its settings and files). Anything else is left as it is."""
-    from trainers.models.hf import DATA_TASKS, WRAPPERS, merged_with_adapter
-
-    spec = json.loads((directory / SPEC).read_text())
-    if not spec.get("adapter_only"):
+    if not json.loads((directory / SPEC).read_text()).get("adapter_only"):
         return
+    merged, spec = load_model_dir(directory)  # the base with the adapter merged
     adapter = directory / ADAPTER_DIR
     adapter.mkdir()
     for name in model_files(spec):
         (directory / name).rename(adapter / name)
-    task = DATA_TASKS[spec["preprocess"]["task"]]
-    merged = WRAPPERS[task](merged_with_adapter(spec["model"], adapter, task, spec["classes"]))
     weights, seen = {}, set()
     for name, tensor in merged.state_dict().items():  # a tied head once, as training writes it
         if tensor.data_ptr() not in seen:
@@ -223,11 +219,13 @@ def load_quantized_dir(directory: Path | str, compiled_program: bool = False) ->
     # The architecture's own weights are replaced below; a fixed seed keeps loading deterministic.
     torch.manual_seed(0)
     if spec["model"]["type"] == "hf":  # the architecture from the folder's own config.json
-        from trainers.models.hf import DATA_TASKS, WRAPPERS, auto_class, load_config
+        from transformers import AutoConfig
 
-        task = DATA_TASKS[spec["preprocess"]["task"]]
-        config = load_config(directory, spec["model"].get("trust_remote_code", False))
-        fresh = WRAPPERS[task](auto_class(task).from_config(config, trust_remote_code=spec["model"].get("trust_remote_code", False)))
+        from trainers.models.hf import DATA_TASKS, WRAPPERS, auto_class
+
+        task, trust = DATA_TASKS[spec["preprocess"]["task"]], spec["model"].get("trust_remote_code", False)
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust)
+        fresh = WRAPPERS[task](auto_class(task).from_config(config, trust_remote_code=trust))
     else:
         fresh = build_model(spec["model"], spec["input_shape"], spec["num_classes"])
     saved = load_file(str(directory / WEIGHTS))

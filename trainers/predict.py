@@ -19,6 +19,7 @@ from torch import nn
 
 from dataprep import TOKENIZER_FILE, DataError
 from trainers.batches import model_batch
+from trainers.models.hf import generation_model
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -196,8 +197,8 @@ def generate(model: nn.Module, spec: dict, prompt: torch.Tensor, new_tokens: int
     transformers' own `generate`, from the prompt's last `seq_len` tokens, up to its end-of-text."""
     generator = torch.Generator().manual_seed(seed)
     seq_len = spec["input_shape"][0]
-    hf = getattr(model, "hf", None)
-    if hasattr(hf, "generate"):  # (a model of its own code may not be a GenerationMixin)
+    hf = generation_model(model)
+    if hf is not None:
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         ids = hf.generate(input_ids=prompt[-seq_len:][None], attention_mask=torch.ones(1, min(len(prompt), seq_len),

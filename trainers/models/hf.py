@@ -142,6 +142,13 @@ def build_hf(model: dict, input_shape: list[int], num_classes: int, weights: boo
     return WRAPPERS[task](hf)
 
 
+def generation_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model inside `model` that generates with its own `generate`, or None (not
+    a transformers model, or one of its own code that is no GenerationMixin)."""
+    hf = getattr(model, "hf", None)
+    return hf if hasattr(hf, "generate") else None
+
+
 def with_lora(hf: nn.Module, lora: dict, task: str) -> nn.Module:
     """`hf` with LoRA adapters (PEFT) on `lora["target_modules"]`: only they train (and a
     classifier's head, which PEFT keeps whole: it is new)."""
@@ -257,13 +264,6 @@ def local_class_ref(ref):
     if isinstance(ref, (list, tuple)):
         return [local_class_ref(part) for part in ref]
     return ref.split("--")[-1] if isinstance(ref, str) else ref
-
-
-def load_config(directory: Path | str, trust_remote_code: bool = False):
-    """An exported folder's transformers config (the architecture a quantized export rebuilds)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
 
 
 def load_hf(directory: Path | str, task: str = "causal_lm", trust_remote_code: bool = False,
