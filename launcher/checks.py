@@ -14,7 +14,7 @@ from cluster.remote import is_empty_dir, is_uri, join, read_text
 from launcher.config import ConfigError, _load, _section
 from launcher.rundir import resume_problems
 from runconfig.resolved import redacted
-from runconfig.schema import NOT_DISTILLED, NOT_PT2E, STAGES, DataConfig, ModelConfig, RunConfig, searches_student
+from runconfig.schema import NOT_PT2E, STAGES, DataConfig, DistillConfig, ModelConfig, RunConfig, searches_student
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 LANGUAGE_MODELS = ("gpt", "hf")
@@ -54,9 +54,12 @@ def input_problems(cfg: RunConfig | None, raw: dict, stages: list[str], resume: 
     data, model, tune, output = section("data"), section("model"), section("tune"), section("output")
     problems = _data_problems(data, model) if data is not None else []
     problems += _model_problems(model, data) if model is not None else []
-    problems += stage_problems(stages, tune is not None and tune.enabled and searches_student(tune.space))
-    if model is not None and model.type in NOT_DISTILLED:
-        problems += _not_distilled(model.type, stages, cfg)
+    sweeps_student = tune is not None and tune.enabled and searches_student(tune.space)
+    problems += stage_problems(stages, sweeps_student)
+    distill = section("distill")
+    if model is not None and distill is not None:
+        runs = "distill" in stages or (sweeps_student and "tune" in stages)
+        problems += _student_problems(model, distill, runs, data)
     quantize = section("quantize")
     if (model is not None and model.type in NOT_PT2E and quantize is not None and "methods" in quantize.model_fields_set
             and "static_int8" in quantize.methods):
@@ -250,13 +253,81 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) <= 2 and all(p and not p.startswith(".") and p == p.strip() for p in parts)
 
 
-def _not_distilled(kind: str, stages: list[str], cfg: RunConfig | None) -> list[str]:
-    """The distill stage does not take this model family yet: asked for by --stages or by the config."""
-    problems = [f"--stages: distill does not take model.type {kind} yet; leave it out"] if "distill" in stages else []
-    section = cfg.distill if cfg is not None else None
-    if section is not None and section.enabled and "enabled" in section.model_fields_set and "distill" not in stages:
-        problems.append(f"distill.enabled: the distill stage does not take model.type {kind} yet; set distill.enabled: false")
-    return problems
+def _student_problems(model: ModelConfig, distill: DistillConfig, runs: bool, data: DataConfig | None) -> list[str]:
+    """A student that cannot learn from this teacher: a transformers teacher and student go
+    together (they share the tokenizer); a derived student's overrides and initialization; a
+    student's own tokenizer must be the teacher's. `runs`: the distill stage (or a sweep of
+    students) is among the stages."""
+    student = distill.student
+    fields = distill.model_fields_set
+    wanted = runs or (distill.enabled and ("enabled" in fields or "student" in fields))
+    if (model.type == "hf") != (student.type == "hf") and wanted:
+        if model.type == "hf":
+            return [f"distill.student: a transformers teacher distils into a transformers student that shares its "
+                    f"tokenizer (got type {student.type}); set distill.student: {{type: hf, overrides: {{num_hidden_layers: "
+                    f"2}}}}, or distill.enabled: false"]
+        return [f"distill.student.type: a transformers student learns from a transformers teacher, whose tokenizer it "
+                f"shares (got model.type {model.type}); choose a student of type {model.type}"]
+    if not runs:
+        return []
+    problems = []
+    if model.type in LANGUAGE_MODELS and "seq_len" in student.model_fields_set and student.seq_len != model.seq_len:
+        problems.append(f"distill.student.seq_len: the student reads the teacher's rows of {model.seq_len} tokens; drop it "
+                        f"(it follows model.seq_len)")
+    if student.type != "hf":
+        return problems
+    if student.overrides is not None:
+        return problems + _derived_student_problems(model, student)
+    problems += [p.replace("model.", "distill.student.", 1) for p in _model_problems(student, data)]
+    if problems:
+        return problems
+    return problems + _tokenizer_problems(model, student)
+
+
+def _derived_student_problems(model: ModelConfig, student: ModelConfig) -> list[str]:
+    """The teacher's config takes the overrides; a student asked to start from the teacher's
+    layers can (both models built on the meta device)."""
+    from trainers.models.hf import hf_config
+    from trainers.models.hf_student import init_refusal, layer_init_problem, student_config
+
+    try:
+        teacher = hf_config(model.model_dump(mode="json"), 0)
+    except Exception:  # the model section's own problem, said where the teacher is built
+        return []
+    try:
+        derived = student_config(teacher, student.overrides)
+    except ValueError as exc:
+        return [str(exc)]
+    if student.init == "teacher_layers":
+        problem = layer_init_problem(teacher, derived, model.trust_remote_code)
+        if problem:
+            return [init_refusal(problem)]
+    return []
+
+
+def _tokenizer_problems(model: ModelConfig, student: ModelConfig) -> list[str]:
+    """A student that brings a tokenizer must bring the teacher's: it learns from the teacher's
+    outputs over the teacher's token ids."""
+    field = "tokenizer" if student.tokenizer else "name_or_path"
+    brings = student.tokenizer or (student.name_or_path if student.hf_config is None else None)
+    if brings is None:  # built from hf_config on the data's tokenizer: the teacher's
+        return []
+    teacher = model.tokenizer or model.name_or_path
+    if teacher is None:
+        return [f"distill.student.{field}: the teacher's tokenizer is trained on the data (data.transforms tokenize "
+                f"bpe) and {brings} brings its own; build the student from distill.student.overrides or hf_config"]
+    from trainers.models.hf_student import tokenizer_difference
+
+    try:
+        difference = tokenizer_difference(teacher, brings, model.trust_remote_code or student.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        return [f"distill.student.{field}: no tokenizer loads from {brings} ({' '.join(str(exc).split())[:200]}); give "
+                f"a folder with the teacher's tokenizer files"]
+    if difference:
+        return [f"distill.student.{field}: the tokenizer of {brings} is not the teacher's ({difference}); teacher and "
+                f"student must share one: use a student made with {teacher}'s tokenizer, or derive one from the teacher "
+                f"with distill.student.overrides"]
+    return []
 
 
 def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:

@@ -126,7 +126,10 @@ def _run(args, console: Console, errors: Console) -> int:
     from cluster.remote import exists, join
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    from cluster.session import quiet_driver_logs
     from launcher.checks import load_for_run
+
+    quiet_driver_logs(args.verbose)  # the checks may build a transformers model on the meta device
 
     cfg, stages = load_for_run(args.config, args.overrides, stages, resume=args.resume)
     console.print(f"raylaunch: {args.config} -> {cfg.output.dir}  [dim](stages: {', '.join(stages)})[/]", soft_wrap=True)

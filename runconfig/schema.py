@@ -317,19 +317,29 @@ class ModelConfig(Section):
     """hf with name_or_path: train LoRA adapters (PEFT) instead of every weight (`{}` takes the defaults); only the adapters reach the optimizer and the checkpoints. The export holds the merged model (a plain transformers folder) and the adapter (`adapter/`, PEFT's layout)."""
     options: dict[str, Any] = {}
     """python: your builder's own settings (it reads them as model["options"]); sweeps can search them (`model.options.hidden`)."""
+    overrides: dict[str, Any] | None = None
+    """distill.student with type hf: the student is the teacher's transformers config with these values changed (`{num_hidden_layers: 2}`), on the teacher's tokenizer; instead of name_or_path or hf_config."""
+    init: Literal["auto", "teacher_layers", "fresh"] = "auto"
+    """distill.student with overrides: `teacher_layers` starts from the teacher's weights, keeping every k-th of its layers (k = teacher layers // student layers, as DistilBERT did; the overrides may change only the layer count); `fresh` from new weights; `auto` teacher_layers where the overrides allow it, else fresh."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         if self.type == "gpt" and self.d_model % self.n_head:
             raise ValueError(f"n_head: {self.n_head} must divide d_model {self.d_model}")
-        if self.type == "hf" and (self.name_or_path is None) == (self.hf_config is None):
+        given = [f for f in ("name_or_path", "hf_config", "overrides") if getattr(self, f) is not None]
+        if self.type == "hf" and len(given) != 1:
             raise ValueError("name_or_path: model.type hf needs one of name_or_path (a model folder or hub id) and "
-                             "hf_config (a transformers config to build with fresh weights)")
+                             "hf_config (a transformers config to build with fresh weights)" if len(given) < 2 else
+                             f"{given[1]}: model.type hf takes one of name_or_path, hf_config and (a student) overrides; "
+                             f"drop {' or '.join(given[1:])}")
+        if self.init != "auto" and self.overrides is None:
+            raise ValueError("init: only for a student derived from its teacher (distill.student.overrides)")
         if self.hf_config is not None and not isinstance(self.hf_config.get("model_type"), str):
             raise ValueError("hf_config: needs model_type (llama, gpt2, mistral, ...): the transformers architecture to build")
-        if self.lora is not None and self.hf_config is not None:
-            raise ValueError("lora: adapters train on pretrained weights; give model.name_or_path instead of hf_config")
-        hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer", "lora") if getattr(self, f) is not None]
+        if self.lora is not None and (self.hf_config is not None or self.overrides is not None):
+            raise ValueError("lora: adapters train on pretrained weights; give model.name_or_path instead of hf_config"
+                             if self.overrides is None else "lora: a student derived from its teacher trains every weight; drop lora")
+        hf_only = [f for f in ("name_or_path", "hf_config", "tokenizer", "lora", "overrides") if getattr(self, f) is not None]
         hf_only += ["task"] if self.task != "auto" else []
         if self.type != "hf" and hf_only:
             raise ValueError(f"{hf_only[0]}: only for model.type hf (got {self.type})")
@@ -515,7 +525,7 @@ class DistillConfig(Section):
     enabled: bool = True
     """Distill the teacher into `student`."""
     student: ModelConfig = ModelConfig(width=8)
-    """The smaller model; same fields as `model`."""
+    """The smaller model; same fields as `model`. A transformers teacher's student is `{type: hf, overrides: {num_hidden_layers: 2}}` (the teacher's config with those values), or a model of its own on the teacher's tokenizer; without one, a plain run of a transformers teacher is not distilled."""
     temperature: float = Field(4.0, gt=0)
     """Softmax temperature T of the soft targets."""
     alpha: float = Field(0.7, ge=0, le=1)
@@ -563,9 +573,6 @@ class OutputConfig(Section):
     """Also log them to MLflow: `true` keeps an MLflow store in the run directory (`mlflow.db`, SQLite), a string is a tracking URI (`http://mlflow:5000`); one MLflow run per pipeline run, a nested run per training run."""
 
 
-NOT_DISTILLED = ("hf",)
-"""Model families the distill stage does not take yet: a plain run skips it, a config or --stages
-that asks for it is refused."""
 NOT_PT2E = ("hf",)
 """Model families quantize's static_int8 (a PT2E export of the whole model) does not take: a plain
 run skips it with the reason, a config that lists it is refused."""
@@ -593,7 +600,16 @@ class RunConfig(Section):
         if self.distill.enabled and self.distill.teacher_outputs == "precompute" and augment:
             raise ValueError(f"distill.teacher_outputs: precompute stores one teacher output per row, but "
                              f"{', '.join(augment)} in data.transforms changes the rows every epoch; use live")
+        if self.model.overrides is not None:
+            raise ValueError("model.overrides: only a student derives from its teacher (distill.student.overrides); "
+                             "give the model's own name_or_path or hf_config")
         return self
+
+    @property
+    def student_fits_teacher(self) -> bool:
+        """A transformers teacher distils into a transformers student (they share its tokenizer)
+        and only it does: the default student (a cnn) is no student for it."""
+        return (self.model.type == "hf") == (self.distill.student.type == "hf")
 
     @property
     def sweeps_student(self) -> bool:
@@ -603,7 +619,7 @@ class RunConfig(Section):
     def default_stages(self) -> list[str]:
         """The stages a plain `raylaunch run` performs: a sweep replaces the single run it searches
         (the teacher's training, or with only distill paths in its space, the distillation)."""
-        distills = self.model.type not in NOT_DISTILLED
+        distills = self.student_fits_teacher
         if self.sweeps_student:
             stages = ["preprocess", "train", "tune"]
         else:

@@ -49,3 +49,15 @@ def test_precomputing_a_language_models_outputs_keeps_its_top_k_per_token(tmp_pa
     assert torch.allclose(torch.from_numpy(out[TOPK_VALUES]), expected.values, atol=1e-5)
     assert torch.equal(torch.from_numpy(out[TOPK_INDICES]).long(), expected.indices)
     assert (out["split"] == 0).all()
+
+
+def test_topk_soft_targets_leave_the_students_mass_outside_the_k_to_the_cross_entropy():
+    """Only how the student ranks the teacher's k tokens is the soft targets' business: raising
+    every other logit (the right token is often among them) leaves the soft term as it was."""
+    torch.manual_seed(0)
+    s, t, y = torch.randn(12, 50), torch.randn(12, 50), torch.randint(0, 50, (12,))
+    values, indices = t.topk(5, dim=-1)
+    outside = torch.ones_like(s, dtype=torch.bool).scatter(-1, indices, False)
+    raised = s + 3.0 * outside
+    assert torch.allclose(topk_distillation_loss(raised, values, indices, y, 2.0, 1.0),
+                          topk_distillation_loss(s, values, indices, y, 2.0, 1.0), atol=1e-6)

@@ -150,8 +150,9 @@ REFUSED = {
                        "its text; drop the option (or set model.tokenizer)"),
     "no-folder": ({"name_or_path": "./models/missing"}, None, "model.name_or_path: ./models/missing is no folder (nor a hub "
                   "id such as org/name); give a folder written by save_pretrained"),
-    "distill": ({"name_or_path": "LLAMA"}, None, "distill.enabled: the distill stage does not take model.type hf yet; set "
-                "distill.enabled: false"),
+    "distill": ({"name_or_path": "LLAMA"}, None, "distill.student: a transformers teacher distils into a transformers "
+                "student that shares its tokenizer (got type cnn); set distill.student: {type: hf, overrides: "
+                "{num_hidden_layers: 2}}, or distill.enabled: false"),
     "remote-code": ({"name_or_path": "CUSTOM"}, None, "model.trust_remote_code: CUSTOM brings its own model code "
                     "(auto_map in config.json), which runs only with model.trust_remote_code: true; set it if you trust "
                     "that code"),
@@ -265,7 +266,7 @@ def _partitioned_build(rank: int, world: int, port: int, folder: str, results: s
                                                          "classes": None}, steps_per_epoch=1,
                           deepspeed=deepspeed_config(train, 32, 1), metric="val_loss", lr_path="train.lr",
                           ingest_memory_mb=None, shuffle_buffer=1)
-    built, keep = _build(config, model.model_dump(mode="json"))
+    built, keep, _ = _build(config, model.model_dump(mode="json"))
     params = list(built.parameters())
     Path(results, f"{rank}.json").write_text(json.dumps({
         "local": sum(p.numel() for p in params), "full": sum(p.ds_numel for p in params),

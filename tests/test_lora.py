@@ -84,7 +84,7 @@ def _one_step_per_stage(rank: int, world: int, port: int, folder: str, results: 
                                                              "classes": None}, steps_per_epoch=1,
                               deepspeed=deepspeed_config(train, 32, 1), metric="val_loss", lr_path="train.lr",
                               ingest_memory_mb=None, shuffle_buffer=1)
-        built, keep = _build(config, model.model_dump(mode="json"))
+        built, keep, _ = _build(config, model.model_dump(mode="json"))
         adapters = sum(p.numel() for p in built.parameters() if p.requires_grad)  # created after zero.Init: whole
         engine, *_ = deepspeed.initialize(model=built, model_parameters=[p for p in built.parameters() if p.requires_grad],
                                           config=config.deepspeed)
@@ -226,14 +226,15 @@ def test_a_lora_config_that_cannot_run_is_one_line_before_ray_starts(case, llama
     assert not (tmp_path / "run").exists()
 
 
-def test_the_sft_lora_config_fine_tunes_adapters_on_stdlib_pairs_and_quantizes(llama):
+def test_the_sft_lora_config_fine_tunes_adapters_on_stdlib_pairs_distils_and_quantizes(llama):
     """configs/sft-lora.yaml (its base, configs/hf-llama.yaml's export, swapped for a tiny Llama)."""
     from launcher.checks import load_for_run
     from launcher.plan import model_size
 
     root = Path(__file__).parent.parent
     cfg, stages = load_for_run(root / "configs" / "sft-lora.yaml", [f"model.name_or_path={llama}"], None)
-    assert stages == ["preprocess", "train", "quantize", "evaluate"]
+    assert stages == ["preprocess", "train", "distill", "quantize", "evaluate"]
     assert cfg.data.format == "python" and cfg.data.pack and cfg.model.lora.r == 16
+    assert cfg.distill.student.overrides == {"num_hidden_layers": 2} and cfg.distill.teacher_outputs == "precompute"
     params, _, trainable = model_size(cfg)
     assert 0 < trainable < params

@@ -9,26 +9,38 @@ import torch
 import torch.nn.functional as F
 
 from cluster.remote import local_dir
+from dataprep import IGNORE
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float, alpha: float) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels).
-    The T^2 keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al., 2015)."""
+    The T^2 keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al., 2015).
+    Rows labelled IGNORE (prompts, padding) count in neither term."""
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
-                    F.log_softmax(teacher_logits / temperature, dim=-1), log_target=True, reduction="batchmean")
-    return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+                    F.log_softmax(teacher_logits / temperature, dim=-1), log_target=True, reduction="none").sum(-1)
+    return _combined(soft, student_logits, labels, temperature, alpha)
 
 
 def topk_distillation_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
                            labels: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
     """The same loss against a teacher kept as its top-k logits per position (a language model's
-    precomputed outputs): the teacher's distribution renormalized over its k tokens, the
-    student's log-probabilities over the whole vocabulary read at those tokens."""
+    precomputed outputs): both distributions renormalized over the teacher's k tokens, so the soft
+    targets shape how the student ranks those tokens and the cross-entropy what it leaves to the
+    rest. (Against the student's whole-vocabulary probabilities, the soft targets would push every
+    other token towards zero, the right one too wherever the teacher did not rank it in its k.)"""
     teacher = F.log_softmax(teacher_values.float() / temperature, dim=-1)
-    student = F.log_softmax(student_logits / temperature, dim=-1).gather(-1, teacher_indices.long())
-    soft = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+    student = F.log_softmax(student_logits.gather(-1, teacher_indices.long()) / temperature, dim=-1)
+    soft = (teacher.exp() * (teacher - student)).sum(-1)
+    return _combined(soft, student_logits, labels, temperature, alpha)
+
+
+def _combined(soft: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+              alpha: float) -> torch.Tensor:
+    # A mask, not a selection: selecting rows would wait for the device to count them.
+    counted = (labels != IGNORE).to(soft.dtype)
+    soft = (soft * counted).sum() / counted.sum().clamp(min=1)
+    return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student_logits, labels, ignore_index=IGNORE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,6 +48,8 @@ def topk_distillation_loss(student_logits: torch.Tensor, teacher_values: torch.T
 # batch inference; the student's workers read its outputs with the rows and never hold it.
 
 LOGITS, TOPK_VALUES, TOPK_INDICES = "teacher_logits", "teacher_topk_values", "teacher_topk_indices"
+INPUTS = ("features", "label", "tokens", "labels", "positions", "key")
+"""The columns of a cached split the teacher's input is made of."""
 
 
 class TeacherOutputs:
@@ -50,11 +64,11 @@ class TeacherOutputs:
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
-        from trainers.batches import model_batch
+        from trainers.batches import model_batch, model_kwargs
 
-        x, _ = model_batch({k: torch.from_numpy(v) for k, v in batch.items() if k in ("features", "label", "tokens", "key")},
-                           self.meta)
-        logits = self.model(x).float()
+        inputs = {k: torch.from_numpy(v) for k, v in batch.items() if k in INPUTS}
+        x, _ = model_batch(inputs, self.meta)
+        logits = self.model(x, **model_kwargs(inputs)).float()  # packed examples: their own position ids
         if logits.dim() == 3:  # a language model: the top k per token
             values, indices = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
             return {**batch, TOPK_VALUES: values.numpy(), TOPK_INDICES: indices.to(torch.int32).numpy(),

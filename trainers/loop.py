@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,9 +53,12 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     train, meta = config.train, config.data
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    torch.manual_seed(train.seed)  # same seed on every rank: identical initial weights
     model_section = config.model.model_dump(mode="json")
-    model, hf_deepspeed = _build(config, model_section)  # hf_deepspeed: kept alive as long as the model
+    # Before the model: a transformers teacher loaded while ZeRO-3's HfDeepSpeedConfig lives would
+    # be partitioned too, and it runs whole on every rank.
+    loss_fn = _loss(config.distill, ray.train.torch.get_device(), config.model.loss)
+    torch.manual_seed(train.seed)  # same seed on every rank: identical initial weights
+    model, hf_deepspeed, model_section = _build(config, model_section)  # hf_deepspeed: kept alive as long as the model
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = train.activation_checkpointing
     # Only what trains reaches the optimizer (LoRA: the adapters; the base weights stay frozen).
@@ -63,7 +67,6 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     skip_lone_allreduce(engine)
     startup["engine_ready"] = time.time()
     dtype = DTYPES[train.precision]
-    loss_fn = _loss(config.distill, engine.device, config.model.loss)
     train_shard, val_shard = (ray.train.get_dataset_shard(shard_name(split, rank, config.rank_shards))
                               for split in ("train", "val"))
     if config.rank_shards:
@@ -144,26 +147,37 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
 
 
 def _build(config: WorkerConfig, section: dict):
-    """The model, and what must stay alive while it trains. A transformers model loads in the
-    training precision's dtype (model.dtype unless set); at ZeRO-3 it is built partitioned: with
-    transformers' HfDeepSpeedConfig alive, each parameter is created inside deepspeed.zero.Init and
-    scattered at once, so no rank ever holds the whole model."""
-    zero3 = None
-    if section["type"] == "hf":
-        from trainers.models.hf import DATA_TASKS
+    """The model, what must stay alive while it trains, and the model section its spec records. A
+    transformers model loads in the training precision's dtype (model.dtype unless set); at ZeRO-3
+    it is built partitioned: with transformers' HfDeepSpeedConfig alive, each parameter is created
+    inside deepspeed.zero.Init and scattered at once, so no rank ever holds the whole model. A
+    student derived from its teacher is written to a folder of this worker's first, and loaded from it."""
+    if section["type"] != "hf":
+        return build_model(section, config.data["input_shape"], config.data["num_classes"]), None, section
+    from trainers.models.hf import DATA_TASKS
 
-        meta = config.data
-        section = {**section, "dtype": section["dtype"] or HF_DTYPES[config.train.precision],
-                   "task": DATA_TASKS[meta["task"]], "special_tokens": meta.get("special_tokens"), "classes": meta["classes"],
-                   "vocab_size": meta.get("vocab_size")}
-        if config.deepspeed["zero_optimization"]["stage"] == 3:
-            from transformers.integrations import HfDeepSpeedConfig
+    meta, zero3, weights, folder = config.data, None, True, None
+    built = {**section, "dtype": section["dtype"] or HF_DTYPES[config.train.precision],
+             "task": DATA_TASKS[meta["task"]], "special_tokens": meta.get("special_tokens"), "classes": meta["classes"],
+             "vocab_size": meta.get("vocab_size")}
+    if section["overrides"] is not None:  # before ZeRO-3's config: it sizes the student on the meta device
+        from trainers.models.hf_student import derive_student
 
-            # DeepSpeed checks the batch sizes against its own view of the world size, which it
-            # takes from Ray Train's process group only once its comm layer is set up.
-            import_deepspeed().init_distributed()
-            zero3 = HfDeepSpeedConfig(config.deepspeed)  # transformers keeps only a weak reference to it
-    return build_model(section, config.data["input_shape"], config.data["num_classes"]), zero3
+        folder = tempfile.TemporaryDirectory(prefix="raylaunch-student-")
+        built, weights = derive_student(built, Path(local_dir(config.distill.teacher_dir)), Path(folder.name))
+    if config.deepspeed["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # DeepSpeed checks the batch sizes against its own view of the world size, which it
+        # takes from Ray Train's process group only once its comm layer is set up.
+        import_deepspeed().init_distributed()
+        zero3 = HfDeepSpeedConfig(config.deepspeed)  # transformers keeps only a weak reference to it
+    try:
+        model = build_model(built, meta["input_shape"], meta["num_classes"], weights)
+    finally:
+        if folder is not None:
+            folder.cleanup()
+    return model, zero3, {**section, "trust_remote_code": built["trust_remote_code"]}
 
 
 def shard_name(split: str, rank: int, per_rank: bool) -> str:
@@ -319,7 +333,8 @@ def _loss(distill: Distillation | None, device, user_loss: str | None = None):
         return stored
     teacher, _ = load_model_dir(local_dir(distill.teacher_dir))  # a URI run: the teacher is read from there
     teacher = teacher.to(device).requires_grad_(False)
-    return lambda logits, y, batch, x: kd(logits.flatten(0, -2), teacher(_model_input(x, torch.float32)).flatten(0, -2),
+    return lambda logits, y, batch, x: kd(logits.flatten(0, -2),
+                                          teacher(_model_input(x, torch.float32), **model_kwargs(batch)).flatten(0, -2),
                                           y.flatten())
 
 

@@ -89,10 +89,13 @@ def steps_per_epoch(train: TrainConfig, train_rows: int) -> int:
     return train_rows // train.workers // (micro * accum)
 
 
-def hidden_size(model: ModelConfig) -> int:
+def hidden_size(model: ModelConfig, teacher: ModelConfig | None = None) -> int:
     if model.type == "hf":
-        from trainers.models.hf import hidden_size
+        from trainers.models.hf import WIDTHS, hidden_size
 
+        if model.overrides is not None:  # a student derived from `teacher`: its width, unless overridden
+            given = [model.overrides[name] for name in WIDTHS if name in model.overrides]
+            return int(given[0]) if given else hidden_size(teacher.model_dump(mode="json"))
         return hidden_size(model.model_dump(mode="json"))
     return model.d_model if model.type == "gpt" else model.width
 
@@ -103,7 +106,10 @@ def worker_config(resolved: ResolvedConfig, data: DataMeta, teacher_dir: str | N
     run = resolved.run
     train, model, distill, lr_path = run.train, run.model, None, "train.lr"
     if teacher_dir is not None:
+        # A text student reads the teacher's rows: its sequences are the teacher's length.
         model = run.distill.student
+        if model.type in ("gpt", "hf"):
+            model = model.model_copy(update={"seq_len": run.model.seq_len})
         train = train.model_copy(update={"epochs": run.distill.epochs or train.epochs, "lr": run.distill.lr or train.lr})
         lr_path = "distill.lr" if run.distill.lr else lr_path
         distill = Distillation(teacher_dir, run.distill.temperature, run.distill.alpha, run.distill.teacher_outputs)
@@ -114,5 +120,5 @@ def worker_config(resolved: ResolvedConfig, data: DataMeta, teacher_dir: str | N
     return WorkerConfig(
         model=model, train=train, data=data, distill=distill, metric=run.tune.metric, lr_path=lr_path,
         steps_per_epoch=per_epoch, ingest_memory_mb=run.data.ingest_memory_mb, shuffle_buffer=run.data.shuffle_buffer,
-        deepspeed=deepspeed_config(train, hidden_size(model), per_epoch * train.epochs, resolved.deepspeed_user,
+        deepspeed=deepspeed_config(train, hidden_size(model, run.model), per_epoch * train.epochs, resolved.deepspeed_user,
                                    keep_grad_norm="train.grad_clip" in run.tune.space))

@@ -20,6 +20,8 @@ from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+WIDTHS = ("hidden_size", "n_embd", "d_model")
+"""A transformers config's names for the model's width."""
 MAX_SHARD_SIZE = "5GB"  # transformers' own default: larger exports are written as indexed shards
 
 
@@ -207,8 +209,7 @@ def separates_packed(model: dict) -> bool:
 def hidden_size(model: dict) -> int:
     """The model's width (DeepSpeed sizes its ZeRO-3 buckets by it), read from its config alone."""
     if model.get("hf_config") is not None:
-        values = model["hf_config"]
-        width = values.get("hidden_size") or values.get("n_embd") or values.get("d_model")
+        width = next((model["hf_config"][name] for name in WIDTHS if model["hf_config"].get(name)), None)
         if width:
             return int(width)
     config = hf_config(model, 0)
