@@ -279,9 +279,7 @@ def _student_problems(model: ModelConfig, distill: DistillConfig, runs: bool, da
     if student.overrides is not None:
         return problems + _derived_student_problems(model, student)
     problems += [p.replace("model.", "distill.student.", 1) for p in _model_problems(student, data)]
-    if problems:
-        return problems
-    return problems + _tokenizer_problems(model, student)
+    return problems or _tokenizer_problems(model, student)
 
 
 def _derived_student_problems(model: ModelConfig, student: ModelConfig) -> list[str]:

@@ -265,3 +265,13 @@ def test_a_transformers_teacher_without_a_student_is_not_distilled_by_default(ll
     config.write_text(yaml.safe_dump(raw))
     _, stages = load_for_run(config, [], None)
     assert stages == ["preprocess", "train", "quantize", "evaluate"]
+
+
+def test_a_transformers_student_needs_a_transformers_teacher():
+    from launcher.checks import _student_problems
+    from runconfig.schema import DistillConfig, ModelConfig
+
+    student = {"type": "hf", "overrides": {"num_hidden_layers": 1}}
+    problems = _student_problems(ModelConfig(type="gpt"), DistillConfig(student=student), True, None)
+    assert problems == ["distill.student.type: a transformers student learns from a transformers teacher, whose "
+                        "tokenizer it shares (got model.type gpt); choose a student of type gpt"]
