@@ -320,7 +320,7 @@ class ModelConfig(Section):
     overrides: dict[str, Any] | None = None
     """distill.student with type hf: the student is the teacher's transformers config with these values changed (`{num_hidden_layers: 2}`), on the teacher's tokenizer; instead of name_or_path or hf_config."""
     init: Literal["auto", "teacher_layers", "fresh"] = "auto"
-    """distill.student with overrides: `teacher_layers` starts from the teacher's weights, keeping every k-th of its layers (k = teacher layers // student layers, as DistilBERT did; the overrides may change only the layer count); `fresh` from new weights; `auto` teacher_layers where the overrides allow it, else fresh."""
+    """distill.student with overrides: `teacher_layers` starts from the teacher's weights, keeping every k-th of its layers (k = teacher layers // student layers, as DistilBERT did; the overrides may change the depth and settings such as dropout, not widths or heads); `fresh` from new weights; `auto` teacher_layers where the overrides allow it, else fresh."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
