@@ -298,6 +298,20 @@ def quiet_libraries() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 10. Ctrl-C in a sweep. Tune catches SIGINT itself: it stops the trials as if they had ended
+#     (TERMINATED) and returns from fit(), so a sweep the user interrupted would read as finished,
+#     its trials "stopped early". Without its handler the KeyboardInterrupt reaches raylaunch, which
+#     says the run was interrupted and that --resume continues it (from Tune's saved state).
+#     Relies on: Tune reading TUNE_DISABLE_SIGINT_HANDLER when fit() starts.
+
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+def sigint_reaches_caller() -> None:
+    os.environ[TUNE_SIGINT_ENV] = "1"
+
+
+# ---------------------------------------------------------------------------------------------
 # The subclasses of Ray Train's classes (1 and 2 above), made on first use.
 
 

@@ -77,6 +77,26 @@ def test_resume_continues_a_sweep_whose_driver_was_killed(quickstart_cache, tmp_
     assert (run_dir / "models" / "teacher" / "model.safetensors").exists()
 
 
+def test_ctrl_c_during_a_sweep_interrupts_the_run_and_says_how_to_continue(quickstart_cache, tmp_path):
+    """Tune would catch the SIGINT, end the trials as if finished and let the run go on with them."""
+    config = sweep_config(tmp_path, quickstart_cache, {
+        "search": "grid", "scheduler": "fifo", "max_concurrent_trials": 1, "space": {"train.lr": {"grid": [3.0e-3, 2.0e-3]}}},
+        epochs=20)
+    run_dir = tmp_path / "run"
+    driver = subprocess.Popen([sys.executable, "-m", "launcher", "run", config, "--stages", "preprocess,tune,evaluate",
+                               "--set", "cluster.num_cpus=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    reports, deadline = run_dir / "tune" / "reports.jsonl", time.monotonic() + 300
+    while not (reports.exists() and reports.read_text().strip()) and driver.poll() is None:
+        assert time.monotonic() < deadline, "the first trial reported nothing within 300 s"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out[-2000:] + err[-2000:]
+    assert "raylaunch: interrupted; continue with --resume" in err
+    assert "tune" not in json.loads((run_dir / "summary.json").read_text())["stages"]
+
+
 def test_resume_replaces_a_model_copied_before_the_driver_died_and_refuses_to_read_the_data_otherwise(
         ray_cluster, quickstart_cache, tmp_path, capsys):
     """A driver killed between copying the teacher into models/teacher and recording its stage:

@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from cluster.raycompat import CHECKPOINT_PATH, ReportStream
+from cluster.raycompat import CHECKPOINT_PATH, ReportStream, sigint_reaches_caller
 from cluster.remote import exists, join, read_text, to_uri
 from cluster.resources import worker_group_demand
 from dataprep.meta import DataMeta
@@ -150,6 +150,7 @@ def run_sweep(resolved: ResolvedConfig, data_meta: DataMeta, datasets: dict, sto
                                      teacher_dir=teacher_dir)
     trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     experiment = join(storage_uri(storage_path), "tune")
+    sigint_reaches_caller()  # Ctrl-C interrupts the run, not just the trials (cluster.raycompat, 10)
     if resume and tune.Tuner.can_restore(experiment):
         # A sweep whose driver died: finished trials are kept, unfinished ones continue (each trial's
         # TorchTrainer finds its own checkpoints under the same name), errored ones run again.
