@@ -14,7 +14,8 @@ from cluster.remote import is_empty_dir, is_uri, join, read_text
 from launcher.config import ConfigError, _load, _section
 from launcher.rundir import resume_problems
 from runconfig.resolved import redacted
-from runconfig.schema import NOT_PT2E, STAGES, DataConfig, DistillConfig, ModelConfig, RunConfig, searches_student
+from runconfig.schema import (NOT_PT2E, STAGES, DataConfig, DistillConfig, ModelConfig, RunConfig, searches_student,
+                              student_fits)
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 LANGUAGE_MODELS = ("gpt", "hf")
@@ -261,7 +262,7 @@ def _student_problems(model: ModelConfig, distill: DistillConfig, runs: bool, da
     student = distill.student
     fields = distill.model_fields_set
     wanted = runs or (distill.enabled and ("enabled" in fields or "student" in fields))
-    if (model.type == "hf") != (student.type == "hf") and wanted:
+    if not student_fits(model, student) and wanted:
         if model.type == "hf":
             return [f"distill.student: a transformers teacher distils into a transformers student that shares its "
                     f"tokenizer (got type {student.type}); set distill.student: {{type: hf, overrides: {{num_hidden_layers: "

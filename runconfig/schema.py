@@ -578,6 +578,12 @@ NOT_PT2E = ("hf",)
 run skips it with the reason, a config that lists it is refused."""
 
 
+def student_fits(teacher: ModelConfig, student: ModelConfig) -> bool:
+    """A transformers teacher distils into a transformers student (they share its tokenizer)
+    and only it does: the default student (a cnn) is no student for it."""
+    return (teacher.type == "hf") == (student.type == "hf")
+
+
 def searches_student(space: dict) -> bool:
     """Whether a search space holds only `distill` paths: its trials distill students rather than
     train teachers."""
@@ -607,9 +613,7 @@ class RunConfig(Section):
 
     @property
     def student_fits_teacher(self) -> bool:
-        """A transformers teacher distils into a transformers student (they share its tokenizer)
-        and only it does: the default student (a cnn) is no student for it."""
-        return (self.model.type == "hf") == (self.distill.student.type == "hf")
+        return student_fits(self.model, self.distill.student)
 
     @property
     def sweeps_student(self) -> bool:

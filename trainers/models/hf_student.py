@@ -73,12 +73,14 @@ def layer_list(keys, layers: int) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def teacher_key(key: str, prefix: str, kept: list[int]) -> str:
-    """The teacher weight a student weight starts from."""
+def renumbered(key: str, prefix: str, layers: dict[int, int]) -> str | None:
+    """`key` with its layer under `prefix` numbered as `layers` maps it (None: a layer it leaves
+    out); weights outside the layer list keep their name."""
     match = LAYER_KEY.match(key)
-    if match and match[1] == prefix:
-        return f"{prefix}.{kept[int(match[2])]}.{match[3]}"
-    return key
+    if not (match and match[1] == prefix):
+        return key
+    index = layers.get(int(match[2]))
+    return None if index is None else f"{prefix}.{index}.{match[3]}"
 
 
 def layer_init_problem(teacher, student, trust_remote_code: bool = False) -> str | None:
@@ -94,9 +96,9 @@ def layer_init_problem(teacher, student, trust_remote_code: bool = False) -> str
     prefix = layer_list(teacher_shapes, before)
     if prefix is None:
         return f"raylaunch finds no list of {before} layers among the {teacher.model_type} model's weights"
-    kept = kept_layers(before, after)
+    sources = dict(enumerate(kept_layers(before, after)))  # student layer -> teacher layer
     for key, shape in student_shapes.items():
-        source = teacher_key(key, prefix, kept)
+        source = renumbered(key, prefix, sources)
         if teacher_shapes.get(source) != shape:
             theirs = tuple(teacher_shapes[source]) if source in teacher_shapes else "none"
             return f"the student's {key} has shape {tuple(shape)} and the teacher's {source} {theirs}"
@@ -156,24 +158,19 @@ def _copy_layers(teacher_dir: Path, target: Path, layers: int, kept: list[int]) 
 
     from trainers.models.hf import MAX_SHARD_SIZE
 
-    files = sorted(teacher_dir.glob("*.safetensors"))
-    keys = {}
-    for file in files:
+    files = {}
+    for file in sorted(teacher_dir.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            keys |= dict.fromkeys(f.keys(), file)
-    prefix = layer_list(keys, layers)
-    renumbered = {j: i for i, j in enumerate(kept)}
+            files[file] = list(f.keys())
+    prefix = layer_list([key for keys in files.values() for key in keys], layers)
+    targets = {j: i for i, j in enumerate(kept)}  # teacher layer -> student layer
     weights = {}
-    for key, file in keys.items():
-        match = LAYER_KEY.match(key)
-        if match and match[1] == prefix:
-            if int(match[2]) not in renumbered:
-                continue
-            name = f"{prefix}.{renumbered[int(match[2])]}.{match[3]}"
-        else:
-            name = key
+    for file, keys in files.items():
         with safe_open(file, "pt") as f:
-            weights[name] = f.get_tensor(key)
+            for key in keys:
+                name = renumbered(key, prefix, targets)
+                if name is not None:
+                    weights[name] = f.get_tensor(key)
     save_torch_state_dict(weights, target, max_shard_size=MAX_SHARD_SIZE)
 
 
