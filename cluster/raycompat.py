@@ -2,7 +2,7 @@
 
 Each entry says what it does, why, and what in Ray it depends on; tests/test_raycompat.py has a test
 per entry that fails when an upgraded Ray no longer behaves so (then the entry can change or go).
-The two classes that subclass Ray Train's are made on first use (`__getattr__` below): importing
+The classes that subclass Ray Train's are made on first use (`__getattr__` below): importing
 Ray Train imports torch, seconds that starting Ray or `raylaunch submit` should not pay.
 """
 
@@ -312,11 +312,78 @@ def sigint_reaches_caller() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The subclasses of Ray Train's classes (1 and 2 above), made on first use.
+# 11. Micro-batch slots. A run's train split is cut into one stream per micro batch of an optimizer
+#     step over all workers (workers x grad_accum_steps), so the rows of every step do not depend on
+#     how many workers share it: a rank reads its share of the slots side by side and accumulates over
+#     them, and a run resumed or resized on another worker count trains on the same batches. Ray
+#     Train hands a rank one iterator per dataset name, so each slot is a dataset of its own
+#     (`slot_name`); a streamed split becomes one `streaming_split` into all slots, made when the first
+#     slot is asked for (each worker group's DatasetManager actor gets its own copy of the DataConfig,
+#     so a restarted group splits afresh). Ray Data's split iterators wait for each other at the start
+#     of every epoch, so one thread cannot read two of them in turn: `side_by_side` reads each in a
+#     thread of its own. Relies on: DataConfig.configure, called per dataset name with a fresh
+#     DataConfig per worker group, and streaming_split's epoch barrier.
+
+
+def slot_name(split: str, slot: int) -> str:
+    return f"{split}.{slot}"
+
+
+_END = object()
+
+
+def side_by_side(iterables: list) -> Iterator[list]:
+    """One item of each iterable at a time, until one ends; with more than one, each is read in a
+    thread of its own (an error there is raised here)."""
+    if len(iterables) == 1:
+        yield from ([item] for item in iterables[0])
+        return
+    import queue
+
+    stop = threading.Event()
+    queues = [queue.Queue(maxsize=2) for _ in iterables]
+
+    def put(q, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read(iterable, q) -> None:
+        try:
+            for item in iterable:
+                if not put(q, item):
+                    return
+            put(q, _END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            put(q, exc)
+
+    threads = [threading.Thread(target=read, args=pair, daemon=True) for pair in zip(iterables, queues)]
+    for thread in threads:
+        thread.start()
+    try:
+        while True:
+            items = [q.get() for q in queues]
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+            if any(item is _END for item in items):
+                return
+            yield items
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The subclasses of Ray Train's classes (1, 2 and 11 above), made on first use.
 
 
 @functools.cache
 def _train_classes() -> dict[str, type]:
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.callback import UserCallback
 
@@ -343,13 +410,35 @@ def _train_classes() -> dict[str, type]:
                 item[CHECKPOINT_PATH] = to_uri(checkpoint.filesystem, checkpoint.path)
             self.queue.put(item)  # waits while the previous report is still being handled
 
-    classes = {"PolledTorchTrainer": PolledTorchTrainer, "_QueueReport": _QueueReport}
+    class SlotDataConfig(DataConfig):
+        """Datasets for micro-batch slots (11 above): `streamed` names the split whose slots
+        (`slot_name(streamed, k)` for k < `slots`) are one dataset streamed into `slots` parts, in
+        the same order on every run; every other dataset as DataConfig splits it. Locality is off:
+        it would send rows to the nodes their blocks are on, another cut on every run."""
+
+        def __init__(self, slots: int, streamed: str | None, options, datasets_to_split: list[str]):
+            super().__init__(datasets_to_split=datasets_to_split, execution_options=options,
+                             enable_shard_locality=False)
+            self.slots, self.streamed, self.options, self._parts = slots, streamed, options, None
+
+        def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
+            name, dataset = next(iter(datasets.items()))  # Ray Train v2 configures one at a time
+            split, _, slot = name.rpartition(".")
+            if len(datasets) != 1 or split != self.streamed or not slot.isdigit():
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            if self._parts is None:
+                dataset = dataset.copy(dataset)
+                dataset.context.execution_options = self.options
+                self._parts = dataset.streaming_split(self.slots, equal=True)
+            return [{name: self._parts[int(slot)]} for _ in range(world_size)]  # only its owner asks
+
+    classes = {"PolledTorchTrainer": PolledTorchTrainer, "_QueueReport": _QueueReport, "SlotDataConfig": SlotDataConfig}
     for cls in classes.values():
         cls.__qualname__ = cls.__name__  # pickled by reference: `__getattr__` below finds them
     return classes
 
 
 def __getattr__(name: str):
-    if name in ("PolledTorchTrainer", "_QueueReport"):
+    if name in ("PolledTorchTrainer", "_QueueReport", "SlotDataConfig"):
         return _train_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,8 @@ from cluster.remote import is_empty_dir, is_uri, join, read_text
 from launcher.config import ConfigError, _load, _section
 from launcher.rundir import resume_problems
 from runconfig.resolved import redacted
-from runconfig.schema import (NOT_PT2E, STAGES, DataConfig, DistillConfig, ModelConfig, RunConfig, searches_student,
-                              student_fits)
+from runconfig.schema import (NOT_PT2E, STAGES, DataConfig, DistillConfig, ModelConfig, OutputConfig, RunConfig,
+                              TrainConfig, searches_student, student_fits)
 
 SKLEARN_DATASETS = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
 LANGUAGE_MODELS = ("gpt", "hf")
@@ -29,7 +29,7 @@ def load_for_run(config_path: str | os.PathLike, overrides: list[str], stages: l
     the config's default), after every check that needs no cluster: the config's own, then the
     files, stages and run directory it names. Every problem of every layer is reported at once;
     the checks against the world go by the sections that are valid where another one is not."""
-    cfg, raw, problems = _load(config_path, overrides)
+    cfg, raw, problems = _load(config_path, overrides, prepare=_keep_global_batch if resume else None)
     if stages is None and cfg is not None:
         stages = cfg.default_stages()
     problems += input_problems(cfg, raw, stages or [], resume)
@@ -329,6 +329,31 @@ def _tokenizer_problems(model: ModelConfig, student: ModelConfig) -> list[str]:
     return []
 
 
+def _keep_global_batch(raw: dict) -> list[str]:
+    """A resume on another worker count (`--set train.workers=N`) keeps the run's global batch: the
+    gradient accumulation that does so is set in `raw`, or, where no whole one does, the problem."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    text = read_text(join(str(output.get("dir", OutputConfig.model_fields["dir"].default)), "config.yaml"))
+    saved = ((yaml.safe_load(text) or {}) if text else {}).get("train") or {}
+    defaults = TrainConfig.model_fields
+    workers = train.get("workers", defaults["workers"].default)
+    micro = train.get("micro_batch_size", defaults["micro_batch_size"].default)
+    if (not isinstance(workers, int) or workers < 1 or not {"workers", "grad_accum_steps"} <= saved.keys()
+            or workers == saved["workers"] or micro != saved.get("micro_batch_size")):
+        return []  # the same count, or a change the comparison with the saved config refuses
+    slots = saved["workers"] * saved["grad_accum_steps"]  # micro batches per optimizer step
+    if slots % workers:
+        counts = [str(n) for n in range(1, slots + 1) if slots % n == 0]
+        return [f"train.workers: the run's global batch is {slots} micro batches of {micro} rows, which {workers} "
+                f"workers cannot share evenly; resume on {', '.join(counts[:-1])} or {counts[-1]} workers"
+                if len(counts) > 1 else
+                f"train.workers: the run's global batch is one micro batch of {micro} rows, which only 1 worker "
+                f"can train; resume on 1 worker"]
+    raw.setdefault("train", {})["grad_accum_steps"] = slots // workers
+    return []
+
+
 def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
     saved = join(out, "config.yaml")  # a path or a URI
     text = read_text(saved)
@@ -342,8 +367,13 @@ def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
     # data.in_memory says how, not what, to read; the pipeline refuses a resume that would read
     # the interrupted stage's splits otherwise than it did. config.yaml holds the ZeRO stage `auto`
     # was resolved to, which a resumed run given `auto` keeps.
+    # The worker count may change where the global batch stays (`_keep_global_batch`).
+    train_before = before.get("train") or {}
+    same_batch = (train_before.get("workers", 0) * train_before.get("grad_accum_steps", 0)
+                  == cfg.train.workers * cfg.train.grad_accum_steps)
     differences = [d for d in _differences(before, now) if d[0] != "data.in_memory"
-                   and not (d[0] == "train.zero.stage" and d[2] == "auto" and isinstance(d[1], int))]
+                   and not (d[0] == "train.zero.stage" and d[2] == "auto" and isinstance(d[1], int))
+                   and not (same_batch and d[0] in ("train.workers", "train.grad_accum_steps"))]
     return [f"--resume: {path} was {old!r} in {saved} but is {new!r} now; a resumed run keeps its config"
             for path, old, new in differences]
 

@@ -11,6 +11,7 @@ import os
 import types
 import typing
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -328,9 +329,11 @@ def load(config_path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
     return cfg
 
 
-def _load(config_path: str | os.PathLike, overrides: list[str]) -> tuple[RunConfig | None, dict, list[str]]:
-    """The config (None where it has problems), the raw mapping after the overrides, and the
-    problems; ConfigError only for a file that is no config at all."""
+def _load(config_path: str | os.PathLike, overrides: list[str],
+          prepare: Callable[[dict], list[str]] | None = None) -> tuple[RunConfig | None, dict, list[str]]:
+    """The config (None where it has problems), the raw mapping after the overrides (and `prepare`,
+    which may change it before it is validated), and the problems; ConfigError only for a file that
+    is no config at all."""
     raw, problems = _read_yaml(config_path)
     for text in overrides:
         path, value = parse_override(text)
@@ -338,6 +341,8 @@ def _load(config_path: str | os.PathLike, overrides: list[str]) -> tuple[RunConf
             set_path(raw, path, value)
         except ConfigError as exc:
             problems += exc.problems
+    if prepare is not None and not problems:
+        problems += prepare(raw)
     try:
         cfg = validate(raw)
     except ConfigError as exc:

@@ -159,6 +159,8 @@ def _open_run_dir(run_dir: Path, remote: str | None, resume: bool, config_text: 
     if resume:
         if remote:  # the staging folder starts as the URI holds the run: all but ray/
             download(remote, run_dir)
+        # What the run goes on with: the same config but for what a resume may change (the worker count).
+        (run_dir / "config.yaml").write_text(config_text)
         return False
     refused = claim(remote or str(run_dir))
     if refused:

@@ -50,13 +50,27 @@ def test_a_trials_overrides_are_validated_and_keep_the_deepspeed_json_and_the_re
 def test_the_worker_config_computes_the_batch_triple_and_steps_once():
     run = _run(train={"workers": 2, "micro_batch_size": 32, "grad_accum_steps": 2, "epochs": 3, "zero": {"stage": 1}})
     config = worker_config(ResolvedConfig.of(run), META)
-    # 1259 rows: 629 a rank, 9 whole optimizer steps of 32 x 2 rows.
-    assert (config.steps_per_epoch, config.micro_batches_per_epoch, config.total_steps) == (9, 18, 27)
+    # 1259 rows: 314 a micro-batch slot (4: 2 workers x 2), 9 whole optimizer steps of 4 x 32 rows.
+    assert (config.steps_per_epoch, config.slots, config.total_steps) == (9, 4, 27)
     batch = config.deepspeed
     assert (batch["train_batch_size"], batch["train_micro_batch_size_per_gpu"], batch["gradient_accumulation_steps"]) \
         == run.train.batch_triple() == (128, 32, 2)
     assert batch["scheduler"]["params"]["total_num_steps"] == 27
     assert config.distill is None and config.model == run.model and config.lr_path == "train.lr"
+
+
+def test_a_worker_group_of_any_size_accumulates_over_its_share_of_the_same_global_batch():
+    from trainers.loop import for_world
+
+    run = _run(train={"workers": 2, "micro_batch_size": 32, "grad_accum_steps": 2, "zero": {"stage": 2}})
+    deepspeed = worker_config(ResolvedConfig.of(run), META).deepspeed
+    for world, accum in ((1, 4), (2, 2), (4, 1)):
+        config = for_world(deepspeed, world)
+        assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+                config["gradient_accumulation_steps"]) == (128, 32, accum)
+        assert "load_universal" not in config.get("checkpoint", {})
+    assert for_world(deepspeed, 1, universal=True)["checkpoint"]["load_universal"] is True
+    assert "checkpoint" not in deepspeed or "load_universal" not in deepspeed["checkpoint"]  # a copy changed
 
 
 def test_a_distillation_trains_the_student_with_its_own_epochs_and_lr():

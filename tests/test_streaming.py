@@ -76,19 +76,19 @@ def test_image_folder_trains_a_cnn_with_augmentations_drawn_in_the_workers(ray_c
     assert metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1 (0.67 after these 6 epochs)
 
 
-def test_splits_held_in_memory_are_cut_into_equal_contiguous_shards_one_a_rank(ray_cluster, digits_data):
-    """Held splits skip the streaming split: each rank reads its own shard, the rows in file order."""
-    from trainers.fit import load_splits, rank_shards
+def test_splits_held_in_memory_are_cut_into_equal_contiguous_shards_one_a_micro_batch_slot(ray_cluster, digits_data):
+    """Held splits skip the streaming split: each micro-batch slot is its own shard, the rows in file order."""
+    from trainers.fit import load_splits, slot_shards
 
     data_dir, meta = digits_data
     held = load_splits(data_dir, in_memory=True)
     keys = held["train"].to_pandas()["key"].tolist()  # every row's key, in file order
-    shards = rank_shards(held, 3)
+    shards = slot_shards(held, 3)
     assert sorted(shards) == ["train.0", "train.1", "train.2", "val.0", "val.1", "val.2"]
-    per_rank = len(keys) // 3
-    for rank in range(3):
-        assert shards[f"train.{rank}"].to_pandas()["key"].tolist() == keys[rank * per_rank:(rank + 1) * per_rank]
-    assert {shards[f"val.{rank}"].count() for rank in range(3)} == {meta["rows"]["val"] // 3}
+    per_slot = len(keys) // 3
+    for slot in range(3):
+        assert shards[f"train.{slot}"].to_pandas()["key"].tolist() == keys[slot * per_slot:(slot + 1) * per_slot]
+    assert {shards[f"val.{slot}"].count() for slot in range(3)} == {meta["rows"]["val"] // 3}
 
 
 def test_equal_slices_are_consecutive_equal_runs_across_table_boundaries():

@@ -45,7 +45,7 @@ def test_pbt_continues_the_worst_trial_from_a_top_trials_deepspeed_checkpoint(ra
     # one epoch past the source's step, not one epoch from scratch.
     run = run_dir / "ray" / f"trial-{ids[tiny]}-from-{ids[good]}-step{per_epoch}"
     positions = [json.loads(p.read_text()) for p in run.glob("checkpoint_*/position.json")]
-    assert positions == [{"trial": ids[tiny], "epoch": 2, "micro_batch": 0, "step": 2 * per_epoch}]
+    assert positions == [{"trial": ids[tiny], "epoch": 2, "epoch_step": 0, "step": 2 * per_epoch, "workers": 1}]
     for trial in table["trial"]:
         reports = _reports(run_dir, trial)
         # One report per epoch: the exploit continues from the source's position, and the last report

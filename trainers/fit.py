@@ -9,14 +9,14 @@ from pathlib import Path
 
 import ray.data
 from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from cluster.raycompat import PolledTorchTrainer, worker_group_start_timed_out
+from cluster.raycompat import PolledTorchTrainer, slot_name, worker_group_start_timed_out
 from cluster.remote import is_uri, to_uri
 from cluster.resources import describe, missing_resources, worker_group_demand
 from runconfig.schema import TrainConfig, metric_mode
-from trainers.loop import shard_name, train_loop_per_worker
+from trainers.loop import train_loop_per_worker
 from trainers.worker import WorkerConfig
 
 
@@ -40,7 +40,7 @@ class WorkerGroupUnplaceable(RuntimeError):
 
 IN_MEMORY_SHARE = 4
 """`data.in_memory: auto` holds the splits in memory when they and the shards every training run at once
-cuts from them (`rank_shards`: a copy each) take at most 1/4 of the object store: up to 1/8 for one run."""
+cuts from them (`slot_shards`: a copy each) take at most 1/4 of the object store: up to 1/8 for one run."""
 
 
 def load_splits(data_dir: Path | str, in_memory: bool | str = False, ingest_memory_mb: int | None = None,
@@ -85,20 +85,28 @@ def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], s
     """A TorchTrainer whose workers run `config` over the splits from `load_splits`;
     `storage_filesystem`: the pyarrow filesystem `storage_path` is on, where Ray would not find it
     from the path itself."""
+    from cluster.raycompat import SlotDataConfig
+
     train = config.train
-    shards = rank_shards(datasets, train.workers) if splits_in_memory(datasets) else None
+    held = splits_in_memory(datasets)
+    # preserve_order: each slot holds the same rows in the same order on every run, so a resumed run
+    # (on any worker count) sees exactly the batches the uninterrupted one would have.
+    options = _ingest_options(config.ingest_memory_mb)
+    if held:
+        shards = slot_shards(datasets, config.slots)
+        data_config = SlotDataConfig(config.slots, None, options, datasets_to_split=[])
+    else:  # the streamed train split, one dataset per slot (cluster.raycompat, 11); val split by rank
+        shards = {slot_name("train", slot): datasets["train"] for slot in range(config.slots)} | {"val": datasets["val"]}
+        data_config = SlotDataConfig(config.slots, "train", options, datasets_to_split=["val"])
     return PolledTorchTrainer(
         # The WorkerConfig is the one argument of the loop (Ray Train calls a function of none as is).
-        partial(train_loop_per_worker, config.replace(rank_shards=shards is not None)),
+        partial(train_loop_per_worker, config.replace(rank_shards=held)),
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker},
                                      placement_strategy=train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        datasets=shards or datasets,
-        # preserve_order: each rank's shard holds the same rows in the same order on every run, so
-        # a resumed run sees exactly the batches the uninterrupted one would have.
-        dataset_config=DataConfig(datasets_to_split=[] if shards else "all",
-                                  execution_options=_ingest_options(config.ingest_memory_mb)),
+        datasets=shards,
+        dataset_config=data_config,
         run_config=RunConfig(
             name=name,
             storage_path=storage_uri(storage_path) if storage_filesystem is None else str(storage_path),
@@ -116,19 +124,19 @@ def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], s
     )
 
 
-def rank_shards(datasets: dict[str, ray.data.Dataset], workers: int) -> dict[str, ray.data.Dataset]:
-    """Splits held in memory, cut once into equal shards, one per rank: `train.0`, `train.1`, ...
-    (`shard_name`): each rank reads its own blocks, where a streaming split passes every block
-    through a coordinator actor every rank waits on each epoch (8-9% of the GPT's throughput on 2
-    CPUs). Contiguous row ranges in file order, the remainder dropped, so every rank gets the same
-    rows on every run (an exact resume). Sliced in the driver (`equal_slices`), not by
-    `Dataset.split`, whose tasks wait for worker processes to start on a fresh Ray (1.8 s); so each
-    shard is a copy (`hold_in_memory` counts them). Measurements: bench/RESULTS.md."""
+def slot_shards(datasets: dict[str, ray.data.Dataset], slots: int) -> dict[str, ray.data.Dataset]:
+    """Splits held in memory, cut once into equal shards, one per micro-batch slot: `train.0`,
+    `train.1`, ... (`slot_name`): each rank reads its own slots' blocks, where a streaming split
+    passes every block through a coordinator actor every rank waits on each epoch (8-9% of the GPT's
+    throughput on 2 CPUs). Contiguous row ranges in file order, the remainder dropped, so every slot
+    gets the same rows on every run and on any worker count (an exact resume). Sliced in the driver
+    (`equal_slices`), not by `Dataset.split`, whose tasks wait for worker processes to start on a
+    fresh Ray (1.8 s); so each shard is a copy (`hold_in_memory` counts them)."""
     shards = {}
     for name, dataset in datasets.items():
         tables = ray.get(dataset.to_arrow_refs())
-        for rank, blocks in enumerate(equal_slices(tables, workers)):
-            shards[shard_name(name, rank, True)] = ray.data.from_blocks(blocks)
+        for slot, blocks in enumerate(equal_slices(tables, slots)):
+            shards[slot_name(name, slot)] = ray.data.from_blocks(blocks)
     return shards
 
 

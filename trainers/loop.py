@@ -8,18 +8,23 @@ and `label`, and for a language model both are token blocks, the label shifted b
 
 A checkpoint holds everything an exact resume needs: DeepSpeed's own checkpoint (weights,
 optimizer and scheduler state, one optimizer shard per rank under ZeRO), every rank's RNG
-states, and the position in the data (epoch, micro batch). Beside it, rank 0 writes the
-consolidated fp32 model (`model.safetensors` + `model.json`) that later stages load.
+states, and the position in the data (epoch, step in the epoch, worker count). Beside it, rank 0
+writes the consolidated fp32 model (`model.safetensors` + `model.json`) that later stages load.
+A step's rows are the same on any worker count (micro-batch slots: cluster.raycompat, 11), so a
+run can continue on another one, its ZeRO state re-partitioned through a universal checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cluster.raycompat import HeldShard
+from cluster.raycompat import HeldShard, side_by_side, slot_name
 from cluster.remote import local_dir
 from trainers import import_deepspeed
 from dataprep import IGNORE
@@ -52,7 +57,10 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
 
     train, meta = config.train, config.data
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # This rank's micro-batch slots: the same rows make up each step on any worker count.
+    accum = config.slots // world
+    slots = range(rank * accum, (rank + 1) * accum)
     model_section = config.model.model_dump(mode="json")
     # Before the model: a transformers teacher loaded while ZeRO-3's HfDeepSpeedConfig lives would
     # be partitioned too, and it runs whole on every rank.
@@ -63,35 +71,43 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
         model.activation_checkpointing = train.activation_checkpointing
     # Only what trains reaches the optimizer (LoRA: the adapters; the base weights stay frozen).
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config.deepspeed)
-    skip_lone_allreduce(engine)
-    startup["engine_ready"] = time.time()
-    dtype = DTYPES[train.precision]
-    train_shard, val_shard = (ray.train.get_dataset_shard(shard_name(split, rank, config.rank_shards))
-                              for split in ("train", "val"))
-    if config.rank_shards:
-        train_shard, val_shard = HeldShard(train_shard), HeldShard(val_shard)
-    spec = model_spec(model_section, meta)
 
-    position = {"epoch": 0, "micro_batch": 0, "step": 0}
     checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or `--resume`: continue exactly where it stopped
     adopted = checkpoint is None and config.start_from is not None
     if adopted:  # PBT: another trial's checkpoint, continued with this trial's (perturbed) values
         checkpoint = ray.train.Checkpoint(config.start_from)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            position = _load_state(engine, Path(directory), rank, adapters_only=bool(config.model.lora))
-        if adopted:
-            _apply_optimizer_values(engine, config.deepspeed)
+    position = {"epoch": 0, "epoch_step": 0, "step": 0}
+    with (checkpoint.as_directory() if checkpoint is not None else nullcontext()) as directory:
+        saved = Path(directory) if directory is not None else None
+        # Saved on another worker count: ZeRO's partitioned state is converted to DeepSpeed's
+        # universal checkpoint, which DeepSpeed re-partitions as it loads.
+        resharded = saved is not None and _saved_workers(saved) not in (None, world) and _partitioned(saved)
+        ds_config = for_world(config.deepspeed, world, resharded)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        skip_lone_allreduce(engine)
+        if saved is not None:
+            # Every rank of a node names the same converted copy (a download's folder may differ).
+            universal = f"{checkpoint.path}|{config.trial}" if resharded else None
+            position = _load_state(engine, saved, rank, world, adapters_only=bool(config.model.lora),
+                                   universal=universal, local_rank=context.get_local_rank())
+            if adopted:
+                _apply_optimizer_values(engine, config.deepspeed)
+    startup["engine_ready"] = time.time()
+    dtype = DTYPES[train.precision]
+    train_shards = [ray.train.get_dataset_shard(slot_name("train", slot)) for slot in slots]
+    val_shards = ([ray.train.get_dataset_shard(slot_name("val", slot)) for slot in slots] if config.rank_shards
+                  else [ray.train.get_dataset_shard("val")])
+    if config.rank_shards:
+        train_shards, val_shards = [HeldShard(s) for s in train_shards], [HeldShard(s) for s in val_shards]
+    spec = model_spec(model_section, meta)
 
-    accum = train.grad_accum_steps
-    micro_per_epoch = config.micro_batches_per_epoch
+    per_epoch = config.steps_per_epoch
     every = train.checkpoint_every
     if adopted and position["epoch"] >= train.epochs:
         # PBT handed this trial another trial's checkpoint from the end of training: nothing is
         # left to train, but Tune must still hear that the trial is at its last epoch, with the
         # weights it now holds (else it ends reporting an earlier epoch, as if stopped early).
-        _checkpoint(engine, config, spec, rank, _Window(None), val_shard, dtype, dict(position))
+        _checkpoint(engine, config, spec, rank, _Window(None), val_shards, dtype, dict(position))
     # A non-finite loss. `skip`: every rank must agree before dropping a micro batch, a collective
     # and a host sync per micro batch. `fail`: each rank checks its own losses as they are read
     # back (a rank that raises ends the run), a step late on an accelerator so that it never
@@ -103,47 +119,59 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     for epoch in range(position["epoch"], train.epochs):
         engine.train()
         started, since_report = time.perf_counter(), _Window(diverged)
-        skip = position["micro_batch"] if epoch == position["epoch"] else 0
+        skip = position["epoch_step"] if epoch == position["epoch"] else 0
         # On a GPU the batches are pinned: a copy from pageable memory waits for all the work queued
         # before it, which would stop the CPU queueing ahead.
-        batches = train_shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=True,
-                                                 local_shuffle_buffer_size=max(config.shuffle_buffer, train.micro_batch_size),
-                                                 local_shuffle_seed=train.seed * 1000 + epoch, device=engine.device,
-                                                 pin_memory=engine.device.type == "cuda")
-        # Every rank walks the whole shard (equal row counts: the same number of batches), trains
-        # on the first `micro_per_epoch` and, after a resume, passes over the ones already trained.
-        for index, batch in enumerate(waiting.around(batches)):
+        streams = [shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=True,
+                                            local_shuffle_buffer_size=max(config.shuffle_buffer, train.micro_batch_size),
+                                            local_shuffle_seed=train.seed * 1000 + epoch, device=engine.device,
+                                            pin_memory=engine.device.type == "cuda")
+                   for shard in train_shards]
+        # Every rank walks its slots whole (equal row counts: the same number of batches), trains
+        # on the first `per_epoch` steps and, after a resume, passes over the ones already trained.
+        for epoch_step, batches in enumerate(waiting.around(side_by_side(streams))):
             startup.setdefault("first_batch", time.time())
-            if index < skip or index >= micro_per_epoch:
+            if epoch_step < skip or epoch_step >= per_epoch:
                 continue
-            if config.trace:
-                _trace(config.trace, rank, epoch, index, batch)
-            x, y = model_batch(batch, meta, epoch)
-            x = _model_input(x, dtype)
-            loss = loss_fn(engine(x, **model_kwargs(batch)).float(), y, batch, x)
-            if skip_bad and not _finite_everywhere(loss, engine.device):
-                since_report.skipped += 1
-                continue  # every rank skips the same micro batch: the accumulation stays aligned
-            engine.backward(loss)
-            engine.step()
-            since_report.add(loss, y.numel(), epoch, index)
-            if (index + 1) % accum:
-                continue
+            for slot, batch in zip(slots, batches):
+                micro_batch = epoch_step * accum + slot - slots[0]  # this rank's count, for messages
+                if config.trace:
+                    _trace(config.trace, rank, slot, epoch, epoch_step, batch)
+                x, y = model_batch(batch, meta, epoch)
+                x = _model_input(x, dtype)
+                loss = loss_fn(engine(x, **model_kwargs(batch)).float(), y, batch, x)
+                if skip_bad and not _finite_everywhere(loss, engine.device):
+                    since_report.skipped += 1
+                    continue  # every rank skips the same micro batch: the accumulation stays aligned
+                engine.backward(loss)
+                engine.step()
+                since_report.add(loss, y.numel(), epoch, micro_batch)
             position["step"] += 1
             since_report.step_done(position["step"], float(engine.get_lr()[0]))
             since_report.settle(keep=lag)
             startup.setdefault("first_step", time.time())
             _fault(config, rank, position["step"], "step")
-            last_step_of_epoch = index + 1 == micro_per_epoch
+            last_step_of_epoch = epoch_step + 1 == per_epoch
             if every and position["step"] % every == 0 and not last_step_of_epoch:
                 since_report.close(time.perf_counter() - started, waiting.take())
-                _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
-                            {"epoch": epoch, "micro_batch": index + 1, "step": position["step"]}, startup)
+                _checkpoint(engine, config, spec, rank, since_report, val_shards, dtype,
+                            {"epoch": epoch, "epoch_step": epoch_step + 1, "step": position["step"]}, startup)
                 started, since_report = time.perf_counter(), _Window(diverged)
                 engine.train()
         since_report.close(time.perf_counter() - started, waiting.take())
-        _checkpoint(engine, config, spec, rank, since_report, val_shard, dtype,
-                    {"epoch": epoch + 1, "micro_batch": 0, "step": position["step"]}, startup)
+        _checkpoint(engine, config, spec, rank, since_report, val_shards, dtype,
+                    {"epoch": epoch + 1, "epoch_step": 0, "step": position["step"]}, startup)
+
+
+def for_world(deepspeed: dict, world: int, universal: bool = False) -> dict:
+    """The run's DeepSpeed JSON for a group of `world` ranks: the global and micro batch as set,
+    the accumulation over this rank's share of the slots; `universal`: the checkpoint it loads is
+    a universal one (saved on another worker count)."""
+    global_batch, micro = deepspeed["train_batch_size"], deepspeed["train_micro_batch_size_per_gpu"]
+    config = {**deepspeed, "gradient_accumulation_steps": global_batch // micro // world}
+    if universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    return config
 
 
 def _build(config: WorkerConfig, section: dict):
@@ -180,12 +208,6 @@ def _build(config: WorkerConfig, section: dict):
     return model, zero3, {**section, "trust_remote_code": built["trust_remote_code"]}
 
 
-def shard_name(split: str, rank: int, per_rank: bool) -> str:
-    """The dataset a rank reads `split` from: its own shard (`trainers.fit.rank_shards`), or its
-    part of the shared split."""
-    return f"{split}.{rank}" if per_rank else split
-
-
 def _fault(config: WorkerConfig, rank: int, step: int, where: str) -> None:
     """Fault injection for the failure tests (`WorkerConfig.fault`; the driver never sets it)."""
     fault = config.fault
@@ -194,11 +216,13 @@ def _fault(config: WorkerConfig, rank: int, step: int, where: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _trace(folder: str, rank: int, epoch: int, index: int, batch: dict) -> None:
+def _trace(folder: str, rank: int, slot: int, epoch: int, epoch_step: int, batch: dict) -> None:
     """For the data tests: `WorkerConfig.trace` names a folder where each rank writes, as it trains on
-    them, the keys of the rows of each micro batch (one JSON line per micro batch, in order; a
-    restarted worker group writes again from where it continues). The driver never sets it."""
-    record = {"pid": os.getpid(), "epoch": epoch, "index": index, "keys": batch["key"].tolist()}
+    them, the keys of the rows of each micro batch with its slot and step in the epoch (one JSON
+    line per micro batch, in order; a restarted worker group writes again from where it continues).
+    The driver never sets it."""
+    record = {"pid": os.getpid(), "world": dist.get_world_size(), "slot": slot, "epoch": epoch,
+              "epoch_step": epoch_step, "keys": batch["key"].tolist()}
     with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -338,15 +362,16 @@ def _loss(distill: Distillation | None, device, user_loss: str | None = None):
                                           y.flatten())
 
 
-def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Window, val_shard, dtype, position: dict,
-                startup: dict | None = None) -> None:
+def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Window, val_shards: list, dtype,
+                position: dict, startup: dict | None = None) -> None:
     """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard).
     `startup` (the worker's start-up times) goes with the first report after the worker started."""
-    metrics = _validate(engine, val_shard, dtype, config.train.micro_batch_size, config.data)
+    position = {**position, "workers": dist.get_world_size()}  # a resume on another count re-partitions
+    metrics = _validate(engine, val_shards, dtype, config.train.micro_batch_size, config.data)
     totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items, window.data_wait],
                                           dtype=torch.float64), engine.device)
     lm = config.data["task"] == "lm"
-    metrics.update(epoch=position["epoch"] + position["micro_batch"] / config.micro_batches_per_epoch, step=position["step"],
+    metrics.update(epoch=position["epoch"] + position["epoch_step"] / config.steps_per_epoch, step=position["step"],
                    lr=float(engine.get_lr()[0]),
                    skipped_batches=window.skipped,  # the same on every rank: they skip together
                    # Per step since the last report, for TensorBoard/MLflow (rank 0's is the one kept).
@@ -384,15 +409,64 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _load_state(engine, directory: Path, rank: int, adapters_only: bool = False) -> dict:
+def _load_state(engine, directory: Path, rank: int, world: int, adapters_only: bool = False,
+                universal: str | None = None, local_rank: int = 0) -> dict:
+    """Restore a checkpoint into `engine` and this rank's RNG; its position in the data. `universal`
+    (a name for it): the checkpoint was saved on another worker count, and is converted first, once a node."""
+    source = directory / DEEPSPEED_DIR
+    converted = Path(tempfile.gettempdir()) / f"raylaunch-universal-{hashlib.sha1(str(universal).encode()).hexdigest()[:16]}"
+    if universal:
+        if local_rank == 0:
+            _to_universal(source / DEEPSPEED_TAG, converted)
+        dist.barrier()  # every node's copy converted
+        source = converted
     # A LoRA checkpoint holds no frozen weight: the base model built them as they were.
-    _, client_state = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
-                                             load_module_strict=not adapters_only)
-    rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)  # tensors: nothing to unpickle
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return dict(client_state["position"])
+    _, client_state = engine.load_checkpoint(str(source), tag=DEEPSPEED_TAG, load_module_strict=not adapters_only)
+    if universal:
+        dist.barrier()
+        if local_rank == 0:
+            shutil.rmtree(converted, ignore_errors=True)
+    position = dict(client_state["position"])
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if position.get("workers", world) == world:
+        rng = torch.load(rng_file, weights_only=True)  # tensors: nothing to unpickle
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:  # no saved stream is this rank's: a new one per rank and step (only dropout draws from it)
+        torch.manual_seed(position["step"] * 1_000_003 + rank)
+    return position
+
+
+def _saved_workers(directory: Path) -> int | None:
+    """The worker count a checkpoint was saved on (None: saved before raylaunch recorded it)."""
+    position = directory / POSITION
+    return json.loads(position.read_text()).get("workers") if position.exists() else None
+
+
+def _partitioned(directory: Path) -> bool:
+    """Whether a checkpoint's optimizer state is split across ranks (ZeRO 1-3, and DeepSpeed's bf16
+    optimizer): ZeRO-0 keeps it whole in the model states every rank loads."""
+    return any((directory / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("*optim_states.pt"))
+
+
+def _to_universal(tag_dir: Path, target: Path) -> None:
+    """DeepSpeed's universal checkpoint of a checkpoint's `tag_dir`, written to `target`/DEEPSPEED_TAG
+    (its converter, in this process: a process pool would fork a worker that may hold a GPU)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    shutil.rmtree(target, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(target / DEEPSPEED_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # raylaunch's checkpoints do not carry the universal-checkpoint marker
+                              # Megatron-style clients add; a plain data-parallel model needs none.
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        convert(args)
 
 
 def _apply_optimizer_values(engine, deepspeed: dict) -> None:
@@ -420,18 +494,19 @@ def _rng_state() -> dict:
 
 
 @torch.no_grad()
-def _validate(engine, shard, dtype, batch_size: int, meta: dict) -> dict:
+def _validate(engine, shards: list, dtype, batch_size: int, meta: dict) -> dict:
     engine.eval()
     # Summed on the device: no host sync per batch, one read-back after the all-reduce.
     sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
-        x, y = model_batch(batch, meta)
-        logits = engine(_model_input(x, dtype), **model_kwargs(batch)).float().flatten(0, -2)
-        y = y.flatten()
-        counted = y != IGNORE  # instruction data: the responses' tokens only
-        sums[0] += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE)
-        sums[1] += ((logits.argmax(-1) == y) & counted).sum()
-        sums[2] += counted.sum()
+    for shard in shards:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=engine.device):
+            x, y = model_batch(batch, meta)
+            logits = engine(_model_input(x, dtype), **model_kwargs(batch)).float().flatten(0, -2)
+            y = y.flatten()
+            counted = y != IGNORE  # instruction data: the responses' tokens only
+            sums[0] += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE)
+            sums[1] += ((logits.argmax(-1) == y) & counted).sum()
+            sums[2] += counted.sum()
     loss, correct, count = _all_reduce_sum(sums, engine.device)
     return {"val_loss": loss / count, "val_accuracy": correct / count, "val_rows": int(count)}
 

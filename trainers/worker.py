@@ -61,7 +61,7 @@ class WorkerConfig:
     shuffle_buffer: int
     distill: Distillation | None = None
     rank_shards: bool = False
-    """Each rank reads its own held shard (`trainers.fit.rank_shards`), not its part of a shared split."""
+    """The splits are held in memory, cut into one shard a slot (`trainers.fit.slot_shards`); else streamed."""
     trial: str | None = None
     """The sweep trial this run is (written into each checkpoint's position.json)."""
     start_from: str | None = None
@@ -71,8 +71,11 @@ class WorkerConfig:
     """For the data tests only: a folder each rank writes the keys of every micro batch to, in order."""
 
     @property
-    def micro_batches_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.train.grad_accum_steps
+    def slots(self) -> int:
+        """Micro batches per optimizer step over all workers: the train split is cut into as many
+        streams (cluster.raycompat, 11), and a rank of a group of `world` accumulates over
+        `slots // world` of them, so a step's rows are the same on every worker count."""
+        return self.train.workers * self.train.grad_accum_steps
 
     @property
     def total_steps(self) -> int:
