@@ -337,12 +337,14 @@ def _keep_global_batch(raw: dict) -> list[str]:
     text = read_text(join(str(output.get("dir", OutputConfig.model_fields["dir"].default)), "config.yaml"))
     saved = ((yaml.safe_load(text) or {}) if text else {}).get("train") or {}
     defaults = TrainConfig.model_fields
-    workers = train.get("workers", defaults["workers"].default)
+    given = train.get("workers", defaults["workers"].default)
     micro = train.get("micro_batch_size", defaults["micro_batch_size"].default)
+    # A range's largest count takes a step's micro batches one each (the schema checks the rest).
+    workers = max(given) if isinstance(given, list) and given and all(isinstance(n, int) for n in given) else given
     if (not isinstance(workers, int) or workers < 1 or not {"workers", "grad_accum_steps"} <= saved.keys()
-            or workers == saved["workers"] or micro != saved.get("micro_batch_size")):
+            or given == saved["workers"] or micro != saved.get("micro_batch_size")):
         return []  # the same count, or a change the comparison with the saved config refuses
-    slots = saved["workers"] * saved["grad_accum_steps"]  # micro batches per optimizer step
+    slots = _slots(saved)  # micro batches per optimizer step
     if slots % workers:
         counts = [str(n) for n in range(1, slots + 1) if slots % n == 0]
         return [f"train.workers: the run's global batch is {slots} micro batches of {micro} rows, which {workers} "
@@ -352,6 +354,12 @@ def _keep_global_batch(raw: dict) -> list[str]:
                 f"can train; resume on 1 worker"]
     raw.setdefault("train", {})["grad_accum_steps"] = slots // workers
     return []
+
+
+def _slots(train: dict) -> int:
+    """Micro batches per optimizer step of a saved config's train section."""
+    workers = train.get("workers", 0)
+    return (max(workers) if isinstance(workers, list) else workers) * train.get("grad_accum_steps", 0)
 
 
 def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
@@ -369,8 +377,7 @@ def _resume_problems(cfg: RunConfig | None, out: str) -> list[str]:
     # was resolved to, which a resumed run given `auto` keeps.
     # The worker count may change where the global batch stays (`_keep_global_batch`).
     train_before = before.get("train") or {}
-    same_batch = (train_before.get("workers", 0) * train_before.get("grad_accum_steps", 0)
-                  == cfg.train.workers * cfg.train.grad_accum_steps)
+    same_batch = _slots(train_before) == cfg.train.slots
     differences = [d for d in _differences(before, now) if d[0] != "data.in_memory"
                    and not (d[0] == "train.zero.stage" and d[2] == "auto" and isinstance(d[1], int))
                    and not (same_batch and d[0] in ("train.workers", "train.grad_accum_steps"))]

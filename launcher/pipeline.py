@@ -229,11 +229,12 @@ def _check_worker_group_fits(cfg: RunConfig, resources: dict, sweep: bool) -> No
         problems = packing_problems(cfg, resources)
         if problems:
             raise ConfigError(problems)
-    demand = worker_group_demand(cfg.train.workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
+    fewest = cfg.train.worker_range[0]  # an elastic group starts with as many as fit, at least its min
+    demand = worker_group_demand(fewest, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     missing = missing_resources(resources, demand)
     if missing:
         raise ConfigError([
-            f"train.workers: {cfg.train.workers} workers need {describe(demand)} but the Ray cluster has "
+            f"train.workers: {fewest} workers need {describe(demand)} but the Ray cluster has "
             f"{describe({k: resources.get(k, 0.0) for k in demand})} (short by {describe(missing)}); "
             f"lower train.workers or train.cpus_per_worker, or add nodes"
         ])

@@ -87,14 +87,15 @@ def worker_budget(cfg: RunConfig, cluster: dict[str, float]) -> tuple[float | No
         return None, "unknown (no GPU on this machine; set cluster.gpu_memory_gb)"
     if cfg.cluster.worker_memory_gb:
         return cfg.cluster.worker_memory_gb * GIB, "cluster.worker_memory_gb"
-    return cluster.get("memory", 0.0) / cfg.train.workers, f"the cluster's memory / {cfg.train.workers} workers"
+    return cluster.get("memory", 0.0) / cfg.train.max_workers, f"the cluster's memory / {cfg.train.max_workers} workers"
 
 
 def make_plan(cfg: RunConfig, cluster: dict[str, float]) -> Plan:
     train = cfg.train
     params, largest, trainable = model_size(cfg)
     trainable = trainable if trainable < params else None
-    stages = plan_all_stages(params, largest, train.workers, train.precision, train.zero.offload_optimizer,
+    # An elastic group's fewest workers: each holds the largest share of partitioned states.
+    stages = plan_all_stages(params, largest, train.worker_range[0], train.precision, train.zero.offload_optimizer,
                              train.zero.offload_param, trainable)
     budget, source = worker_budget(cfg, cluster)
     configured = train.zero.stage
@@ -107,7 +108,7 @@ def make_plan(cfg: RunConfig, cluster: dict[str, float]) -> Plan:
         chosen = lowest_fitting_stage(allowed, budget)
     else:
         chosen = configured
-    demand = worker_group_demand(train.workers, train.cpus_per_worker, train.use_gpu)
+    demand = worker_group_demand(train.max_workers, train.cpus_per_worker, train.use_gpu)
     return Plan(params, largest, demand, cluster, groups_that_fit(cluster, demand), budget, source, stages,
                 configured, chosen, trainable)
 
@@ -145,7 +146,9 @@ def print_plan(console: Console, cfg: RunConfig, plan: Plan) -> None:
     trains = f"; {plan.trainable:,} train: LoRA adapters" if plan.trainable else ""
     console.print(f"[bold]model[/] {cfg.model.type}: {plan.params:,} parameters (largest layer {plan.largest_layer:,}{trains}), "
                   f"{train.precision}")
-    console.print(f"[bold]workers[/] {train.workers} x ({describe({k: v / train.workers for k, v in plan.demand.items()})}) "
+    low, high = train.worker_range
+    counts = f"{low}-{high} (as many as the cluster holds; resized as nodes go and come)" if train.elastic else f"{high}"
+    console.print(f"[bold]workers[/] {counts} x ({describe({k: v / high for k, v in plan.demand.items()})}) "
                   f"= {describe(plan.demand)}; cluster has {describe({k: v for k, v in plan.cluster.items() if k in ('CPU', 'GPU')})}"
                   f" -> {plan.concurrent_groups} worker group(s) at once")
     if cfg.tune.enabled:
@@ -154,8 +157,10 @@ def print_plan(console: Console, cfg: RunConfig, plan: Plan) -> None:
         console.print(f"[bold]sweep[/] {pack(cfg, plan.cluster).line(cfg)}")
         for problem in packing_problems(cfg, plan.cluster):
             console.print(f"[red]{problem}[/]")
-    console.print(f"[bold]batch[/] {train.micro_batch_size} per worker x {train.grad_accum_steps} accumulation x "
-                  f"{train.workers} workers = {train.batch_triple()[0]} per optimizer step")
+    accumulation = (f"{train.slots // low}-{train.grad_accum_steps} accumulation x {low}-{high}" if train.elastic
+                    else f"{train.grad_accum_steps} accumulation x {high}")
+    console.print(f"[bold]batch[/] {train.micro_batch_size} per worker x {accumulation} workers = "
+                  f"{train.batch_triple()[0]} per optimizer step")
     budget = _gib(plan.budget_bytes) if plan.budget_bytes is not None else "?"
     console.print(f"[bold]memory budget[/] {budget} per worker ({plan.budget_source}); model states may use "
                   f"{HEADROOM:.0%}, the rest is left for activations")

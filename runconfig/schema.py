@@ -8,6 +8,7 @@ of raylaunch's): lower layers read the sections they need from it, typed.
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from typing import Annotated, Any, Literal
@@ -373,8 +374,10 @@ class ZeroConfig(Section):
 
 
 class TrainConfig(Section):
-    workers: int = Field(2, ge=1)
-    """Ray Train workers (data-parallel ranks)."""
+    workers: int | tuple[int, int] = 2
+    """Ray Train workers (data-parallel ranks), or [min, max]: as many as the cluster holds in that range, the group shrunk and grown again (from the latest checkpoint) as nodes go and come. The global batch stays micro_batch_size x grad_accum_steps x max: every count in the range must divide max x grad_accum_steps."""
+    resize_check_s: float = Field(60.0, gt=0)
+    """With a range of workers: how often Ray Train looks for room to grow the group."""
     use_gpu: bool = False
     """One GPU per worker and NCCL; otherwise CPU workers over gloo."""
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -422,21 +425,62 @@ class TrainConfig(Section):
     seed: int = 0
     """Seed for model initialisation and shuffling."""
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _a_count_or_a_range(cls, workers):
+        def whole(n) -> bool:
+            return isinstance(n, int) and not isinstance(n, bool)
+
+        pair = isinstance(workers, (list, tuple)) and len(workers) == 2 and all(map(whole, workers))
+        low, high = (workers, workers) if whole(workers) else workers if pair else (0, -1)
+        if low < 1 or high < low:
+            raise ValueError(f"give a count of at least 1, or a range [min, max] with 1 <= min <= max (got {workers!r})")
+        return tuple(workers) if pair else workers
+
     @model_validator(mode="after")
     def _batch_triple_is_consistent(self) -> TrainConfig:
-        derived = self.micro_batch_size * self.grad_accum_steps * self.workers
+        derived = self.micro_batch_size * self.slots
         if self.global_batch_size is not None and self.global_batch_size != derived:
             raise ValueError(
                 f"global_batch_size: {self.global_batch_size} must equal micro_batch_size x grad_accum_steps x workers "
-                f"= {self.micro_batch_size} x {self.grad_accum_steps} x {self.workers} = {derived}"
+                f"= {self.micro_batch_size} x {self.grad_accum_steps} x {self.max_workers} = {derived}"
+            )
+        low, high = self.worker_range
+        uneven = [n for n in range(low, high + 1) if self.slots % n]
+        if uneven:
+            every = math.lcm(*range(low, high + 1))
+            raise ValueError(
+                f"workers: [{low}, {high}] may run {uneven[0]} workers, which cannot share a step's {self.slots} micro "
+                f"batches ({high} x grad_accum_steps {self.grad_accum_steps}) evenly; set grad_accum_steps to a multiple "
+                f"of {every // math.gcd(every, high)}, or choose a range whose every count divides {self.slots}"
             )
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision: {self.precision} needs use_gpu: true (CPU workers train in fp32)")
         return self
 
     def batch_triple(self) -> tuple[int, int, int]:
-        """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)."""
-        return self.micro_batch_size * self.grad_accum_steps * self.workers, self.micro_batch_size, self.grad_accum_steps
+        """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps) on
+        the most workers (a smaller group accumulates over more micro batches: the same global batch)."""
+        return self.micro_batch_size * self.slots, self.micro_batch_size, self.grad_accum_steps
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: the same count twice unless the group is elastic."""
+        return (self.workers, self.workers) if isinstance(self.workers, int) else tuple(self.workers)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] != self.worker_range[1]
+
+    @property
+    def slots(self) -> int:
+        """Micro batches per optimizer step over all workers: the train split is cut into as many
+        streams, and a group of any size accumulates over its share of them."""
+        return self.max_workers * self.grad_accum_steps
 
 
 # What PBT may change between a trial's checkpoint and the trial that continues from it: values that

@@ -24,7 +24,12 @@ def _write(tmp_path: Path, doc: dict) -> Path:
 @pytest.mark.parametrize(
     "doc, expected",
     [
-        ({"train": {"workers": 0}}, "train.workers: must be greater than or equal to 1 (got 0)"),
+        ({"train": {"workers": 0}}, "train.workers: give a count of at least 1, or a range [min, max] with 1 <= min <= max (got 0)"),
+        ({"train": {"workers": [1, 2, 3]}},
+         "train.workers: give a count of at least 1, or a range [min, max] with 1 <= min <= max (got [1, 2, 3])"),
+        ({"train": {"workers": [2, 4]}},
+         "train.workers: [2, 4] may run 3 workers, which cannot share a step's 4 micro batches (4 x grad_accum_steps 1) "
+         "evenly; set grad_accum_steps to a multiple of 3, or choose a range whose every count divides 4"),
         ({"train": {"zero": {"stage": 4}}}, "train.zero.stage: must be 0, 1, 2, 3 or 'auto' (got 4)"),
         ({"train": {"lr": -0.1}}, "train.lr: must be greater than 0 (got -0.1)"),
         ({"train": {"epochs": "many"}}, "train.epochs: must be a valid integer, unable to parse string as an integer (got 'many')"),
@@ -188,7 +193,7 @@ def test_every_layer_reports_its_problems_in_the_same_pass(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     expected = [f"{path}: quantize is given twice",
-                "train.workers: must be greater than or equal to 1 (got 0)",
+                "train.workers: give a count of at least 1, or a range [min, max] with 1 <= min <= max (got 0)",
                 f"train.deepspeed_config: {deepspeed} is not valid JSON",
                 "tune.space.model.width: value 0 is rejected: model.width: must be greater than or equal to 1 (got 0)",
                 f"data.source: no such file or folder '{tmp_path / 'missing.csv'}'",

@@ -57,6 +57,14 @@ def test_plan_command_prints_the_table_and_the_auto_choice(ray_cluster, capsys):
     assert "478,720 parameters" in out and "ZeRO stage 2: picked by zero.stage: auto" in out
 
 
+def test_plan_shows_an_elastic_range_and_the_accumulation_each_count_takes(ray_cluster, capsys):
+    code = main(["plan", LM, "--set", "train.workers=[1, 2]", "--set", "train.zero.stage=2"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out
+    assert "workers 1-2 (as many as the cluster holds; resized as nodes go and come)" in out
+    assert "x 4-2 accumulation x 1-2 workers = 64 per optimizer step" in out  # lm.yaml: 16 x 2 x 2
+
+
 def test_plan_for_a_model_that_fits_no_stage_exits_2_with_the_numbers(ray_cluster, capsys):
     code = main(["plan", LM, "--set", "cluster.worker_memory_gb=0.001"])
     err = capsys.readouterr().err

@@ -115,10 +115,11 @@ def reconcile(user: dict, train: dict, explicit: set[str], source: str) -> tuple
         accum = _get(user, "gradient_accumulation_steps", AUTO)
         micro = train["micro_batch_size"] if micro == AUTO else micro
         accum = train["grad_accum_steps"] if accum == AUTO else accum
-        if batch != micro * accum * train["workers"]:
+        workers = max(train["workers"]) if isinstance(train["workers"], (list, tuple)) else train["workers"]
+        if batch != micro * accum * workers:
             problems.append(f"train.workers: train_batch_size {batch} in {source} must equal "
                             f"train_micro_batch_size_per_gpu x gradient_accumulation_steps x workers = "
-                            f"{micro} x {accum} x {train['workers']} = {micro * accum * train['workers']}")
+                            f"{micro} x {accum} x {workers} = {micro * accum * workers}")
     return updates, problems
 
 

@@ -101,7 +101,10 @@ def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], s
     return PolledTorchTrainer(
         # The WorkerConfig is the one argument of the loop (Ray Train calls a function of none as is).
         partial(train_loop_per_worker, config.replace(rank_shards=held)),
-        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
+        # A range: Ray Train starts as many as the cluster holds and resizes the group (restarting
+        # it from the latest checkpoint) as nodes go and come.
+        scaling_config=ScalingConfig(num_workers=train.worker_range if train.elastic else train.max_workers,
+                                     elastic_resize_monitor_interval_s=train.resize_check_s, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker},
                                      placement_strategy=train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
@@ -183,7 +186,7 @@ def fit(trainer: TorchTrainer, train: TrainConfig):
     except Exception as exc:
         if not worker_group_start_timed_out(exc):
             raise
-        demand = worker_group_demand(train.workers, train.cpus_per_worker, train.use_gpu)
+        demand = worker_group_demand(train.worker_range[0], train.cpus_per_worker, train.use_gpu)
         now = ray.cluster_resources()
         missing = missing_resources(now, demand)
         have = describe({k: now.get(k, 0.0) for k in demand})

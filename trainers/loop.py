@@ -151,6 +151,8 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
             since_report.settle(keep=lag)
             startup.setdefault("first_step", time.time())
             _fault(config, rank, position["step"], "step")
+            if config.step_pause_s:
+                time.sleep(config.step_pause_s)
             last_step_of_epoch = epoch_step + 1 == per_epoch
             if every and position["step"] % every == 0 and not last_step_of_epoch:
                 since_report.close(time.perf_counter() - started, waiting.take())

@@ -69,13 +69,15 @@ class WorkerConfig:
     fault: Fault | None = None
     trace: str | None = None
     """For the data tests only: a folder each rank writes the keys of every micro batch to, in order."""
+    step_pause_s: float = 0.0
+    """For the elastic tests only: seconds each rank sleeps after each step (a run long enough to resize)."""
 
     @property
     def slots(self) -> int:
         """Micro batches per optimizer step over all workers: the train split is cut into as many
         streams (cluster.raycompat, 11), and a rank of a group of `world` accumulates over
         `slots // world` of them, so a step's rows are the same on every worker count."""
-        return self.train.workers * self.train.grad_accum_steps
+        return self.train.slots
 
     @property
     def total_steps(self) -> int:
@@ -88,8 +90,7 @@ class WorkerConfig:
 def steps_per_epoch(train: TrainConfig, train_rows: int) -> int:
     """Optimizer steps per epoch. Every rank gets the same rows (an equal split drops the
     remainder), and only whole optimizer steps are taken, so all ranks agree on the count."""
-    _, micro, accum = train.batch_triple()
-    return train_rows // train.workers // (micro * accum)
+    return train_rows // train.slots // train.micro_batch_size
 
 
 def hidden_size(model: ModelConfig, teacher: ModelConfig | None = None) -> int:
@@ -118,8 +119,8 @@ def worker_config(resolved: ResolvedConfig, data: DataMeta, teacher_dir: str | N
         distill = Distillation(teacher_dir, run.distill.temperature, run.distill.alpha, run.distill.teacher_outputs)
     per_epoch = steps_per_epoch(train, data["rows"]["train"])
     if per_epoch < 1:
-        raise ValueError(f"train.micro_batch_size: {data['rows']['train']} train rows over {train.workers} workers "
-                         f"make no full optimizer step of {train.micro_batch_size} x {train.grad_accum_steps} rows")
+        raise ValueError(f"train.micro_batch_size: {data['rows']['train']} train rows make no full optimizer step of "
+                         f"{train.slots} micro batches of {train.micro_batch_size} rows")
     return WorkerConfig(
         model=model, train=train, data=data, distill=distill, metric=run.tune.metric, lr_path=lr_path,
         steps_per_epoch=per_epoch, ingest_memory_mb=run.data.ingest_memory_mb, shuffle_buffer=run.data.shuffle_buffer,

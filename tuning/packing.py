@@ -51,7 +51,7 @@ def largest_demand(cfg: RunConfig) -> dict[str, float]:
         return domain.edge_values() if domain is not None else [default]
 
     train = cfg.train
-    workers = max(values("train.workers", train.workers))
+    workers = max(values("train.workers", train.max_workers))
     cpus = max(values("train.cpus_per_worker", train.cpus_per_worker))
     return worker_group_demand(int(workers), float(cpus), any(values("train.use_gpu", train.use_gpu)))
 
