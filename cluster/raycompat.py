@@ -118,7 +118,13 @@ class _QueuePool:
                 self.connection, self.idle = connection, []
             if self.idle:
                 return self.idle.pop()
-        return Queue(maxsize=1, actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on another node dies with it (a preempted spot node), and the
+        # controller, whose report callback puts into it, fails the run; the driver's node going ends
+        # the run anyway.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(connection[1], soft=False)
+        return Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def give_back(self, queue) -> None:
         try:
@@ -375,6 +381,90 @@ def side_by_side(iterables: list) -> Iterator[list]:
             yield items
     finally:
         stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Checkpoint uploads that retry. Ray Train uploads a reported checkpoint once (in the worker, or
+#     in a thread of it with CheckpointUploadMode.ASYNC) and fails the run when that fails: an object
+#     store's passing error would end a long run. `retrying_upload` is a `checkpoint_upload_fn` that
+#     copies with Ray Train's own code, again after a pause where it fails, and then fails naming the
+#     checkpoint (Ray Train registers it only once every rank's part arrived: the one before stays
+#     the latest). Relies on: report's checkpoint_upload_fn, and the worker's StorageContext
+#     (`ray.train.get_context().get_storage()`, a DeveloperAPI) and its persist_current_checkpoint.
+
+UPLOAD_ATTEMPTS, UPLOAD_BACKOFF_S = 3, 1.0
+
+
+class CheckpointUploadError(RuntimeError):
+    """A checkpoint that could not be uploaded, after every attempt."""
+
+
+def retrying_upload(what: str, attempts: int = UPLOAD_ATTEMPTS, backoff_s: float = UPLOAD_BACKOFF_S) -> Callable:
+    """A `checkpoint_upload_fn` for the checkpoint `what` names ("the checkpoint at step 6")."""
+    import shutil
+    import time
+
+    def upload(checkpoint, dir_name: str):
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        for attempt in range(1, attempts + 1):
+            try:
+                return storage.persist_current_checkpoint(checkpoint, dir_name)
+            except Exception as exc:  # pyarrow raises OSError and ArrowException kinds by filesystem
+                if attempt == attempts:
+                    shutil.rmtree(checkpoint.path, ignore_errors=True)  # Ray deletes it only once uploaded
+                    target = to_uri(storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name))
+                    reason = " ".join(str(exc).split())[:300]
+                    raise CheckpointUploadError(
+                        f"{what}: uploading it to {target} failed {attempts} times ({reason}); the checkpoint before "
+                        f"it stays the latest, and --resume continues from there") from None
+                time.sleep(backoff_s * attempt)
+
+    return upload
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. How far a lost worker group got. A group restarted from a checkpoint (a failure, a preemption,
+#     a resize) cannot tell how many steps the one before trained past it: those steps are lost.
+#     Rank 0 keeps its latest step in the GCS's key-value store, written by a thread of its own (the
+#     training thread only sets a number), so the next group's rank 0 reads it back. Relies on:
+#     ray.experimental.internal_kv (an internal API: a Ray without it gives no count, nothing more).
+
+
+class ProgressBeacon:
+    """The latest step rank 0 trained in a run (`key`), in the GCS, at most `every_s` late."""
+
+    def __init__(self, key: str, every_s: float = 0.1):
+        self.key, self.step, self._sent = key, None, None
+        self._stop = threading.Event()
+        threading.Thread(target=self._send, args=(every_s,), daemon=True).start()
+
+    def _send(self, every_s: float) -> None:
+        from ray.experimental import internal_kv
+
+        while not self._stop.wait(every_s):
+            step = self.step
+            if step != self._sent:
+                try:
+                    internal_kv._internal_kv_put(self.key, str(step).encode(), overwrite=True)
+                    self._sent = step
+                except Exception:  # noqa: BLE001 - a count the summary shows, never worth a failed run
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def last(key: str) -> int | None:
+        """The step a previous group of the run got to (None: none known)."""
+        try:
+            from ray.experimental import internal_kv
+
+            value = internal_kv._internal_kv_get(key)
+        except Exception:  # noqa: BLE001 - as above
+            return None
+        return int(value) if value else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,14 +148,50 @@ class _TrainingBar:
     def __init__(self, live: Live, run: str, total_steps: int, epochs: int):
         self.live, self.run, self.epochs = live, run, epochs
         self.task = live.bar(f"{run} steps", total_steps)
+        self.events: list[dict] = []
+        """Each restore of the worker group (after a failure or a preemption, or to resize it) and each
+        preemption notice, as `training_events` tells them."""
+        self.workers: int | None = None
 
     def __call__(self, item: dict) -> None:
+        for event in training_events(item, self.workers):
+            self.events.append(event)
+            self.live.console.print(f"  {self.run}: {event_line(event)}", highlight=False)
+        self.workers = item.get("workers", self.workers)
         self.live.report(self.run, item)
         info = f"epoch {item.get('epoch', 0):.1f}/{self.epochs}"
         for key in ("val_accuracy", "val_perplexity"):
             if key in item:
                 info += f"  {key.replace('_', ' ')} {item[key]:.4f}"
         self.live.update(self.task, completed=item.get("step", 0), info=info)
+
+
+def training_events(item: dict, workers: int | None) -> list[dict]:
+    """What a report says happened to its run: the group restored from a checkpoint (`resize` when
+    on another worker count than the reports before it, else `restore`), with the step it went on
+    from and the steps the lost group had trained past it (None: not known); a preemption notice
+    answered by this report's checkpoint."""
+    events = []
+    restored = item.get("restored")
+    if restored is not None:
+        kind = "resize" if workers is not None and restored["workers"] != workers else "restore"
+        events.append({"kind": kind, "step": restored["step"], "workers": restored["workers"],
+                       "lost_steps": restored["lost_steps"]})
+    notice = item.get("preemption")
+    if notice is not None:
+        left = None if notice["deadline_ms"] is None else round((notice["deadline_ms"] - notice["noticed_ms"]) / 1000, 1)
+        events.append({"kind": "preemption", "step": item["step"], "ranks": notice["ranks"], "seconds_left": left})
+    return events
+
+
+def event_line(event: dict) -> str:
+    lost = "steps lost unknown" if event.get("lost_steps") is None else f"{event['lost_steps']} step(s) lost"
+    if event["kind"] == "preemption":
+        left = "" if event["seconds_left"] is None else f", {event['seconds_left']} s before its deadline"
+        return f"preemption of rank(s) {event['ranks']} noticed: checkpoint at step {event['step']}{left}"
+    if event["kind"] == "resize":
+        return f"resized to {event['workers']} worker(s), going on from step {event['step']} ({lost})"
+    return f"restarted on {event['workers']} worker(s) from step {event['step']} ({lost})"
 
 
 class SweepProgress(tune.Callback):

@@ -161,6 +161,13 @@ def write_report(run_dir: Path, summary: dict) -> list[Path]:
         lines += [f"| {name} | {s.get('seconds', '')} | {_stage_result(name, s)} |" for name, s in stages.items()]
         lines.append("")
     stage_rows = [[name, s.get("seconds", ""), _stage_result(name, s)] for name, s in stages.items()]
+    from launcher.report_html import EVENT_HEADER
+
+    events = event_rows(stages)
+    if events:
+        lines += ["## Worker group events", "", "| " + " | ".join(EVENT_HEADER) + " |", "|" + "---|" * len(EVENT_HEADER)]
+        lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in events]
+        lines.append("")
     model_header, model_rows = ["model"], []
     if summary["models"]:
         columns = _columns(summary["models"])
@@ -189,11 +196,27 @@ def write_report(run_dir: Path, summary: dict) -> list[Path]:
                       "", f"All trials: `{Path(stages['tune']['trials_file']).relative_to(run_dir)}`; "
                       f"{stages['tune']['cpu_hours']:.3f} CPU-hours, {stages['tune']['gpu_hours']:.3f} GPU-hours in all.", ""]
     # draws the curves too
-    page = write_html(run_dir, summary, stage_rows, model_header, model_rows, _programs(summary["models"]))
+    page = write_html(run_dir, summary, stage_rows, model_header, model_rows, _programs(summary["models"]), events)
     if (run_dir / CURVES).exists():
         lines += ["## Training curves", "", f"![training loss per step, validation metric per report]({CURVES})", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return [run_dir / "report.md", page]
+
+
+def event_rows(stages: dict) -> list[list]:
+    """One row per restore, resize and preemption of a training stage's worker group."""
+    rows = []
+    for name, stage in stages.items():
+        for event in stage.get("events", []) if isinstance(stage, dict) else []:
+            lost = event.get("lost_steps")
+            if event["kind"] == "preemption":
+                note = f"rank(s) {event['ranks']} noticed" + ("" if event["seconds_left"] is None
+                                                              else f", {event['seconds_left']} s before the deadline")
+                rows.append([name, "preemption checkpoint", event["step"], "", "", note])
+            else:
+                rows.append([name, event["kind"], event["step"], event["workers"], "unknown" if lost is None else lost,
+                             "continued from the checkpoint at this step"])
+    return rows
 
 
 def _stage_result(name: str, stage: dict) -> str:

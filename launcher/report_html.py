@@ -20,8 +20,12 @@ th { text-align: left; background: #f6f6f6; } td.n { text-align: right; font-var
 """
 
 
+EVENT_HEADER = ["stage", "event", "at step", "workers", "steps lost", "note"]
+"""The columns of the table of worker-group events (launcher.report.event_rows)."""
+
+
 def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_header: list[str],
-               model_rows: list[list], notes: list[str] = ()) -> Path:
+               model_rows: list[list], notes: list[str] = (), event_rows: list[list] = ()) -> Path:
     """Write run_dir/report.html; the stage and model tables come formatted as in report.md, with
     the `notes` below the models (what ran for each)."""
     stages = summary["stages"]
@@ -33,6 +37,8 @@ def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_heade
     if stages:
         parts.append("<h2>Stages</h2>")
         parts.append(_table(["stage", "seconds", "result"], stage_rows))
+    if event_rows:
+        parts += ["<h2>Worker group events</h2>", _table(EVENT_HEADER, event_rows)]
     curves = _curves(run_dir, summary)
     if curves:
         parts += ["<h2>Training curves</h2>", _img(run_dir / curves, "training loss per step and validation metric per epoch")]

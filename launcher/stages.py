@@ -303,12 +303,17 @@ def _trained(run: Run, data: Prepared, name: str, config, splits: dict, extra: d
     model copied to models/<role>/, and its record (with `extra`)."""
     from trainers.fit import best_checkpoint, build_trainer, fit, splits_in_memory
 
+    from cluster.raycompat import ReportStream
+
     role = _ROLES[name]
-    with _reports(run, role, config) as reports:
+    bar = run.live.training(role, config.total_steps, config.train.epochs)
+    with ReportStream(bar) as reports:
         result = fit(build_trainer(config, splits, run.storage, name=name, callbacks=[reports.callback()]), config.train)
     checkpoint, metrics = best_checkpoint(result, config.metric)
     model_dir = keep_model(checkpoint, run.run_dir / "models" / role, data.data_dir)
     record = _training_record(metrics, run.cfg) | extra | {"data_in_memory": splits_in_memory(splits)}
+    if bar.events:  # restores, resizes and preemptions, with their steps
+        record["events"] = bar.events
     return Trained(role, model_dir, record)
 
 
@@ -330,14 +335,6 @@ def _splits(run: Run, data: Prepared, stage: str, train_dir: str | None = None, 
     write_summary(run.run_dir, run.summary)
     run.sync()
     return splits
-
-
-def _reports(run: Run, role: str, config):
-    """The training run's reports (of a `trainers.worker.WorkerConfig`'s run), as they come, to its
-    progress bar and the metric logs."""
-    from cluster.raycompat import ReportStream
-
-    return ReportStream(run.live.training(role, config.total_steps, config.train.epochs))
 
 
 def _precompute_teacher_outputs(run: Run, data: Prepared, teacher: Trained) -> dict:

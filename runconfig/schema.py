@@ -420,6 +420,10 @@ class TrainConfig(Section):
     """Checkpoints kept, best first by the validation metric (the latest is always kept too, for resuming)."""
     max_failures: int = Field(0, ge=-1)
     """Times Ray Train restarts the worker group from the latest checkpoint after a worker or node dies; -1 without limit."""
+    max_preemption_failures: int = Field(-1, ge=-1)
+    """Restarts after a node is preempted (drained with a deadline, as a cloud's spot reclaim is), counted apart from max_failures; -1 without limit."""
+    preemption_check_steps: int = Field(10, ge=1)
+    """Every this many optimizer steps the workers ask Ray Train whether a node of theirs is being preempted (a call every rank waits on); on a notice they checkpoint at once and wait for the restart. Not on an embedded Ray, which has no preemption."""
     on_nan: Literal["fail", "skip"] = "fail"
     """A non-finite loss: `fail` stops the run naming the step (the last good checkpoint stays), `skip` drops that step's update."""
     seed: int = 0

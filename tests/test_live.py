@@ -86,3 +86,40 @@ def test_a_resumed_sweeps_callback_shows_on_the_resuming_drivers_display(tmp_pat
         assert bars["trial epochs"].completed == 3 and "best val_accuracy 0.7000" in bars["trial epochs"].fields["info"]
     second.close()
     assert (tmp_path / "second" / "metrics" / "trial-t2.jsonl").is_file()
+
+
+def test_reports_tell_restores_resizes_and_preemptions_with_their_steps():
+    from launcher.live import event_line, training_events
+    from launcher.report import event_rows
+
+    assert training_events({"step": 4, "workers": 2}, None) == []
+    restored = {"step": 8, "workers": 2, "saved_on": 2, "lost_steps": 3}
+    assert training_events({"step": 10, "workers": 2, "restored": restored}, 2) == [
+        {"kind": "restore", "step": 8, "workers": 2, "lost_steps": 3}]
+    resized = training_events({"step": 12, "workers": 1, "restored": {**restored, "workers": 1, "lost_steps": None}}, 2)
+    assert resized == [{"kind": "resize", "step": 8, "workers": 1, "lost_steps": None}]
+    notice = {"nodes": ["n1"], "ranks": [1], "deadline_ms": 10_000, "noticed_ms": 2_500}
+    preempted = training_events({"step": 14, "workers": 2, "preemption": notice}, 2)
+    assert preempted == [{"kind": "preemption", "step": 14, "ranks": [1], "seconds_left": 7.5}]
+    assert event_line(resized[0]) == "resized to 1 worker(s), going on from step 8 (steps lost unknown)"
+    assert event_line(preempted[0]) == "preemption of rank(s) [1] noticed: checkpoint at step 14, 7.5 s before its deadline"
+    stages = {"preprocess": {"rows": {}}, "train": {"events": [*resized, *preempted]}}
+    assert event_rows(stages) == [
+        ["train", "resize", 8, 1, "unknown", "continued from the checkpoint at this step"],
+        ["train", "preemption checkpoint", 14, "", "", "rank(s) [1] noticed, 7.5 s before the deadline"]]
+
+
+def test_the_report_has_a_table_of_worker_group_events(tmp_path):
+    from launcher.report import write_report
+
+    events = [{"kind": "preemption", "step": 40, "ranks": [1], "seconds_left": 6.5},
+              {"kind": "restore", "step": 40, "workers": 2, "lost_steps": 0}]
+    summary = {"status": "succeeded", "models": {}, "stages": {
+        "train": {"seconds": 12.0, "val_accuracy": 0.9, "zero_stage": 2, "workers": 2, "events": events}}}
+    markdown, html = write_report(tmp_path, summary)
+    text = markdown.read_text()
+    assert "## Worker group events" in text
+    assert "| train | preemption checkpoint | 40 |  |  | rank(s) [1] noticed, 6.5 s before the deadline |" in text
+    assert "| train | restore | 40 | 2 | 0 | continued from the checkpoint at this step |" in text
+    page = html.read_text()
+    assert "<h2>Worker group events</h2>" in page and "preemption checkpoint" in page

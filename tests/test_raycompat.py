@@ -200,3 +200,17 @@ def test_11_side_by_side_stops_at_the_shortest_and_raises_a_readers_error():
 
     with pytest.raises(ValueError, match="bad block"):
         list(side_by_side([broken(), iter(range(5))]))
+
+
+def test_12_the_workers_storage_context_persists_a_checkpoint_by_name():
+    """`retrying_upload` copies with the StorageContext a worker's `get_storage()` returns; the
+    retries themselves are tested in test_resume_and_faults.py."""
+    import inspect
+
+    from ray.train.v2._internal.execution.storage import StorageContext
+    from ray.train.v2.api.context import TrainContext
+
+    assert list(inspect.signature(StorageContext.persist_current_checkpoint).parameters) == [
+        "self", "checkpoint", "checkpoint_dir_name"]
+    assert len(inspect.signature(StorageContext.build_checkpoint_path_from_name).parameters) == 2  # self, a name
+    assert hasattr(TrainContext, "get_storage")

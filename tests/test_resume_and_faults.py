@@ -166,3 +166,36 @@ def test_a_run_handed_a_final_checkpoint_reports_its_last_epoch_without_training
     assert "train_loss" not in metrics and 0 <= metrics["val_accuracy"] <= 1
     weights = load_file(f"{checkpoint.path}/model.safetensors")
     assert all(torch.equal(weights[name], straight[1][name]) for name in weights)
+
+
+def _fit_uploading(digits_data, tmp_path, storage, async_upload: bool = True):
+    data_dir, meta = digits_data
+    return build_trainer(worker_config(_config(), meta), load_splits(data_dir), tmp_path / "ray", name="run",
+                         storage_filesystem=storage, async_upload=async_upload).fit()
+
+
+def test_an_upload_that_fails_once_is_retried_and_the_run_ends_as_an_uninterrupted_one(straight, digits_data, tmp_path):
+    """Checkpoints uploaded in a thread while training goes on: the third one's first try fails."""
+    from faults import failing_upload
+
+    result = _fit_uploading(digits_data, tmp_path, failing_upload("rng_rank0.pt", 3, 1, tmp_path / "count"))
+    assert int((tmp_path / "count").read_text()) == 5  # 4 checkpoints, one tried twice
+    _assert_same_run(result, straight)
+    stalls = [m["checkpoint_stall_s"] for _, m in result.best_checkpoints if "checkpoint_stall_s" in m]
+    assert len(stalls) == 3 and all(s > 0 for s in stalls)  # each checkpoint's, sent with the next
+
+
+@pytest.mark.parametrize("async_upload", [True, False], ids=["async", "sync"])
+def test_an_upload_that_keeps_failing_fails_the_run_naming_it_and_the_one_before_stays_the_latest(
+        digits_data, tmp_path, async_upload):
+    from cluster.raycompat import CHECKPOINT_SNAPSHOT, UPLOAD_ATTEMPTS, latest_checkpoint_metrics
+    from faults import failing_upload
+
+    storage = failing_upload("rng_rank0.pt", 3, 99, tmp_path / "count")
+    with pytest.raises(TrainingFailedError) as failed:
+        _fit_uploading(digits_data, tmp_path, storage, async_upload)
+    message = " ".join(str(failed.value).split())
+    assert f"the checkpoint at step 6: uploading it to {tmp_path / 'ray' / 'run'}/checkpoint_" in message
+    assert f"failed {UPLOAD_ATTEMPTS} times (injected: the storage refused rng_rank0.pt)" in message
+    snapshot = (tmp_path / "ray" / "run" / CHECKPOINT_SNAPSHOT).read_text()
+    assert latest_checkpoint_metrics(snapshot)["step"] == 4

@@ -81,10 +81,11 @@ def splits_in_memory(splits: dict[str, ray.data.Dataset]) -> bool:
 
 
 def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], storage_path: Path | str, name: str,
-                  callbacks: Sequence = (), storage_filesystem=None) -> TorchTrainer:
+                  callbacks: Sequence = (), storage_filesystem=None, async_upload: bool | None = None) -> TorchTrainer:
     """A TorchTrainer whose workers run `config` over the splits from `load_splits`;
     `storage_filesystem`: the pyarrow filesystem `storage_path` is on, where Ray would not find it
-    from the path itself."""
+    from the path itself. Checkpoints upload while training goes on where the storage is a URI
+    (`async_upload` None), or as `async_upload` says."""
     from cluster.raycompat import SlotDataConfig
 
     train = config.train
@@ -100,7 +101,8 @@ def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], s
         data_config = SlotDataConfig(config.slots, "train", options, datasets_to_split=["val"])
     return PolledTorchTrainer(
         # The WorkerConfig is the one argument of the loop (Ray Train calls a function of none as is).
-        partial(train_loop_per_worker, config.replace(rank_shards=held)),
+        partial(train_loop_per_worker, config.replace(
+            rank_shards=held, async_upload=is_uri(storage_path) if async_upload is None else async_upload)),
         # A range: Ray Train starts as many as the cluster holds and resizes the group (restarting
         # it from the latest checkpoint) as nodes go and come.
         scaling_config=ScalingConfig(num_workers=train.worker_range if train.elastic else train.max_workers,
@@ -117,6 +119,7 @@ def build_trainer(config: WorkerConfig, datasets: dict[str, ray.data.Dataset], s
             # A worker group that cannot be placed again (a node left for good) times out after
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; without a limit Ray Train would retry forever.
             failure_config=FailureConfig(max_failures=train.max_failures,
+                                         max_preemption_failures=train.max_preemption_failures,
                                          controller_failure_limit=max(train.max_failures, 0)),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
                                                checkpoint_score_attribute=config.metric,

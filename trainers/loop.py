@@ -28,13 +28,16 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
+from ray.train import CheckpointUploadMode
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cluster.raycompat import HeldShard, side_by_side, slot_name
+from cluster.raycompat import (PREEMPTION_WATCHER_ENV, HeldShard, ProgressBeacon, retrying_upload, side_by_side,
+                               slot_name)
 from cluster.remote import local_dir
 from trainers import import_deepspeed
 from dataprep import IGNORE
@@ -77,6 +80,9 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     if adopted:  # PBT: another trial's checkpoint, continued with this trial's (perturbed) values
         checkpoint = ray.train.Checkpoint(config.start_from)
     position = {"epoch": 0, "epoch_step": 0, "step": 0}
+    # Rank 0's progress, for the next group to count what a lost one trained past its checkpoint.
+    beacon_key = f"raylaunch-progress:{context.get_storage().experiment_fs_path}:{config.trial}"
+    reached = ProgressBeacon.last(beacon_key) if rank == 0 else None
     with (checkpoint.as_directory() if checkpoint is not None else nullcontext()) as directory:
         saved = Path(directory) if directory is not None else None
         # Saved on another worker count: ZeRO's partitioned state is converted to DeepSpeed's
@@ -93,6 +99,10 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
             if adopted:
                 _apply_optimizer_values(engine, config.deepspeed)
     startup["engine_ready"] = time.time()
+    if checkpoint is not None and not adopted:  # restored: sent with the first report, as `startup` is
+        startup["restored"] = {"step": position["step"], "workers": world, "saved_on": position.get("workers"),
+                               "lost_steps": None if reached is None else max(reached - position["step"], 0)}
+    beacon = ProgressBeacon(beacon_key) if rank == 0 else None
     dtype = DTYPES[train.precision]
     train_shards = [ray.train.get_dataset_shard(slot_name("train", slot)) for slot in slots]
     val_shards = ([ray.train.get_dataset_shard(slot_name("val", slot)) for slot in slots] if config.rank_shards
@@ -103,11 +113,15 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
 
     per_epoch = config.steps_per_epoch
     every = train.checkpoint_every
+    stall: dict = {}  # how long the last checkpoint held training up
+    # Ray Train's preemption notices (a cloud draining a node): not on an embedded Ray, which turns its watcher off.
+    watch_preemption = os.environ.get(PREEMPTION_WATCHER_ENV, "1") != "0"
+    notice, noticed = None, False
     if adopted and position["epoch"] >= train.epochs:
         # PBT handed this trial another trial's checkpoint from the end of training: nothing is
         # left to train, but Tune must still hear that the trial is at its last epoch, with the
         # weights it now holds (else it ends reporting an earlier epoch, as if stopped early).
-        _checkpoint(engine, config, spec, rank, _Window(None), val_shards, dtype, dict(position))
+        _checkpoint(engine, config, spec, rank, _Window(None), val_shards, dtype, dict(position), stall)
     # A non-finite loss. `skip`: every rank must agree before dropping a micro batch, a collective
     # and a host sync per micro batch. `fail`: each rank checks its own losses as they are read
     # back (a rank that raises ends the run), a step late on an accelerator so that it never
@@ -147,6 +161,8 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
                 engine.step()
                 since_report.add(loss, y.numel(), epoch, micro_batch)
             position["step"] += 1
+            if beacon is not None:
+                beacon.step = position["step"]
             since_report.step_done(position["step"], float(engine.get_lr()[0]))
             since_report.settle(keep=lag)
             startup.setdefault("first_step", time.time())
@@ -154,15 +170,36 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
             if config.step_pause_s:
                 time.sleep(config.step_pause_s)
             last_step_of_epoch = epoch_step + 1 == per_epoch
-            if every and position["step"] % every == 0 and not last_step_of_epoch:
+            # A node of this group is being preempted: checkpoint now, uploaded before going on, then
+            # wait for Ray Train to restart the group (steps trained meanwhile would be lost).
+            notice = (ray.train.get_preemption_info() if watch_preemption and notice is None
+                      and position["step"] % train.preemption_check_steps == 0 else notice)
+            if (notice is not None and not noticed) or (every and position["step"] % every == 0 and not last_step_of_epoch):
                 since_report.close(time.perf_counter() - started, waiting.take())
                 _checkpoint(engine, config, spec, rank, since_report, val_shards, dtype,
-                            {"epoch": epoch, "epoch_step": epoch_step + 1, "step": position["step"]}, startup)
+                            {"epoch": epoch, "epoch_step": epoch_step + 1, "step": position["step"]}, stall, startup,
+                            preempted=notice if not noticed else None)
                 started, since_report = time.perf_counter(), _Window(diverged)
                 engine.train()
+            if notice is not None and not noticed:
+                noticed = True
+                _await_restart(notice.deadline_ms)
         since_report.close(time.perf_counter() - started, waiting.take())
         _checkpoint(engine, config, spec, rank, since_report, val_shards, dtype,
-                    {"epoch": epoch + 1, "epoch_step": 0, "step": position["step"]}, startup)
+                    {"epoch": epoch + 1, "epoch_step": 0, "step": position["step"]}, stall, startup)
+    if beacon is not None:
+        beacon.close()
+
+
+def _await_restart(deadline_ms: int | None, past_s: float = 30.0) -> None:
+    """After a preemption checkpoint: wait for Ray Train to stop the group at the drain's deadline.
+    Without a deadline, or where the group outlives it by `past_s` (the drain was called off),
+    training goes on; every rank waits alike, so they go on together."""
+    if deadline_ms is None:
+        return
+    until = deadline_ms / 1000 + past_s
+    while time.time() < until:
+        time.sleep(0.5)
 
 
 def for_world(deepspeed: dict, world: int, universal: bool = False) -> dict:
@@ -223,8 +260,8 @@ def _trace(folder: str, rank: int, slot: int, epoch: int, epoch_step: int, batch
     them, the keys of the rows of each micro batch with its slot and step in the epoch (one JSON
     line per micro batch, in order; a restarted worker group writes again from where it continues).
     The driver never sets it."""
-    record = {"pid": os.getpid(), "world": dist.get_world_size(), "slot": slot, "epoch": epoch,
-              "epoch_step": epoch_step, "keys": batch["key"].tolist()}
+    record = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "world": dist.get_world_size(),
+              "slot": slot, "epoch": epoch, "epoch_step": epoch_step, "time": time.time(), "keys": batch["key"].tolist()}
     with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -365,9 +402,12 @@ def _loss(distill: Distillation | None, device, user_loss: str | None = None):
 
 
 def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Window, val_shards: list, dtype,
-                position: dict, startup: dict | None = None) -> None:
+                position: dict, stall: dict, startup: dict | None = None, preempted=None) -> None:
     """Validate, then save and report a checkpoint from every rank (each holds its own optimizer shard).
-    `startup` (the worker's start-up times) goes with the first report after the worker started."""
+    `startup` (the worker's start-up times) goes with the first report after the worker started;
+    `stall` holds how long the previous checkpoint kept training waiting (saving, and uploading unless
+    the upload is asynchronous), sent with this one. `preempted`: Ray Train's notice this checkpoint
+    answers (uploaded before the call returns: the node may be gone soon)."""
     position = {**position, "workers": dist.get_world_size()}  # a resume on another count re-partitions
     metrics = _validate(engine, val_shards, dtype, config.train.micro_batch_size, config.data)
     totals = _all_reduce_sum(torch.tensor([window.loss_sum, window.micro_batches, window.items, window.data_wait],
@@ -383,7 +423,11 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
                        **{"tokens_per_s" if lm else "samples_per_s": totals[2] / max(window.seconds, 1e-9)},
                        # The mean over ranks: how much of the window the data pipeline kept them waiting.
                        data_wait_s=totals[3] / dist.get_world_size())
+    metrics["workers"] = dist.get_world_size()
     if startup and "reported" not in startup:
+        restored = startup.pop("restored", None)
+        if restored is not None:
+            metrics["restored"] = restored
         metrics["startup"] = dict(startup)
         startup["reported"] = True
     if lm:
@@ -393,10 +437,16 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
         peak = torch.tensor([torch.cuda.max_memory_allocated(engine.device) / 2**20], dtype=torch.float64)
         metrics["gpu_memory_peak_mb"] = _all_reduce_max(peak, engine.device)[0]
     adapters = bool(config.model.lora)
+    if stall.get("seconds") is not None:  # the previous checkpoint's: this one's is known once it is saved
+        metrics["checkpoint_stall_s"] = stall["seconds"]
+    if preempted is not None:
+        metrics["preemption"] = {"nodes": preempted.preempted_node_ids, "ranks": preempted.preempted_ranks,
+                                 "deadline_ms": preempted.deadline_ms, "noticed_ms": int(time.time() * 1000)}
+    started = time.perf_counter()
     # A collective under ZeRO-3: every rank takes part. LoRA: the adapters alone (the rest is the base).
     state_dict = _full_state_dict(engine, rank, trainable_only=adapters)
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
+    directory = Path(tempfile.mkdtemp(prefix="raylaunch-checkpoint-"))  # Ray Train deletes it once uploaded
+    try:
         engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"position": position},
                                exclude_frozen_parameters=adapters)
         _fault(config, rank, position["step"], "save:deepspeed")
@@ -407,8 +457,16 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
             (directory / POSITION).write_text(json.dumps({"trial": config.trial, **position}))
         _fault(config, rank, position["step"], "save")
         # Ray Train registers the checkpoint only once every rank has uploaded its part: a worker
-        # that dies while saving leaves the previous checkpoint as the latest.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # that dies while saving or uploading leaves the previous checkpoint as the latest. At a URI
+        # the upload runs in a thread while training goes on; the run's end waits for the last one.
+        mode = CheckpointUploadMode.ASYNC if config.async_upload and preempted is None else CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=retrying_upload(f"the checkpoint at step {position['step']}"))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    stall["seconds"] = time.perf_counter() - started
 
 
 def _load_state(engine, directory: Path, rank: int, world: int, adapters_only: bool = False,

@@ -69,6 +69,8 @@ class WorkerConfig:
     fault: Fault | None = None
     trace: str | None = None
     """For the data tests only: a folder each rank writes the keys of every micro batch to, in order."""
+    async_upload: bool = False
+    """Upload each checkpoint in a thread while training goes on (`trainers.fit.build_trainer`: at a URI)."""
     step_pause_s: float = 0.0
     """For the elastic tests only: seconds each rank sleeps after each step (a run long enough to resize)."""
 

@@ -15,10 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.raycompat import EMBEDDED_SYSTEM_CONFIG
-
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from _multinode import Events, print_result, multinode_cluster
 
 
 def positions(run_dir: Path) -> list[dict]:
@@ -45,13 +42,7 @@ def resize(cluster, node, run_dir: Path, events: dict, running: threading.Thread
 
 
 def main(work: Path, data_dir: Path) -> None:
-    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 4}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "_system_config": health | EMBEDDED_SYSTEM_CONFIG})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
-        cluster.wait_for_nodes()
+    with multinode_cluster(2) as (cluster, nodes):
 
         from runconfig.resolved import ResolvedConfig
         from runconfig.schema import RunConfig
@@ -72,19 +63,21 @@ def main(work: Path, data_dir: Path) -> None:
         config = worker_config(run, meta).replace(trace=str(trace), step_pause_s=0.2)
         events: dict = {"steps_per_epoch": config.steps_per_epoch, "total_steps": config.total_steps}
         outcome: dict = {}
-        trainer = build_trainer(config, splits, work / "ray", name="elastic")
-        running = threading.Thread(target=lambda: outcome.update(result=fit(trainer, config.train)), daemon=True)
-        running.start()
-        resize(cluster, nodes[1], work / "ray" / "elastic", events, running)
-        running.join()
+        from cluster.raycompat import ReportStream
+
+        told = Events()
+        with ReportStream(told) as reports:
+            trainer = build_trainer(config, splits, work / "ray", name="elastic", callbacks=[reports.callback()])
+            running = threading.Thread(target=lambda: outcome.update(result=fit(trainer, config.train)), daemon=True)
+            running.start()
+            resize(cluster, nodes[1], work / "ray" / "elastic", events, running)
+            running.join()
+        events["events"] = told.events
         events["final_step"] = outcome["result"].metrics["step"]
         events["positions"] = positions(work / "ray" / "elastic")
         events["trace"] = [json.loads(line) for log in sorted(trace.glob("rank*.jsonl"))
                            for line in log.read_text().splitlines()]
-        print("RESULT " + json.dumps(events), flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        print_result(events)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.raycompat import EMBEDDED_SYSTEM_CONFIG
-
 # Read by Ray Train's controller, a process the raylets below start: set before they start.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+from _multinode import print_result, multinode_cluster  # noqa: E402
 
 
 def remove_after_first_checkpoint(cluster, node, run_dir: Path, removed: dict) -> threading.Thread:
@@ -52,18 +50,7 @@ def alive_nodes_once_settled(expected: int, within_s: float = 30) -> int:
 
 def main(work: Path, data_dir: Path | None) -> None:
     started = time.monotonic()
-    # The GCS declares a node dead after missing health checks: every 1 s, 4 misses (Ray's default
-    # is every 3 s, 5 misses: 15 s before Ray Train hears of the lost worker).
-    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 4}
-    # And the worker-pool settings of raylaunch's embedded Ray (no idle workers prestarted, idle
-    # workers kept for 60 s): nothing this test checks depends on them, and it runs faster with them
-    # (bench/RESULTS.md, "2026-12-02 (03:00)").
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "_system_config": health | EMBEDDED_SYSTEM_CONFIG})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
-        cluster.wait_for_nodes()
+    with multinode_cluster(3) as (cluster, nodes):
 
         from dataprep.cache import prepare
         from runconfig.schema import RunConfig
@@ -102,10 +89,7 @@ def main(work: Path, data_dir: Path | None) -> None:
             report["too_little_left"] = {"error": None}
         except WorkerGroupUnplaceable as exc:
             report["too_little_left"] = {"error": str(exc), "seconds_after_removal": time.monotonic() - removed["at"]}
-        print("RESULT " + json.dumps(report), flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        print_result(report)
 
 
 if __name__ == "__main__":
