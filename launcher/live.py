@@ -204,6 +204,9 @@ class SweepProgress(tune.Callback):
         self.trials, self.ended, self.epochs_total = trials, 0, float(trials * epochs_per_trial)
         self.epochs: dict[str, float] = {}
         self.best: float | None = None
+        self.events: list[dict] = []
+        """Each trial's restores, resizes and preemptions (`training_events`, with the trial's id)."""
+        self.workers: dict[str, int] = {}
         self._bars()
 
     def _bars(self) -> None:
@@ -228,6 +231,12 @@ class SweepProgress(tune.Callback):
         self._bars()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        for event in training_events(result, self.workers.get(trial.trial_id)):
+            self.events.append({**event, "trial": trial.trial_id})
+            if self.live is not None:
+                self.live.console.print(f"  trial {trial.trial_id}: {event_line(event)}", highlight=False)
+        if "workers" in result:
+            self.workers[trial.trial_id] = result["workers"]
         if self.live is None:
             return
         self.live.report(f"trial-{trial.trial_id}", result)

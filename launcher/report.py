@@ -209,13 +209,14 @@ def event_rows(stages: dict) -> list[list]:
     for name, stage in stages.items():
         for event in stage.get("events", []) if isinstance(stage, dict) else []:
             lost = event.get("lost_steps")
+            where = f"trial {event['trial']}: " if "trial" in event else ""
             if event["kind"] == "preemption":
                 note = f"rank(s) {event['ranks']} noticed" + ("" if event["seconds_left"] is None
                                                               else f", {event['seconds_left']} s before the deadline")
-                rows.append([name, "preemption checkpoint", event["step"], "", "", note])
+                rows.append([name, "preemption checkpoint", event["step"], "", "", where + note])
             else:
                 rows.append([name, event["kind"], event["step"], event["workers"], "unknown" if lost is None else lost,
-                             "continued from the checkpoint at this step"])
+                             where + "continued from the checkpoint at this step"])
     return rows
 
 

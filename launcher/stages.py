@@ -205,6 +205,8 @@ def tune(run: Run, data: Prepared, teacher: Trained | None) -> Trained:
               "data_in_memory": splits_in_memory(datasets),
               "cpu_hours": round(sum(t["cpu_hours"] for t in sweep.trials), 4),
               "gpu_hours": round(sum(t["gpu_hours"] for t in sweep.trials), 4)}
+    if progress.events:  # the trials' restores, resizes and preemptions
+        record["events"] = progress.events
     return Trained(role, model_dir, record)
 
 

@@ -123,3 +123,19 @@ def test_the_report_has_a_table_of_worker_group_events(tmp_path):
     assert "| train | restore | 40 | 2 | 0 | continued from the checkpoint at this step |" in text
     page = html.read_text()
     assert "<h2>Worker group events</h2>" in page and "preemption checkpoint" in page
+
+
+def test_a_sweep_records_each_trials_restores_with_the_trial():
+    from types import SimpleNamespace
+
+    from launcher.live import SweepProgress
+    from launcher.report import event_rows
+
+    progress = SweepProgress(None, trials=2, epochs_per_trial=2, metric="val_accuracy")
+    trial = SimpleNamespace(trial_id="a1")
+    progress.on_trial_result(0, [], trial, {"step": 4, "workers": 2, "val_accuracy": 0.5})
+    restored = {"step": 4, "workers": 1, "saved_on": 2, "lost_steps": 1}
+    progress.on_trial_result(1, [], trial, {"step": 8, "workers": 1, "restored": restored, "val_accuracy": 0.6})
+    assert progress.events == [{"kind": "resize", "step": 4, "workers": 1, "lost_steps": 1, "trial": "a1"}]
+    assert event_rows({"tune": {"events": progress.events}}) == [
+        ["tune", "resize", 4, 1, 1, "trial a1: continued from the checkpoint at this step"]]
