@@ -160,6 +160,8 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
                 engine.backward(loss)
                 engine.step()
                 since_report.add(loss, y.numel(), epoch, micro_batch)
+            if not since_report.pending:  # on_nan skip dropped every micro batch of the step: no update
+                continue
             position["step"] += 1
             if beacon is not None:
                 beacon.step = position["step"]
@@ -290,6 +292,11 @@ class _Window:
         self._losses.append(loss.detach().reshape(1))
         self._first = self._first or (epoch, micro_batch)
         self.items += items
+
+    @property
+    def pending(self) -> bool:
+        """Whether this step trained on any micro batch (`add`) since the last `step_done`."""
+        return bool(self._losses)
 
     def step_done(self, step: int, lr: float) -> None:
         losses = torch.cat(self._losses)
