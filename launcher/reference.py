@@ -1,9 +1,10 @@
-"""The config reference in README.md, generated from the pydantic models (a test keeps them equal)."""
+"""The config reference (docs/reference.md), generated from the pydantic models (a test keeps them equal)."""
 
 from __future__ import annotations
 
 import json
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -57,9 +58,15 @@ def reference_markdown() -> str:
     """One table per section of the config."""
     out = [BEGIN]
     for section, field in RunConfig.model_fields.items():
-        out += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += ["", f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         out += _rows(field.annotation, f"{section}.")
         if section == "data":
             out += _transform_rows()
     out += ["", END]
     return "\n".join(out)
+
+
+def write_reference(page: Path = Path(__file__).parent.parent / "docs" / "reference.md") -> None:
+    """Regenerate the reference between its markers in `page`, leaving the page's introduction."""
+    text = page.read_text()
+    page.write_text(text[:text.index(BEGIN)] + reference_markdown() + text[text.index(END) + len(END):])

@@ -1,7 +1,7 @@
 """The run configuration's schema: one YAML file's sections as pydantic models.
 
-The single source of truth for what a config may say: the README's config reference is generated
-from these models (`raylaunch config reference`), loading and the checks against the world are
+The single source of truth for what a config may say: the config reference (docs/reference.md) is
+generated from these models (`raylaunch config reference`), loading and the checks against the world are
 `launcher.config` and `launcher.checks`. Every layer may import this package (it imports no other
 of raylaunch's): lower layers read the sections they need from it, typed.
 """

@@ -145,7 +145,7 @@ def client_env(ray_head, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(ray_head["token"]))
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(Path(__file__).parent.parent)  # submit from the checkout, as the README shows
+    monkeypatch.chdir(Path(__file__).parent.parent)  # submit from the checkout, as the docs show
     return ray_head["address"]
 
 
