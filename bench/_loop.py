@@ -2,7 +2,8 @@
 loop over data in memory, single-process, or under `torchrun` as DistributedDataParallel over gloo
 (each rank an equal share of the rows, the global batch split across ranks). Prints one JSON line
 from rank 0: the seconds of every epoch, the samples trained per epoch, the seconds to the first
-step, and on a GPU the peak memory its tensors took.
+step, and on a GPU the peak memory its tensors took; with spec "steady_from" (a step), also the
+items and seconds from that step of the last epoch to its end, timed between two device syncs.
 
 With spec "deepspeed" (a DeepSpeed JSON), the model trains on the DeepSpeed engine that JSON
 describes instead of DDP and torch's AdamW: the engine raylaunch's workers build, without Ray.
@@ -85,6 +86,9 @@ def train(spec: dict, after_epoch=None) -> dict:
         started = time.perf_counter()
         model.train()
         for step in range(steps):
+            if step == spec.get("steady_from") and epoch == spec["epochs"] - 1:
+                sync()  # the steady state: from here to the last epoch's end
+                steady_started = time.perf_counter()
             index = order[step * batch:(step + 1) * batch]
             x, y = model_batch({k: v[index] for k, v in rows.items()}, meta, epoch)
             with autocast:
@@ -108,9 +112,14 @@ def train(spec: dict, after_epoch=None) -> dict:
             after_epoch(model, epoch)
     if world > 1:
         dist.destroy_process_group()
-    return {"epoch_seconds": epochs, "items_per_epoch": steps * spec["global_batch"] * spec["items_per_row"],
+    result = {"epoch_seconds": epochs, "items_per_epoch": steps * spec["global_batch"] * spec["items_per_row"],
             "first_step_s": first_step,
             "gpu_memory_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None}
+    if spec.get("steady_from") is not None:
+        steady = steps - spec["steady_from"]
+        result |= {"items_steady": steady * spec["global_batch"] * spec["items_per_row"],
+                   "seconds_steady": epochs[-1] - (steady_started - started)}
+    return result
 
 
 def run(spec: Path, world: int, threads: int) -> tuple[dict, float]:

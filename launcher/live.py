@@ -33,7 +33,8 @@ METRICS_DIR = "metrics"
 REPORT_SCALARS = {"val_loss": "val/loss", "val_accuracy": "val/accuracy", "val_perplexity": "val/perplexity",
                   "train_loss": "train/loss_per_report", "samples_per_s": "train/samples_per_s",
                   "tokens_per_s": "train/tokens_per_s", "epoch": "epoch", "skipped_batches": "train/skipped_batches",
-                  "gpu_memory_peak_mb": "train/gpu_memory_peak_mb", "data_wait_s": "train/data_wait_s"}
+                  "gpu_memory_peak_mb": "train/gpu_memory_peak_mb", "data_wait_s": "train/data_wait_s",
+                  "step_time_p50_s": "train/step_time_p50_s", "step_time_max_s": "train/step_time_max_s"}
 
 
 def stage_progress(console: Console) -> Progress:

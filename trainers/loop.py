@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import tempfile
 import time
 from contextlib import nullcontext
@@ -45,6 +46,8 @@ from trainers.batches import model_batch, model_kwargs
 from trainers.distill import LOGITS, TOPK_INDICES, TOPK_VALUES, distillation_loss, topk_distillation_loss
 from trainers.modeldir import load_model_dir, model_spec, save_model_dir
 from trainers.models import build_model
+from trainers.profiling import profiled_step
+from trainers.syncaudit import sync_audit
 from trainers.worker import Distillation, WorkerConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,6 +133,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     diverged = partial(_diverged, lr_path=config.lr_path, lr=train.lr)
     lag = 1 if engine.device.type == "cuda" else 0
     waiting = _Stopwatch()
+    audit = sync_audit(config.sync_audit)
     for epoch in range(position["epoch"], train.epochs):
         engine.train()
         started, since_report = time.perf_counter(), _Window(diverged)
@@ -147,26 +151,29 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
             startup.setdefault("first_batch", time.time())
             if epoch_step < skip or epoch_step >= per_epoch:
                 continue
-            for slot, batch in zip(slots, batches):
-                micro_batch = epoch_step * accum + slot - slots[0]  # this rank's count, for messages
-                if config.trace:
-                    _trace(config.trace, rank, slot, epoch, epoch_step, batch)
-                x, y = model_batch(batch, meta, epoch)
-                x = _model_input(x, dtype)
-                loss = loss_fn(engine(x, **model_kwargs(batch)).float(), y, batch, x)
-                if skip_bad and not _finite_everywhere(loss, engine.device):
-                    since_report.skipped += 1
-                    continue  # every rank skips the same micro batch: the accumulation stays aligned
-                engine.backward(loss)
-                engine.step()
-                since_report.add(loss, y.numel(), epoch, micro_batch)
-            if not since_report.pending:  # on_nan skip dropped every micro batch of the step: no update
-                continue
-            position["step"] += 1
-            if beacon is not None:
-                beacon.step = position["step"]
-            since_report.step_done(position["step"], float(engine.get_lr()[0]))
-            since_report.settle(keep=lag)
+            profiling = rank == 0 and config.profile_step == position["step"] + 1
+            with (profiled_step(engine.device, since_report.profile) if profiling else nullcontext()), \
+                    audit.step(len(slots)):
+                for slot, batch in zip(slots, batches):
+                    micro_batch = epoch_step * accum + slot - slots[0]  # this rank's count, for messages
+                    if config.trace:
+                        _trace(config.trace, rank, slot, epoch, epoch_step, batch)
+                    x, y = model_batch(batch, meta, epoch)
+                    x = _model_input(x, dtype)
+                    loss = loss_fn(engine(x, **model_kwargs(batch)).float(), y, batch, x)
+                    if skip_bad and not _finite_everywhere(loss, engine.device):
+                        since_report.skipped += 1
+                        continue  # every rank skips the same micro batch: the accumulation stays aligned
+                    engine.backward(loss)
+                    engine.step()
+                    since_report.add(loss, y.numel(), epoch, micro_batch)
+                if not since_report.pending:  # on_nan skip dropped every micro batch of the step: no update
+                    continue
+                position["step"] += 1
+                if beacon is not None:
+                    beacon.step = position["step"]
+                since_report.step_done(position["step"], float(engine.get_lr()[0]))
+                since_report.settle(keep=lag)
             startup.setdefault("first_step", time.time())
             _fault(config, rank, position["step"], "step")
             if config.step_pause_s:
@@ -191,6 +198,9 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
                     {"epoch": epoch + 1, "epoch_step": 0, "step": position["step"]}, stall, startup)
     if beacon is not None:
         beacon.close()
+    if config.sync_audit:
+        audit.write(config.sync_audit, rank)
+    audit.uninstall()
 
 
 def _await_restart(deadline_ms: int | None, past_s: float = 30.0) -> None:
@@ -268,6 +278,16 @@ def _trace(folder: str, rank: int, slot: int, epoch: int, epoch_step: int, batch
         f.write(json.dumps(record) + "\n")
 
 
+def step_time_spread(seconds: list[float]) -> dict:
+    """This rank's step times since the last report: median, 90th percentile (nearest rank),
+    slowest, and each step's, rounded to microseconds (bench/gpu_throughput.py reads them)."""
+    if not seconds:
+        return {}
+    ordered = sorted(seconds)
+    return {"step_time_p50_s": statistics.median(ordered), "step_time_p90_s": ordered[math.ceil(0.9 * len(ordered)) - 1],
+            "step_time_max_s": ordered[-1], "step_seconds": [round(s, 6) for s in seconds]}
+
+
 class _Window:
     """Training numbers since the last report.
 
@@ -284,6 +304,12 @@ class _Window:
         """Seconds of `seconds` this rank spent waiting for its next batch."""
         self.steps: list[list[float]] = []
         """[step, loss, lr] per optimizer step: this rank's mean loss over the step's micro batches."""
+        self.step_seconds: list[float] = []
+        """Wall seconds per optimizer step, from the last one's losses queued to this one's (on a GPU,
+        where the CPU runs a step ahead, the device's pace once it is the bottleneck)."""
+        self.profile: dict = {}
+        """The summary of a profiled step in this window (`trainers.profiling`), if any."""
+        self._last = time.perf_counter()
         self._losses: list[torch.Tensor] = []
         self._first: tuple[int, int] | None = None
         self._queued: list[tuple] = []
@@ -299,6 +325,9 @@ class _Window:
         return bool(self._losses)
 
     def step_done(self, step: int, lr: float) -> None:
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._last)
+        self._last = now
         losses = torch.cat(self._losses)
         done = None
         if losses.is_cuda:
@@ -431,6 +460,9 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
                        # The mean over ranks: how much of the window the data pipeline kept them waiting.
                        data_wait_s=totals[3] / dist.get_world_size())
     metrics["workers"] = dist.get_world_size()
+    metrics.update(step_time_spread(window.step_seconds))
+    if window.profile:
+        metrics["profile"] = window.profile
     if startup and "reported" not in startup:
         restored = startup.pop("restored", None)
         if restored is not None:

@@ -73,6 +73,12 @@ class WorkerConfig:
     """Upload each checkpoint in a thread while training goes on (`trainers.fit.build_trainer`: at a URI)."""
     step_pause_s: float = 0.0
     """For the elastic tests only: seconds each rank sleeps after each step (a run long enough to resize)."""
+    sync_audit: str | None = None
+    """For the sync test and the GPU bench: a folder each rank writes its count of the calls in its
+    steps that would sync a GPU to (`trainers.syncaudit`)."""
+    profile_step: int | None = None
+    """For the GPU bench: rank 0 runs this optimizer step under torch.profiler and sends the summary
+    with the next report (`profile`: `trainers.profiling`)."""
 
     @property
     def slots(self) -> int:
