@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from rich import box
@@ -226,7 +225,9 @@ def _stage_result(name: str, stage: dict) -> str:
                    else f"val accuracy {stage['val_accuracy']:.4f}")
         return f"{quality}, ZeRO-{stage['zero_stage']}, {stage['workers']} workers"
     if name == "tune":
-        return f"{len(stage['trials'])} trials, best {stage['best_trial']} {stage['best_values']}"
+        from launcher.report_html import short_trial
+
+        return f"{len(stage['trials'])} trials, best {short_trial(stage['best_trial'])} {stage['best_values']}"
     if name == "preprocess":
         return ", ".join(f"{k} {v:,}" for k, v in stage["rows"].items())
     if name == "quantize":
@@ -262,6 +263,8 @@ def print_table(console: Console, summary: dict) -> None:
 
 def print_trials(console: Console, trials: list[dict], metric: str, searched: list[str]) -> None:
     """The sweep's trials as a console table, best first."""
+    from launcher.report_html import short_trial
+
     table = Table(title="Sweep trials")
     for title in ("trial", *searched, metric, "epochs", "status", "CPU-h"):
         # The trial id whole (a narrow console would cut every row to the same prefix).
@@ -270,8 +273,7 @@ def print_trials(console: Console, trials: list[dict], metric: str, searched: li
     sign = -1 if metric_mode(metric) == "max" else 1
     ranked = sorted(trials, key=lambda t: (t[metric] != t[metric], sign * t[metric]))
     for t in ranked:
-        short = re.match(r"_trial_([0-9a-f]+_\d+)", t["trial"])
-        table.add_row(short.group(1) if short else t["trial"], *(_cell(t[p]) for p in searched),
+        table.add_row(short_trial(t["trial"]), *(_cell(t[p]) for p in searched),
                       "" if t[metric] != t[metric] else f"{t[metric]:.4f}", str(t["epochs_run"]),
                       t["status"] + (f": {t['error'][:60]}" if t["error"] else ""), f"{t['cpu_hours']:.3f}")
     console.print(table)

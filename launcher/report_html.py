@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 
 from launcher.live import METRICS_DIR
@@ -46,9 +47,10 @@ def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_heade
         trials = stages["tune"]["trials"]
         keys = [k for k in trials[0] if k != "error"]
         parts += ["<h2>Sweep trials</h2>",
-                  f"<p>Best: <code>{_e(stages['tune']['best_trial'])}</code> with {_e(stages['tune']['best_values'])}; "
+                  f"<p>Best: <code>{_e(short_trial(stages['tune']['best_trial']))}</code> with "
+                  f"{_e(stages['tune']['best_values'])}; "
                   f"{stages['tune']['cpu_hours']:.3f} CPU-hours, {stages['tune']['gpu_hours']:.3f} GPU-hours in all.</p>",
-                  _table(keys, [[t[k] for k in keys] for t in trials])]
+                  _table(keys, [[short_trial(t[k]) if k == "trial" else t[k] for k in keys] for t in trials])]
         if stages["tune"].get("plot") and Path(stages["tune"]["plot"]).exists():
             parts.append(_img(Path(stages["tune"]["plot"]), "the metric against each searched value"))
     if summary["models"]:
@@ -64,6 +66,13 @@ def write_html(run_dir: Path, summary: dict, stage_rows: list[list], model_heade
     target = run_dir / "report.html"
     target.write_text(page)
     return target
+
+
+def short_trial(name: str) -> str:
+    """A trial's id as the console shows it (`82686_00000`), from Ray Tune's folder name for it
+    (`_trial_82686_00000_0_model_width=64,...`, which trials.parquet keeps)."""
+    short = re.match(r"_trial_([0-9a-f]+_\d+)", name)
+    return short.group(1) if short else name
 
 
 def _curves(run_dir: Path, summary: dict) -> str | None:

@@ -82,3 +82,18 @@ def test_the_console_table_keeps_every_trial_id_whole_on_a_narrow_console():
     print_trials(console, trials, "val_accuracy", ["train.lr", "model.width"])
     text = console.export_text()
     assert all(f"aa104_0000{i}" in text for i in range(3))
+
+
+def test_the_report_names_trials_by_the_id_the_console_shows(tmp_path):
+    from launcher.report import write_report
+    from launcher.report_html import short_trial
+
+    name = "_trial_82686_00000_0_model_width=64,train_lr=0.0022_2026-12-07_09-20-58"
+    assert short_trial(name) == "82686_00000" and short_trial("b") == "b"
+    trial = {"trial": name, "train.lr": 0.0022, "val_accuracy": 0.99, "epochs_run": 8, "status": "completed",
+             "error": "", "cpu_hours": 0.01}
+    summary = {"status": "succeeded", "stages": {"tune": {"trials": [trial], "best_trial": name,
+                                                          "best_values": {"train.lr": 0.0022}, "seconds": 60,
+                                                          "cpu_hours": 0.01, "gpu_hours": 0.0}}, "models": {}}
+    markdown, page = write_report(tmp_path, summary)
+    assert "best 82686_00000 {" in markdown.read_text() and "_trial_" not in page.read_text()

@@ -31,6 +31,7 @@ def plot_metric(frame: pd.DataFrame, metric: str, space: dict, path: Path) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     paths = list(space)
     fig, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 3.4), squeeze=False)
@@ -52,6 +53,7 @@ def plot_metric(frame: pd.DataFrame, metric: str, space: dict, path: Path) -> No
                 ax.scatter(x[chosen], y, c=color, label=status, marker="x" if status == "error" else "o", s=36)
         if space[name].get("loguniform") is not None:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow decade's minor labels overlap
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
