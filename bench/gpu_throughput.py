@@ -101,6 +101,7 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
             "step_p50_s": last["step_time_p50_s"], "step_p90_s": last["step_time_p90_s"],
             "step_max_s": last["step_time_max_s"], "data_wait_s": last["data_wait_s"],
             "window_s": sum(last["step_seconds"]), "checkpoint_stall_s": last.get("checkpoint_stall_s"),
+            "epoch_start_wait_s": first.get("epoch_start_wait_s"),
             "profile": last["profile"]}
 
 
@@ -215,7 +216,8 @@ def main() -> None:
                     print(f"    steps: median {out['step_p50_s'] * 1e3:.1f} ms, p90 {out['step_p90_s'] * 1e3:.1f} ms, "
                           f"slowest {out['step_max_s'] * 1e3:.1f} ms; waiting on Ray Data {out['data_wait_s']:.2f} s of "
                           f"{out['window_s']:.1f} s; mid-epoch checkpoint stalled training "
-                          f"{'-' if stall is None else f'{stall:.1f}'} s", flush=True)
+                          f"{'-' if stall is None else f'{stall:.1f}'} s; the epoch's first batch waited "
+                          f"{out['epoch_start_wait_s']:.2f} s", flush=True)
                     print_profile(out["profile"])
     finally:
         ray.shutdown()

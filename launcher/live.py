@@ -34,7 +34,8 @@ REPORT_SCALARS = {"val_loss": "val/loss", "val_accuracy": "val/accuracy", "val_p
                   "train_loss": "train/loss_per_report", "samples_per_s": "train/samples_per_s",
                   "tokens_per_s": "train/tokens_per_s", "epoch": "epoch", "skipped_batches": "train/skipped_batches",
                   "gpu_memory_peak_mb": "train/gpu_memory_peak_mb", "data_wait_s": "train/data_wait_s",
-                  "step_time_p50_s": "train/step_time_p50_s", "step_time_max_s": "train/step_time_max_s"}
+                  "step_time_p50_s": "train/step_time_p50_s", "step_time_max_s": "train/step_time_max_s",
+                  "epoch_start_wait_s": "train/epoch_start_wait_s"}
 
 
 def stage_progress(console: Console) -> Progress:

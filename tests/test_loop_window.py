@@ -60,4 +60,5 @@ def test_stopwatch_counts_only_the_time_spent_waiting_for_items():
     assert seen == [0, 1, 2]
     assert 0.15 <= waited <= elapsed - 0.15
     assert watch.take() == 0.0
+    assert 0.05 <= watch.take_first() <= waited - 0.1 and watch.take_first() is None  # the first item's wait alone
 

@@ -79,6 +79,7 @@ def test_raylaunch_reads_losses_back_once_a_step_not_once_a_micro_batch(stage, d
     metrics = result.metrics
     assert len(metrics["step_seconds"]) == config.steps_per_epoch
     assert metrics["step_time_p50_s"] <= metrics["step_time_p90_s"] <= metrics["step_time_max_s"]
+    assert 0 < metrics["epoch_start_wait_s"] <= metrics["step_seconds"][0]  # the first step waited for it
     profile = metrics["profile"]
     assert profile["sorted_by"] == "self_cpu_time_total" and len(profile["top_ops"]) > 3
     assert profile["device"] == {"kernels": 0}  # no GPU here

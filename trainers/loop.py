@@ -184,7 +184,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
             notice = (ray.train.get_preemption_info() if watch_preemption and notice is None
                       and position["step"] % train.preemption_check_steps == 0 else notice)
             if (notice is not None and not noticed) or (every and position["step"] % every == 0 and not last_step_of_epoch):
-                since_report.close(time.perf_counter() - started, waiting.take())
+                since_report.close(time.perf_counter() - started, waiting.take(), waiting.take_first())
                 _checkpoint(engine, config, spec, rank, since_report, val_shards, dtype,
                             {"epoch": epoch, "epoch_step": epoch_step + 1, "step": position["step"]}, stall, startup,
                             preempted=notice if not noticed else None)
@@ -193,7 +193,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
             if notice is not None and not noticed:
                 noticed = True
                 _await_restart(notice.deadline_ms)
-        since_report.close(time.perf_counter() - started, waiting.take())
+        since_report.close(time.perf_counter() - started, waiting.take(), waiting.take_first())
         _checkpoint(engine, config, spec, rank, since_report, val_shards, dtype,
                     {"epoch": epoch + 1, "epoch_step": 0, "step": position["step"]}, stall, startup)
     if beacon is not None:
@@ -310,6 +310,7 @@ class _Window:
         self.profile: dict = {}
         """The summary of a profiled step in this window (`trainers.profiling`), if any."""
         self._last = time.perf_counter()
+        self.epoch_start_wait: float | None = None
         self._losses: list[torch.Tensor] = []
         self._first: tuple[int, int] | None = None
         self._queued: list[tuple] = []
@@ -351,10 +352,11 @@ class _Window:
             self.micro_batches += len(values)
             self.steps.append([step, sum(values) / len(values), lr])
 
-    def close(self, seconds: float, data_wait: float) -> None:
-        """Before a report: every loss settled, and the window's length and data wait."""
+    def close(self, seconds: float, data_wait: float, epoch_start_wait: float | None = None) -> None:
+        """Before a report: every loss settled, the window's length and data wait, and the wait for
+        the first batch of an epoch that started in it (Ray Data starting the epoch's streams)."""
         self.settle(keep=0)
-        self.seconds, self.data_wait = seconds, data_wait
+        self.seconds, self.data_wait, self.epoch_start_wait = seconds, data_wait, epoch_start_wait
 
 
 def skip_lone_allreduce(engine) -> None:
@@ -371,9 +373,11 @@ class _Stopwatch:
 
     def __init__(self):
         self.seconds = 0.0
+        self.first: float | None = None
+        """The wait for the first item of the latest `around` (an epoch's streams starting), until taken."""
 
     def around(self, items):
-        items = iter(items)
+        items, first = iter(items), True
         while True:
             started = time.perf_counter()
             try:
@@ -381,12 +385,19 @@ class _Stopwatch:
             except StopIteration:
                 return
             finally:
-                self.seconds += time.perf_counter() - started
+                waited = time.perf_counter() - started
+                self.seconds += waited
+                if first:
+                    self.first, first = waited, False
             yield item
 
     def take(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+    def take_first(self) -> float | None:
+        first, self.first = self.first, None
+        return first
 
 
 def _diverged(value: float, step: int, epoch: int, micro_batch: int, lr_path: str, lr: float):
@@ -461,6 +472,8 @@ def _checkpoint(engine, config: WorkerConfig, spec: dict, rank: int, window: _Wi
                        data_wait_s=totals[3] / dist.get_world_size())
     metrics["workers"] = dist.get_world_size()
     metrics.update(step_time_spread(window.step_seconds))
+    if window.epoch_start_wait is not None:  # this rank's wait for its epoch's first batch
+        metrics["epoch_start_wait_s"] = window.epoch_start_wait
     if window.profile:
         metrics["profile"] = window.profile
     if startup and "reported" not in startup:
