@@ -467,6 +467,30 @@ class ProgressBeacon:
         return int(value) if value else None
 
 
+# 14. The driver's error channel. ray.init starts a thread in the driver that prints every error
+#     message the GCS publishes for its job (or for all jobs), whatever log_to_driver says: a busy
+#     node's "(raylet) WARNING: 10 PYTHON worker processes have been started ...", a killed
+#     worker's notice. raylaunch states a failure in its own line, so without --verbose these are
+#     dropped. Relies on: that thread (ray._private.worker.listen_error_messages) printing through
+#     the module's print_to_stdstream with pid "raylet".
+
+
+def drop_driver_error_messages() -> None:
+    """Keep the GCS's published error messages off this driver's console."""
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "raylaunch_drops_errors", False):
+        return
+
+    def print_but_errors(data: dict, *args, **kwargs):
+        if data.get("pid") != "raylet":
+            printer(data, *args, **kwargs)
+
+    print_but_errors.raylaunch_drops_errors = True
+    ray_worker.print_to_stdstream = print_but_errors
+
+
 # ---------------------------------------------------------------------------------------------
 # The subclasses of Ray Train's classes (1, 2 and 11 above), made on first use.
 

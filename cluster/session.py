@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import ray
 
-from cluster.raycompat import EMBEDDED_SYSTEM_CONFIG, TRAIN_POLL_ENV, embedded_worker_env, quiet_libraries
+from cluster.raycompat import (EMBEDDED_SYSTEM_CONFIG, TRAIN_POLL_ENV, drop_driver_error_messages, embedded_worker_env,
+                               quiet_libraries)
 
 # Loggers that print progress chatter on the driver during normal operation.
 _CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchao", "torch", "mlflow",
@@ -49,6 +50,8 @@ def ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Ite
         else:
             options = embedded_ray_options() | {"num_cpus": num_cpus}
         ray.init(**options, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+        if not verbose:
+            drop_driver_error_messages()
     _quiet_ray_data(verbose)
     previous = None
     if started_here and threading.current_thread() is threading.main_thread():

@@ -214,3 +214,37 @@ def test_12_the_workers_storage_context_persists_a_checkpoint_by_name():
         "self", "checkpoint", "checkpoint_dir_name"]
     assert len(inspect.signature(StorageContext.build_checkpoint_path_from_name).parameters) == 2  # self, a name
     assert hasattr(TrainContext, "get_storage")
+
+
+def test_14_the_driver_prints_the_gcs_s_error_messages_through_print_to_stdstream(ray_cluster):
+    """The thread ray.init starts prints each published error message through the module's
+    print_to_stdstream, as pid "raylet"; raylaunch's replacement keeps them (and only them) off."""
+    import time
+
+    import ray
+    import ray._private.worker as ray_worker
+    from ray._private.utils import publish_error_to_driver
+
+    original, seen, printed = ray_worker.print_to_stdstream, [], []
+    ray_worker.print_to_stdstream = lambda data, *args, **kwargs: seen.append(data)
+    try:
+        raycompat.drop_driver_error_messages()
+        quiet = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = lambda data, *args, **kwargs: printed.append(data) or quiet(data, *args, **kwargs)
+        publish_error_to_driver("raylaunch_test", "a message for every driver",
+                                gcs_client=ray._private.worker.global_worker.gcs_client)
+        deadline = time.monotonic() + 30
+        while not printed and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        ray_worker.print_to_stdstream = original
+    assert printed and printed[0]["pid"] == "raylet" and "a message for every driver" in printed[0]["lines"][0]
+    assert seen == []  # dropped
+    kept = []
+    ray_worker.print_to_stdstream = lambda data, *args, **kwargs: kept.append(data)
+    try:
+        raycompat.drop_driver_error_messages()
+        ray_worker.print_to_stdstream({"pid": 123, "lines": ["a worker's line"], "is_err": False})
+    finally:
+        ray_worker.print_to_stdstream = original
+    assert kept == [{"pid": 123, "lines": ["a worker's line"], "is_err": False}]  # a worker's own lines pass
