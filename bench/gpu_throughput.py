@@ -72,12 +72,12 @@ def run_raylaunch(run: dict, meta: dict, data_dir: str, storage: Path, name: str
     from runconfig.resolved import ResolvedConfig
     from runconfig.schema import RunConfig
     from trainers.fit import build_trainer, load_splits
-    from trainers.worker import worker_config
+    from trainers.worker import steps_per_epoch, worker_config
 
     run = json.loads(json.dumps(run))
     run["train"] |= {"workers": 1, "cpus_per_worker": cpus, "use_gpu": cuda, "keep_checkpoints": 1}
     run["train"]["zero"]["stage"] = stage
-    half = worker_config(ResolvedConfig.of(RunConfig.model_validate(run)), meta).steps_per_epoch // 2
+    half = steps_per_epoch(RunConfig.model_validate(run).train, meta["rows"]["train"]) // 2
     # A checkpoint at the half: its stall is reported with the epoch's end, whose window is the
     # steady state; one step of that window is profiled.
     run["train"]["checkpoint_every"] = half

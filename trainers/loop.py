@@ -198,8 +198,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
                     {"epoch": epoch + 1, "epoch_step": 0, "step": position["step"]}, stall, startup)
     if beacon is not None:
         beacon.close()
-    if config.sync_audit:
-        audit.write(config.sync_audit, rank)
+    audit.write(config.sync_audit, rank)
     audit.uninstall()
 
 
